@@ -97,7 +97,7 @@ def quantize(
     """Integer codes (int8), scales and zero points of ``x``; the real path's reference.
 
     Returns:
-        ``codes`` with the shape of ``x`` (int8), ``scale`` and ``zero`` of shape ``(..., 1)``
+        ``codes`` with the shape of ``x`` (int8 symmetric / uint8 asymmetric up to 8 bits), ``scale`` and ``zero`` of shape ``(..., 1)``
         (per group: ``(..., n // group_size, 1)``).
     """
     if not spec.enabled:
@@ -105,7 +105,8 @@ def quantize(
     xg = _grouped(x, spec)
     scale, zero = qparams(xg, spec, clip_lo=clip_lo, clip_hi=clip_hi)
     codes = quantize_codes(xg, scale, zero, spec)
-    return codes.to(torch.int8 if spec.bits <= 8 else torch.int16).reshape(x.shape), scale, zero
+    dtype = (torch.int8 if spec.sym else torch.uint8) if spec.bits <= 8 else torch.int32
+    return codes.to(dtype).reshape(x.shape), scale, zero
 
 
 def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:

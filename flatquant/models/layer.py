@@ -14,6 +14,7 @@ model: which transforms run online is decided by which keys the dict holds, and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from ..core.spec import QuantConfig, QuantSpec
 from .args import ModelArgs
 
 Params = dict[str, Tensor]
+LinearFn = Callable[[Params, str, Tensor, QuantSpec], Tensor]
 
 
 @dataclass(frozen=True)
@@ -87,13 +89,13 @@ def _kron(p: Params, site: str, x: Tensor) -> Tensor:
 
 
 def attention(
-    p: Params, x: Tensor, rope: Rope, args: ModelArgs, qcfg: QuantConfig
+    p: Params, x: Tensor, rope: Rope, args: ModelArgs, qcfg: QuantConfig, linear_fn: LinearFn = linear
 ) -> Tensor:  # x: (B, T, hidden) normalised input -> (B, T, H*d) attention output before o_proj
     """Q/K/V projections, RoPE, K transform, Q/K/V quantization, causal softmax attention."""
     b, t, _ = x.shape
-    q = linear(p, "q_proj", x, qcfg.a).view(b, t, args.n_heads, args.head_dim).transpose(1, 2)
-    k = linear(p, "k_proj", x, qcfg.a).view(b, t, args.n_kv_heads, args.head_dim).transpose(1, 2)
-    v = linear(p, "v_proj", x, qcfg.a).view(b, t, args.n_kv_heads, args.head_dim).transpose(1, 2)
+    q = linear_fn(p, "q_proj", x, qcfg.a).view(b, t, args.n_heads, args.head_dim).transpose(1, 2)
+    k = linear_fn(p, "k_proj", x, qcfg.a).view(b, t, args.n_kv_heads, args.head_dim).transpose(1, 2)
+    v = linear_fn(p, "v_proj", x, qcfg.a).view(b, t, args.n_kv_heads, args.head_dim).transpose(1, 2)
     q, k = apply_rope(q, rope), apply_rope(k, rope)
     if "k_trans" in p:
         q = head_transform(q, p["k_trans_inv_t"])
@@ -109,11 +111,11 @@ def attention(
     return o.transpose(1, 2).reshape(b, t, args.q_dim)
 
 
-def mlp_input(p: Params, x: Tensor, args: ModelArgs, qcfg: QuantConfig) -> Tensor:
+def mlp_input(p: Params, x: Tensor, args: ModelArgs, qcfg: QuantConfig, linear_fn: LinearFn = linear) -> Tensor:
     """``act(gate)·up`` of the normalised MLP input (before the down transform)."""
     x = _kron(p, "up_gate_trans", x)
-    up = linear(p, "up_proj", x, qcfg.a)
-    gate = linear(p, "gate_proj", x, qcfg.a)
+    up = linear_fn(p, "up_proj", x, qcfg.a)
+    gate = linear_fn(p, "gate_proj", x, qcfg.a)
     return F.silu(gate) * up
 
 
@@ -123,17 +125,23 @@ def layer_forward(
     rope: Rope,
     args: ModelArgs,
     qcfg: QuantConfig,
+    *,
+    linear_fn: LinearFn = linear,
 ) -> Tensor:  # (B, T, hidden)
-    """One decoder layer: pre-norm attention and pre-norm SwiGLU MLP with residuals."""
+    """One decoder layer: pre-norm attention and pre-norm SwiGLU MLP with residuals.
+
+    ``linear_fn(p, name, x, a_spec)`` computes each of the seven linears (default: fake-quant input,
+    then ``F.linear``); GPTQ passes one that also records the quantized inputs.
+    """
     h = rms_norm(x, p["input_norm"], args.rms_eps)
     h = _kron(p, "ln_trans", h)
-    o = attention(p, h, rope, args, qcfg)
+    o = attention(p, h, rope, args, qcfg, linear_fn)
     if "o_trans" in p:
         o = head_mix(o, p["o_trans"])
-    x = x + linear(p, "o_proj", o, qcfg.a)
+    x = x + linear_fn(p, "o_proj", o, qcfg.a)
     h = rms_norm(x, p["post_norm"], args.rms_eps)
-    m = _kron(p, "down_trans", mlp_input(p, h, args, qcfg))
-    return x + linear(p, "down_proj", m, qcfg.a)
+    m = _kron(p, "down_trans", mlp_input(p, h, args, qcfg, linear_fn))
+    return x + linear_fn(p, "down_proj", m, qcfg.a)
 
 
 def site_absmax(p: Params, x: Tensor, rope: Rope, args: ModelArgs) -> dict[str, Tensor]:

@@ -1,0 +1,70 @@
+"""Calibration settings: every implicit choice of the official loop is a field (defaults = paper)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibConfig:
+    """Layer-wise calibration (spec §3).
+
+    Attributes:
+        nsamples, seqlen: calibration windows (128 × 2048 in the paper).
+        batch_size, epochs: 4 and 15 in the paper (480 steps per layer).
+        lr: learning rate of transforms and diag scales; clip logits use ``lr * clip_lr_mult``.
+        weight_decay: AdamW decay, applied to every group (the official code's silent default 0.01).
+        eta_min_ratio: cosine floor = ``lr * eta_min_ratio``; ``shared_eta_min`` uses that same absolute
+            floor for the clip group (official), otherwise each group decays to its own ratio.
+        warmup_steps: linear warmup from 1% (0 = off, the paper's default).
+        normalize_loss: divide the MSE by its detached value (gradient of log-MSE), as the official code.
+        shuffle: visit batches in a random order each epoch (the official code does not).
+        amp_dtype: matmul dtype of the training forward: ``auto`` is bfloat16 on CUDA, float32 on CPU.
+        weight_quantizer: ``rtn`` or ``gptq`` after reparameterisation.
+        gptq_percdamp, gptq_blocksize, gptq_act_order: GPTQ settings (spec §5.2).
+        seed: seeds the calibration windows and every layer's initial transforms.
+    """
+
+    nsamples: int = 128
+    seqlen: int = 2048
+    batch_size: int = 4
+    epochs: int = 15
+    lr: float = 5e-3
+    clip_lr_mult: float = 10.0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    eta_min_ratio: float = 1e-3
+    shared_eta_min: bool = True
+    warmup_steps: int = 0
+    normalize_loss: bool = True
+    shuffle: bool = False
+    amp_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    weight_quantizer: Literal["rtn", "gptq"] = "rtn"
+    gptq_percdamp: float = 0.01
+    gptq_blocksize: int = 128
+    gptq_act_order: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("nsamples", "seqlen", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs < 0:
+            raise ValueError("epochs must be >= 0")
+        if self.nsamples % self.batch_size:
+            raise ValueError(f"nsamples ({self.nsamples}) must be a multiple of batch_size ({self.batch_size})")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+        if self.weight_quantizer not in ("rtn", "gptq"):
+            raise ValueError(f"weight_quantizer must be 'rtn' or 'gptq', not {self.weight_quantizer!r}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch."""
+        return self.nsamples // self.batch_size
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dict for JSON."""
+        return asdict(self)

@@ -1,0 +1,228 @@
+"""The layer-wise calibration loop (spec §3.3): FP targets, FP inputs, functional AdamW per layer.
+
+Every finished layer is written to ``workdir/layers/layer_XXX.safetensors`` with a fingerprint of
+model, data and settings, so an interrupted run resumes at the first unfinished layer and ends
+bit-identical to an uninterrupted one (each layer's randomness comes from its own generator).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..core.spec import QuantConfig, TransformConfig
+from ..models.flat import fold_layer, init_flat_params, is_clip_key
+from ..models.layer import Rope, layer_forward, site_absmax
+from ..models.model import ModelWeights, embed, rope_for
+from .config import CalibConfig
+from .optim import adamw_init, adamw_update, group_lrs
+
+log = logging.getLogger(__name__)
+Params = dict[str, Tensor]
+
+
+class CalibrationMismatch(ValueError):
+    """A work directory that holds progress of a different calibration."""
+
+
+def needs_data(tcfg: TransformConfig) -> bool:
+    """Whether the method needs calibration data (training, or activation statistics for the diag init)."""
+    return tcfg.trainable or tcfg.lwc or tcfg.lac or (tcfg.add_diag and tcfg.diag_init == "smoothquant")
+
+
+def fingerprint(weights: ModelWeights, tokens: Tensor | None, qcfg: QuantConfig, tcfg: TransformConfig,
+                ccfg: CalibConfig) -> str:
+    """Hash of everything that determines the calibration result."""
+    h = hashlib.sha256()
+    h.update(json.dumps([weights.args.to_dict(), asdict(qcfg), asdict(tcfg), ccfg.to_dict()],
+                        sort_keys=True, default=str).encode())
+    if tokens is not None:
+        h.update(tokens.to(torch.int64).cpu().numpy().tobytes())
+    h.update(weights.layers[0]["q_proj.weight"].float().flatten()[:4096].cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def resolve_amp(ccfg: CalibConfig, device: torch.device) -> torch.dtype:
+    """The training-forward dtype: ``auto`` is bfloat16 on CUDA and float32 elsewhere."""
+    if ccfg.amp_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, ccfg.amp_dtype)
+
+
+def layer_generator(seed: int, layer: int) -> torch.Generator:
+    """The RNG of one layer's initialisation and batch order (independent of resume)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + layer)
+
+
+def layer_loss(
+    trainable: Params, fixed: Params, frozen: Params, x: Tensor, y: Tensor, rope: Rope,
+    args, qcfg: QuantConfig, kind: str, amp: torch.dtype, normalize: bool,
+) -> tuple[Tensor, Tensor]:
+    """Calibration loss of one batch: MSE between the fake-quant layer and the FP target.
+
+    Returns ``(loss, mse)``; with ``normalize`` the loss is ``mse / mse.detach()`` (gradient of log-MSE).
+    """
+    folded = fold_layer({**fixed, **trainable}, frozen, args, qcfg, kind)
+    ctx = (torch.autocast(x.device.type, dtype=amp) if amp != torch.float32 else contextlib.nullcontext())
+    with ctx:
+        out = layer_forward(folded, x, rope, args, qcfg)
+    mse = F.mse_loss(out.float(), y.float())
+    loss = mse / mse.detach() if normalize else mse
+    return loss, mse.detach()
+
+
+@torch.no_grad()
+def fp_layer_pass(frozen: Params, inps: Tensor, rope: Rope, args, batch: int, *, want_stats: bool):
+    """FP outputs of one layer over all samples, and per-site activation maxima if requested."""
+    outs = torch.empty_like(inps)
+    stats: dict[str, Tensor] = {}
+    for s in range(0, inps.shape[0], batch):
+        xb = inps[s:s + batch].float()
+        outs[s:s + batch] = layer_forward(frozen, xb, rope, args, QuantConfig()).to(outs.dtype)
+        if want_stats:
+            for k, v in site_absmax(frozen, xb, rope, args).items():
+                stats[k] = torch.maximum(stats[k], v) if k in stats else v
+    return outs, stats
+
+
+def train_layer(
+    trainable: Params, fixed: Params, frozen: Params, inps: Tensor, targets: Tensor, rope: Rope,
+    args, qcfg: QuantConfig, tcfg: TransformConfig, ccfg: CalibConfig, *, generator: torch.Generator,
+    amp: torch.dtype, desc: str = "",
+) -> tuple[Params, list[float]]:
+    """Optimise one layer's trainable parameters; returns them and the mean MSE of each epoch."""
+    grad_fn = torch.func.grad_and_value(layer_loss, has_aux=True)
+    state = adamw_init(trainable)
+    total = ccfg.epochs * ccfg.steps_per_epoch
+    keys = list(trainable)
+    losses = []
+    step = 0
+    for epoch in tqdm(range(ccfg.epochs), desc=desc, leave=False, disable=None):
+        order = (torch.randperm(ccfg.steps_per_epoch, generator=generator) if ccfg.shuffle
+                 else torch.arange(ccfg.steps_per_epoch))
+        tot = 0.0
+        for j in order.tolist():
+            sl = slice(j * ccfg.batch_size, (j + 1) * ccfg.batch_size)
+            grads, (_, mse) = grad_fn(trainable, fixed, frozen, inps[sl].float(), targets[sl], rope,
+                                      args, qcfg, tcfg.kind, amp, ccfg.normalize_loss)
+            lrs = group_lrs(keys, is_clip_key, step, total, ccfg)
+            trainable, state = adamw_update(trainable, grads, state, lrs, ccfg)
+            step += 1
+            tot += float(mse)
+        losses.append(tot / ccfg.steps_per_epoch)
+        log.debug("%s epoch %d mse %.6g", desc, epoch, losses[-1])
+    return trainable, losses
+
+
+def _ckpt(workdir: Path, i: int) -> Path:
+    return workdir / "layers" / f"layer_{i:03d}.safetensors"
+
+
+def _check_workdir(workdir: Path, fp: str) -> None:
+    man = workdir / "calibration.json"
+    if man.is_file():
+        old = json.loads(man.read_text()).get("fingerprint")
+        if old != fp:
+            raise CalibrationMismatch(
+                f"{workdir} holds progress of a different calibration (model, data or settings differ); "
+                "use another output directory or delete it")
+    workdir.mkdir(parents=True, exist_ok=True)
+
+
+def calibrate(
+    weights: ModelWeights,
+    calib_tokens: Tensor | None,  # (nsamples, seqlen) int64, or None for data-free methods
+    qcfg: QuantConfig,
+    tcfg: TransformConfig,
+    ccfg: CalibConfig,
+    *,
+    device: torch.device | str = "cpu",
+    workdir: Path | None = None,
+) -> list[Params]:
+    """Calibrate every layer; returns each layer's flat parameters (trainable and fixed, on CPU, fp32).
+
+    Every layer sees the FP output of the previous layer as input and its own FP output as
+    target, so quantization error does not propagate between layers during calibration.
+    """
+    device = torch.device(device)
+    args = weights.args
+    if not needs_data(tcfg):
+        return [{**t, **f} for t, f in (init_flat_params(weights.layers[i], args, qcfg, tcfg, absmax=None,
+                                                          generator=layer_generator(ccfg.seed, i))
+                                         for i in range(args.n_layers))]
+    if calib_tokens is None:
+        raise ValueError("this method needs calibration data")
+    amp = resolve_amp(ccfg, device)
+    fp = fingerprint(weights, calib_tokens, qcfg, tcfg, ccfg)
+    if workdir is not None:
+        _check_workdir(Path(workdir), fp)
+        (Path(workdir) / "calibration.json").write_text(json.dumps(
+            {"fingerprint": fp, "quant": asdict(qcfg), "transform": asdict(tcfg), "calib": ccfg.to_dict()},
+            indent=1, default=str))
+    buf_dtype = torch.float32 if amp == torch.float32 else amp
+    with torch.no_grad():
+        inps = torch.cat([embed(weights, calib_tokens[s:s + 8].to(device)).to(buf_dtype)
+                          for s in range(0, calib_tokens.shape[0], 8)])
+    rope = rope_for(weights, calib_tokens.shape[1], device)
+    results: list[Params] = []
+    bar = tqdm(range(args.n_layers), desc="calibrating layers", disable=None)
+    for i in bar:
+        frozen = {k: v.to(device=device, dtype=torch.float32) for k, v in weights.layers[i].items()}
+        ck = _ckpt(Path(workdir), i) if workdir is not None else None
+        done = ck is not None and ck.is_file()
+        t0 = time.time()
+        outs, stats = fp_layer_pass(frozen, inps, rope, args, ccfg.batch_size,
+                                    want_stats=not done and tcfg.add_diag and tcfg.diag_init == "smoothquant")
+        if done:
+            flat = load_file(str(ck))
+            log.info("layer %d: resumed from %s", i, ck)
+        else:
+            gen = layer_generator(ccfg.seed, i)
+            trainable, fixed = init_flat_params(frozen, args, qcfg, tcfg, absmax=stats, generator=gen)
+            trainable = {k: v.to(device) for k, v in trainable.items()}
+            fixed = {k: v.to(device) for k, v in fixed.items()}
+            losses: list[float] = []
+            if trainable and ccfg.epochs > 0:
+                trainable, losses = train_layer(trainable, fixed, frozen, inps, outs, rope, args, qcfg, tcfg, ccfg,
+                                                generator=gen, amp=amp, desc=f"layer {i}")
+            flat = {k: v.detach().float().cpu().contiguous() for k, v in {**trainable, **fixed}.items()}
+            if ck is not None:
+                ck.parent.mkdir(parents=True, exist_ok=True)
+                tmp = ck.with_suffix(".tmp")
+                save_file(flat, str(tmp), metadata={"fingerprint": fp, "losses": json.dumps(losses)})
+                tmp.replace(ck)
+            if losses:
+                bar.set_postfix(first=f"{losses[0]:.3g}", last=f"{losses[-1]:.3g}")
+                log.info("layer %d: mse %.4g -> %.4g in %.1fs", i, losses[0], losses[-1], time.time() - t0)
+        results.append(flat)
+        inps = outs
+    return results
+
+
+def reparameterize(
+    weights: ModelWeights, flats: list[Params], qcfg: QuantConfig, tcfg: TransformConfig,
+    *, quantize_weights: bool = True,
+) -> ModelWeights:
+    """Fold every layer's transforms into its weights in float64 (spec §3.7) and RTN-quantize them.
+
+    Returns a model whose layer dicts are in folded form, in the model's dtype.
+    """
+    layers = []
+    for frozen, flat in zip(weights.layers, flats, strict=True):
+        f64 = {k: v.to(torch.float64) for k, v in frozen.items()}
+        folded = fold_layer({k: v.to(torch.float64) for k, v in flat.items()}, f64, weights.args, qcfg, tcfg.kind,
+                            quantize_weights=quantize_weights)
+        layers.append({k: v.to(frozen["input_norm"].dtype) if not (k.endswith((".lo", ".hi"))) else v.float()
+                       for k, v in folded.items()})
+    return weights.with_layers(layers)

@@ -1,0 +1,68 @@
+"""A functional AdamW with a cosine schedule over flat parameter dicts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import CalibConfig
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class AdamState:
+    """Optimizer state: step count and first/second moments per parameter."""
+
+    step: int
+    m: Params
+    v: Params
+
+
+def adamw_init(params: Params) -> AdamState:
+    """Zero moments for every parameter."""
+    return AdamState(0, {k: torch.zeros_like(p) for k, p in params.items()},
+                     {k: torch.zeros_like(p) for k, p in params.items()})
+
+
+def cosine_lr(step: int, total: int, base: float, eta_min: float, warmup_steps: int = 0) -> float:
+    """Learning rate at optimizer step ``step`` (0-based) of ``total``: cosine from base to eta_min.
+
+    With warmup, the first ``warmup_steps`` steps scale it linearly from 1% to 100%.
+    """
+    lr = eta_min + (base - eta_min) * (1 + math.cos(math.pi * min(step, total) / max(total, 1))) / 2
+    if warmup_steps and step < warmup_steps:
+        lr *= 0.01 + 0.99 * step / warmup_steps
+    return lr
+
+
+def group_lrs(keys: list[str], is_clip: callable, step: int, total: int, cfg: CalibConfig) -> dict[str, float]:
+    """Per-parameter learning rate: ``lr`` for transforms/diag, ``lr·clip_lr_mult`` for clip logits."""
+    floor = cfg.lr * cfg.eta_min_ratio
+    base = cosine_lr(step, total, cfg.lr, floor, cfg.warmup_steps)
+    clip_floor = floor if cfg.shared_eta_min else floor * cfg.clip_lr_mult
+    clip = cosine_lr(step, total, cfg.lr * cfg.clip_lr_mult, clip_floor, cfg.warmup_steps)
+    return {k: clip if is_clip(k) else base for k in keys}
+
+
+@torch.no_grad()
+def adamw_update(
+    params: Params, grads: Params, state: AdamState, lrs: dict[str, float], cfg: CalibConfig
+) -> tuple[Params, AdamState]:
+    """One AdamW step (PyTorch's formulation, decoupled weight decay); returns new params and state."""
+    b1, b2 = cfg.betas
+    t = state.step + 1
+    bc1, bc2 = 1 - b1**t, 1 - b2**t
+    new_p, new_m, new_v = {}, {}, {}
+    for k, p in params.items():
+        g = grads[k]
+        m = state.m[k].mul(b1).add_(g, alpha=1 - b1)
+        v = state.v[k].mul(b2).addcmul_(g, g, value=1 - b2)
+        lr = lrs[k]
+        denom = (v.sqrt() / math.sqrt(bc2)).add_(cfg.eps)
+        new_p[k] = (p * (1 - lr * cfg.weight_decay)).addcdiv_(m, denom, value=-lr / bc1)
+        new_m[k], new_v[k] = m, v
+    return new_p, AdamState(t, new_m, new_v)

@@ -1,0 +1,81 @@
+"""Launch helpers: native Triton on CUDA, Triton's interpreter on CPU tensors (for tests of the kernels)."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+from collections.abc import Iterator
+from functools import cache
+from typing import Any
+
+import torch
+import triton
+
+
+def next_pow2(n: int, floor: int = 16) -> int:
+    """Smallest power of two ``>= max(n, floor)`` (``tl.dot`` needs tile sides of at least 16)."""
+    return max(floor, triton.next_power_of_2(n))
+
+
+def _raw_fn(kernel: Any) -> Any:
+    """The plain Python function under ``triton.jit`` / ``autotune`` / ``heuristics`` wrappers."""
+    k = kernel
+    while not inspect.isfunction(k):
+        k = k.fn
+    return k
+
+
+@cache
+def _interpreted(fn: Any) -> Any:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction(fn)
+
+
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _interpret_nested_jit() -> Iterator[None]:
+    """Let ``@triton.jit`` helpers called from an interpreted kernel (``tl.max``, ``tl.sum``, …) run interpreted.
+
+    Without ``TRITON_INTERPRET=1`` at triton's import, those helpers are compiled-mode ``JITFunction`` objects whose
+    ``__call__`` raises; during a CPU launch they are routed to the interpreter instead. Nothing changes on CUDA.
+    """
+    from triton.runtime.jit import JITFunction
+
+    with _PATCH_LOCK:
+        original = JITFunction.__call__
+        JITFunction.__call__ = lambda self, *a, **k: _interpreted(self.fn)(*a, **k)  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            JITFunction.__call__ = original  # type: ignore[method-assign]
+
+
+class _CpuLauncher:
+    """``kernel[grid](...)`` through Triton's interpreter."""
+
+    def __init__(self, fn: Any) -> None:
+        self._fn = _interpreted(fn)
+
+    def __getitem__(self, grid: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with _interpret_nested_jit():
+                return self._fn[grid](*args, **kwargs)
+
+        return run
+
+
+def cpu_kernel(kernel: Any) -> Any:
+    """The interpreter version of ``kernel``, independent of ``TRITON_INTERPRET`` and of import order.
+
+    On CPU tensors the Triton launchers run through this, so tests exercise the kernel code itself.
+    """
+    return _CpuLauncher(_raw_fn(kernel))
+
+
+def on_cpu(t: torch.Tensor) -> bool:
+    """True when ``t`` lives on the CPU (the launcher then uses the interpreter)."""
+    return t.device.type == "cpu"

@@ -1,0 +1,173 @@
+"""Fused online transform + LAC + per-token symmetric quantization (+ int4 packing): ``flatquant::kron_quant``.
+
+One op covers the three online transforms of a decoder layer that feed a quantized linear:
+
+* Kronecker ``leftᵀ X right`` (ln / up_gate / down transforms; any factorable n, e.g. 576 = 24×24, 11008 = 86×128);
+* head mixing for o_proj, ``Oᵀ Y`` with ``Y`` the ``(heads, head_dim)`` view: ``left = O``, ``right = None``;
+* a per-head right transform (``right`` only, ``n1 = heads``).
+
+Tile sides are padded to powers of two (>= 16) and masked, so no dimension needs to be a power of two.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import reference as ref
+from ._launch import cpu_kernel, next_pow2, on_cpu
+
+@triton.jit
+def _kron_quant_kernel(
+    x_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr,
+    n1, n2, stride_xt, stride_qt,
+    N1P: tl.constexpr, N2P: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    QMAX: tl.constexpr, PACK: tl.constexpr, F32_DOT: tl.constexpr,
+):
+    # One program = one token: X (n1, n2) -> Y = Lᵀ (X R) -> LAC -> sym per-token codes (-> packed nibbles).
+    # F32_DOT (interpreter only, whose dot mishandles bf16): exact fp32 products, the same function as a
+    # 16-bit tensor-core dot with fp32 accumulation.
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, N1P)
+    j = tl.arange(0, N2P)
+    row_ok = i < n1
+    col_ok = j < n2
+    x = tl.load(x_ptr + t * stride_xt + i[:, None] * n2 + j[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    if HAS_RIGHT:
+        # X R with fp32 accumulation; rounded back to x's dtype only when a left product follows.
+        jr = tl.arange(0, N2P)
+        r = tl.load(r_ptr + jr[:, None] * n2 + j[None, :], mask=(jr < n2)[:, None] & col_ok[None, :], other=0.0)
+        if F32_DOT:
+            y = tl.dot(x.to(tl.float32), r.to(tl.float32), input_precision="ieee")
+        else:
+            y = tl.dot(x, r)
+        if HAS_LEFT:
+            if F32_DOT and x_ptr.dtype.element_ty == tl.bfloat16:
+                # The interpreter truncates fp32 -> bf16; round to nearest even on the bits instead.
+                bits = y.to(tl.uint32, bitcast=True)
+                bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+                x = bits.to(tl.float32, bitcast=True)
+            else:
+                x = y.to(x_ptr.dtype.element_ty)
+    if HAS_LEFT:
+        # Lᵀ loaded directly transposed: lt[a, b] = L[b, a].
+        ia = tl.arange(0, N1P)
+        lt = tl.load(l_ptr + i[None, :] * n1 + ia[:, None], mask=(ia < n1)[:, None] & row_ok[None, :], other=0.0)
+        if F32_DOT:
+            y = tl.dot(lt.to(tl.float32), x.to(tl.float32), input_precision="ieee")
+        else:
+            y = tl.dot(lt, x)
+    if not HAS_LEFT and not HAS_RIGHT:
+        y = x.to(tl.float32)
+
+    # LAC on the row range (which always includes 0; padded entries are 0), then s = max(|lo|, hi) / QMAX.
+    clip_lo = tl.load(clip_ptr)
+    clip_hi = tl.load(clip_ptr + 1)
+    hi = tl.maximum(tl.max(tl.max(y, axis=1), axis=0), 0.0) * clip_hi
+    lo = tl.minimum(tl.min(tl.min(y, axis=1), axis=0), 0.0) * clip_lo
+    amax = tl.maximum(-lo, hi)
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full((), QMAX, tl.float32)), 1.0)
+    v = tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
+    v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
+    # Round half to even: (v + 1.5·2²³) − 1.5·2²³ in fp32 (exact for the clamped |v| <= QMAX + 1).
+    q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
+    tl.store(s_ptr + t, scale)
+
+    if PACK:
+        # Flattened element 2k -> low nibble of byte k; n2 is even, so pairs never straddle rows.
+        lo_q, hi_q = tl.split(tl.reshape(q, (N1P, N2P // 2, 2)))
+        byte = (lo_q & 0xF) | ((hi_q & 0xF) << 4)
+        jj = tl.arange(0, N2P // 2)
+        half = n2 // 2
+        tl.store(q_ptr + t * stride_qt + i[:, None] * half + jj[None, :], byte.to(tl.uint8),
+                 mask=row_ok[:, None] & (jj < half)[None, :])
+    else:
+        tl.store(q_ptr + t * stride_qt + i[:, None] * n2 + j[None, :], q.to(tl.int8),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _check(x: Tensor, left: Tensor | None, right: Tensor | None, n1: int, bits: int, pack: bool) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be (tokens, n), got {tuple(x.shape)}")
+    n = x.shape[1]
+    if n1 < 1 or n % n1:
+        raise ValueError(f"n1={n1} does not divide n={n}")
+    if left is not None and tuple(left.shape) != (n1, n1):
+        raise ValueError(f"left must be ({n1}, {n1}), got {tuple(left.shape)}")
+    if right is not None and tuple(right.shape) != (n // n1, n // n1):
+        raise ValueError(f"right must be ({n // n1}, {n // n1}), got {tuple(right.shape)}")
+    if pack and (bits > 4 or (n // n1) % 2):
+        raise ValueError(f"packing needs bits <= 4 and an even n2 (bits={bits}, n2={n // n1})")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in [2, 8], got {bits}")
+
+
+def kron_quant_triton(
+    x: Tensor,  # (T, n1 * n2) fp16/bf16
+    left: Tensor | None,  # (n1, n1) x.dtype
+    right: Tensor | None,  # (n2, n2) x.dtype
+    clip: Tensor,  # (2,) fp32: [lo factor, hi factor]
+    n1: int,
+    bits: int = 4,
+    pack: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Triton launcher of :func:`kron_quant` (interpreter on CPU tensors); returns ``(codes, scale)``."""
+    _check(x, left, right, n1, bits, pack)
+    t, n = x.shape
+    n2 = n // n1
+    x = x.contiguous()
+    left = left.to(x.dtype).contiguous() if left is not None else None
+    right = right.to(x.dtype).contiguous() if right is not None else None
+    codes = torch.empty(t, n // 2 if pack else n, dtype=torch.uint8 if pack else torch.int8, device=x.device)
+    scale = torch.empty(t, dtype=torch.float32, device=x.device)
+    if t == 0:
+        return codes, scale
+    n1p, n2p = next_pow2(n1), next_pow2(n2)
+    cpu = on_cpu(x)
+    kernel = cpu_kernel(_kron_quant_kernel) if cpu else _kron_quant_kernel
+    extra = {} if cpu else {"num_warps": 8 if n1p * n2p >= 128 * 128 else 4, "num_stages": 1}
+    kernel[(t,)](
+        x, left if left is not None else x, right if right is not None else x, clip.float().contiguous(),
+        codes, scale, n1, n2, x.stride(0), codes.stride(0),
+        N1P=n1p, N2P=n2p, HAS_LEFT=left is not None, HAS_RIGHT=right is not None,
+        QMAX=2 ** (bits - 1) - 1, PACK=pack, F32_DOT=cpu, **extra,
+    )
+    return codes, scale
+
+
+@torch.library.custom_op("flatquant::kron_quant", mutates_args=())
+def kron_quant(
+    x: Tensor, left: Tensor | None, right: Tensor | None, clip: Tensor, n1: int, bits: int = 4, pack: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Per token: ``leftᵀ X right`` -> LAC clip -> symmetric ``bits`` quantization (-> int4 packing).
+
+    Args:
+        x: ``(T, n)`` fp16/bf16 activations, ``n = n1 * n2``.
+        left: ``(n1, n1)`` or None; right: ``(n2, n2)`` or None (identity when None).
+        clip: ``(2,)`` fp32 LAC factors ``[σ(lo logit), σ(hi logit)]`` (ones for no clipping).
+        n1: the left factor size.
+        bits: code width; pack: pack two codes per byte (``bits <= 4``).
+
+    Returns:
+        ``codes`` ``(T, n/2)`` uint8 when packed else ``(T, n)`` int8, and ``scale`` ``(T,)`` fp32.
+    """
+    _check(x, left, right, n1, bits, pack)
+    return ref.kron_quant_ref(x, left, right, clip[0], clip[1], n1, bits, pack)
+
+
+@kron_quant.register_kernel("cuda")
+def _(x: Tensor, left: Tensor | None, right: Tensor | None, clip: Tensor, n1: int, bits: int = 4,
+      pack: bool = True) -> tuple[Tensor, Tensor]:
+    return kron_quant_triton(x, left, right, clip, n1, bits, pack)
+
+
+@kron_quant.register_fake
+def _(x: Tensor, left: Tensor | None, right: Tensor | None, clip: Tensor, n1: int, bits: int = 4,
+      pack: bool = True) -> tuple[Tensor, Tensor]:
+    t, n = x.shape
+    codes = x.new_empty(t, n // 2 if pack else n, dtype=torch.uint8 if pack else torch.int8)
+    return codes, x.new_empty(t, dtype=torch.float32)

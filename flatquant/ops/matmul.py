@@ -1,0 +1,278 @@
+"""Integer GEMMs with a dequantizing fp32 epilogue: ``flatquant::w4a4_matmul``, ``w4a8_matmul``, ``w8a8_matmul``.
+
+Hopper has no fast int4 MMA, so 4-bit codes are stored packed and unpacked to int8 in registers; the products run
+on int8 tensor cores (``tl.dot(int8, int8) -> int32``, wgmma s8 on sm_90) with exact int32 accumulation, and the
+epilogue computes ``(acc · s_a[m]) · s_w[n] (+ bias)`` in fp32.
+
+Layouts (no nibble shuffling in the inner loop, only two shifts per byte):
+
+* W4A4: activations and weights both in the standard interleaved packing (element 2k low nibble, 2k+1 high).
+  A byte tile unpacks into its even-k and odd-k halves; ``dot(A_even, W_even) + dot(A_odd, W_odd)`` is the full
+  K sum, so no weight re-layout is needed.
+* W4A8: int8 activations are read as two contiguous half-tiles, so the weights are stored in the ``halves`` layout
+  (:func:`flatquant.ops.pack.int4_halves_layout`, K-tile ``W4A8_BLOCK_K``): byte j of a tile holds elements j and
+  j + BLOCK_K/2.
+* W8A8: plain int8 (N, K) weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import reference as ref
+from ._launch import cpu_kernel, on_cpu
+
+MODE_W8A8, MODE_W4A4, MODE_W4A8 = 0, 1, 2
+
+
+def _configs() -> list[triton.Config]:
+    shapes = [
+        # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+        (128, 256, 128, 8, 3), (128, 256, 256, 8, 3), (256, 128, 128, 8, 3), (256, 128, 256, 8, 3),
+        (128, 128, 256, 8, 4), (128, 128, 128, 4, 4),
+        (64, 128, 256, 4, 4), (64, 256, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 256, 4, 5),
+        (16, 64, 256, 4, 4), (16, 128, 256, 4, 4), (16, 32, 512, 4, 4), (16, 64, 128, 4, 6), (32, 64, 512, 4, 3),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    bucket = named_args["M_BUCKET"]
+    mode = kwargs.get("MODE", named_args.get("MODE"))
+    lo, hi = {16: (16, 32), 64: (16, 64), 256: (64, 128), 1024: (64, 256)}.get(bucket, (128, 256))
+    out = [c for c in configs if lo <= c.kwargs["BLOCK_M"] <= hi]
+    if mode == MODE_W4A8:
+        out = [c for c in out if c.kwargs["BLOCK_K"] == ref.W4A8_BLOCK_K]
+    return out or configs[:1]
+
+
+def m_bucket(m: int) -> int:
+    """Autotuning bucket of the token count (decode, small, medium, prefill)."""
+    for b in (16, 64, 256, 1024):
+        if m <= b:
+            return b
+    return 4096
+
+
+@triton.jit
+def _qmatmul_kernel(
+    a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr,
+    M, N, K, stride_am, stride_wn, stride_cm, M_BUCKET,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    # Grouped tile order (Triton tutorial 03) for L2 reuse of the weight tiles.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows/columns past the edge are wrapped (loads stay in bounds; their results are never stored).
+    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M).to(tl.int64)
+    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N).to(tl.int64)
+    HALF: tl.constexpr = BLOCK_K // 2
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+
+    if MODE == 1:
+        # W4A4: both operands interleaved-packed; one byte tile -> even-k and odd-k int8 half tiles.
+        kh = tl.arange(0, HALF)
+        a_ptrs = a_ptr + rm[:, None] * stride_am + kh[None, :]
+        w_ptrs = w_ptr + rn[None, :] * stride_wn + kh[:, None]
+        kb = K // 2
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=kh[None, :] < kb - k * HALF, other=0)
+                w = tl.load(w_ptrs, mask=kh[:, None] < kb - k * HALF, other=0)
+            acc = tl.dot((a << 4) >> 4, (w << 4) >> 4, acc)
+            acc = tl.dot(a >> 4, w >> 4, acc)
+            a_ptrs += HALF
+            w_ptrs += HALF
+    elif MODE == 2:
+        # W4A8: int8 activation half tiles [k0, k0+HALF) and [k0+HALF, k0+BLOCK_K) meet the low / high nibbles
+        # of the halves-layout weight tile (weights are zero-padded to whole tiles).
+        kh = tl.arange(0, HALF)
+        a_ptrs = a_ptr + rm[:, None] * stride_am + kh[None, :]
+        w_ptrs = w_ptr + rn[None, :] * stride_wn + kh[:, None]
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a0 = tl.load(a_ptrs)
+                a1 = tl.load(a_ptrs + HALF)
+            else:
+                rem = K - k * BLOCK_K
+                a0 = tl.load(a_ptrs, mask=kh[None, :] < rem, other=0)
+                a1 = tl.load(a_ptrs + HALF, mask=kh[None, :] + HALF < rem, other=0)
+            w = tl.load(w_ptrs)
+            acc = tl.dot(a0, (w << 4) >> 4, acc)
+            acc = tl.dot(a1, w >> 4, acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += HALF
+    else:
+        # W8A8: plain int8 tiles.
+        kk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rm[:, None] * stride_am + kk[None, :]
+        w_ptrs = w_ptr + rn[None, :] * stride_wn + kk[:, None]
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=kk[None, :] < K - k * BLOCK_K, other=0)
+                w = tl.load(w_ptrs, mask=kk[:, None] < K - k * BLOCK_K, other=0)
+            acc = tl.dot(a, w, acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+
+    # fp32 epilogue: (acc · s_a[m]) · s_w[n] (+ bias), cast once to the output dtype.
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    sa = tl.load(sa_ptr + offs_m, mask=m_ok, other=0.0)
+    sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
+    out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+_qmatmul_tuned = triton.autotune(
+    configs=_configs(), key=["M_BUCKET", "N", "K", "MODE"], prune_configs_by={"early_config_prune": _prune}
+)(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_qmatmul_kernel))
+
+_CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "GROUP_M": 4}
+
+
+def qmatmul_triton(
+    a: Tensor,  # (M, K/2) uint8 (MODE_W4A4) or (M, K) int8
+    a_scale: Tensor,  # (M,) fp32
+    w: Tensor,  # (N, K/2) uint8 interleaved (W4A4), (N, Kp/2) uint8 halves (W4A8), or (N, K) int8 (W8A8)
+    w_scale: Tensor,  # (N,) fp32
+    bias: Tensor | None,  # (N,)
+    k: int,
+    mode: int,
+    out_dtype: torch.dtype,
+) -> Tensor:  # (M, N)
+    """Triton launcher shared by the three GEMM ops (interpreter on CPU tensors, autotuned on CUDA)."""
+    m, n = a.shape[0], w.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    a = a.contiguous().view(torch.int8)
+    w = w.contiguous().view(torch.int8)
+    args = (a, w, a_scale.float().contiguous(), w_scale.float().contiguous(),
+            bias.contiguous() if bias is not None else a_scale, out, m, n, k, a.stride(0), w.stride(0),
+            out.stride(0), m_bucket(m))
+    if on_cpu(a):
+        cfg = dict(_CPU_CONFIG)
+        if mode == MODE_W4A8:
+            cfg["BLOCK_K"] = ref.W4A8_BLOCK_K
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        cpu_kernel(_qmatmul_kernel)[grid](*args, MODE=mode, HAS_BIAS=bias is not None,
+                                          EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
+    else:
+        def grid(meta: dict) -> tuple[int]:
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+        _qmatmul_tuned[grid](*args, MODE=mode, HAS_BIAS=bias is not None)
+    return out
+
+
+def _check(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, k: int, kw: int) -> None:
+    if a.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"a and w must be 2-D, got {tuple(a.shape)} and {tuple(w.shape)}")
+    if w.shape[1] != kw:
+        raise ValueError(f"weight has {w.shape[1]} columns, expected {kw} for K={k}")
+    if a_scale.shape != (a.shape[0],) or w_scale.shape != (w.shape[0],):
+        raise ValueError("a_scale must be (M,) and w_scale (N,)")
+
+
+def _fake(a: Tensor, w: Tensor, out_dtype: torch.dtype) -> Tensor:
+    return a.new_empty(a.shape[0], w.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("flatquant::w4a4_matmul", mutates_args=())
+def w4a4_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor:
+    """``(unpack(a) @ unpack(w)ᵀ) · s_a[:, None] · s_w[None, :] (+ bias)``.
+
+    Args:
+        a: ``(M, K/2)`` uint8 packed int4 activation codes; a_scale: ``(M,)`` fp32.
+        w: ``(N, K/2)`` uint8 packed int4 weight codes (same interleaved packing); w_scale: ``(N,)`` fp32.
+        bias: optional ``(N,)``; out_dtype: bf16/fp16/fp32.
+
+    Returns:
+        ``(M, N)`` in ``out_dtype``.
+    """
+    k = a.shape[1] * 2
+    _check(a, a_scale, w, w_scale, k, k // 2)
+    return ref.int_matmul_ref(ref.unpack_int4_ref(a), ref.unpack_int4_ref(w), a_scale, w_scale, bias, out_dtype)
+
+
+@w4a4_matmul.register_kernel("cuda")
+def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    k = a.shape[1] * 2
+    _check(a, a_scale, w, w_scale, k, k // 2)
+    return qmatmul_triton(a, a_scale, w, w_scale, bias, k, MODE_W4A4, out_dtype)
+
+
+@w4a4_matmul.register_fake
+def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    return _fake(a, w, out_dtype)
+
+
+def _halves_cols(k: int) -> int:
+    return -(-k // ref.W4A8_BLOCK_K) * ref.W4A8_BLOCK_K // 2
+
+
+@torch.library.custom_op("flatquant::w4a8_matmul", mutates_args=())
+def w4a8_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor:
+    """int8 activations ``(M, K)`` × int4 weights in the ``halves`` layout ``(N, Kp/2)`` uint8, fp32 epilogue."""
+    k = a.shape[1]
+    _check(a, a_scale, w, w_scale, k, _halves_cols(k))
+    return ref.int_matmul_ref(a, ref.halves_to_codes_ref(w)[:, :k], a_scale, w_scale, bias, out_dtype)
+
+
+@w4a8_matmul.register_kernel("cuda")
+def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    k = a.shape[1]
+    _check(a, a_scale, w, w_scale, k, _halves_cols(k))
+    return qmatmul_triton(a, a_scale, w, w_scale, bias, k, MODE_W4A8, out_dtype)
+
+
+@w4a8_matmul.register_fake
+def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    return _fake(a, w, out_dtype)
+
+
+@torch.library.custom_op("flatquant::w8a8_matmul", mutates_args=())
+def w8a8_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor:
+    """int8 activations ``(M, K)`` × int8 weights ``(N, K)``, exact int32 accumulation, fp32 epilogue."""
+    k = a.shape[1]
+    _check(a, a_scale, w, w_scale, k, k)
+    return ref.int_matmul_ref(a, w, a_scale, w_scale, bias, out_dtype)
+
+
+@w8a8_matmul.register_kernel("cuda")
+def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    k = a.shape[1]
+    _check(a, a_scale, w, w_scale, k, k)
+    return qmatmul_triton(a, a_scale, w, w_scale, bias, k, MODE_W8A8, out_dtype)
+
+
+@w8a8_matmul.register_fake
+def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    return _fake(a, w, out_dtype)

@@ -1,0 +1,55 @@
+"""Named bit settings and methods; methods are compositions of the same transform machinery."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .core.spec import QuantConfig, QuantSpec, TransformConfig
+
+
+def bits_config(w: int = 16, a: int = 16, k: int = 16, v: int = 16, q: int = 16, *, w_asym: bool = False,
+                a_asym: bool = False, kv_asym: bool = True, w_group: int | None = None) -> QuantConfig:
+    """A :class:`QuantConfig` from bit widths (per-channel weights, per-token activations, per-head KV)."""
+    wg = QuantSpec(bits=w, sym=not w_asym, granularity="per_group", group_size=w_group) if w_group else \
+        QuantSpec(bits=w, sym=not w_asym, granularity="per_channel")
+    return QuantConfig(w=wg, a=QuantSpec(bits=a, sym=not a_asym), q=QuantSpec(bits=q, sym=not a_asym),
+                       k=QuantSpec(bits=k, sym=not kv_asym), v=QuantSpec(bits=v, sym=not kv_asym))
+
+
+BIT_PRESETS: dict[str, QuantConfig] = {
+    "w4a4kv4": bits_config(4, 4, 4, 4),
+    "w4a4": bits_config(4, 4),
+    "w4a16": bits_config(4, 16),
+    "w4a8": bits_config(4, 8),
+    "w8a8": bits_config(8, 8),
+    "w4a8kv4": bits_config(4, 8, 4, 4),
+    "w3a3kv3": bits_config(3, 3, 3, 3),
+    "w16a16kv4": bits_config(16, 16, 4, 4),
+    "fp": bits_config(),
+}
+
+METHODS: dict[str, TransformConfig] = {
+    # round-to-nearest: no transform, no clipping
+    "rtn": TransformConfig(kind="none", add_diag=False, lwc=False, lac=False, trainable=False),
+    # SmoothQuant-style: per-channel scaling (α = 0.5) folded into the norms / up_proj, nothing trained
+    "smoothquant": TransformConfig(kind="none", add_diag=True, diag_alpha=0.5, lwc=False, lac=False,
+                                   trainable=False),
+    # QuaRot-style: fixed randomised Hadamard (Haar-orthogonal where no Sylvester Hadamard exists)
+    "quarot": TransformConfig(kind="hadamard", add_diag=False, lwc=False, lac=False, trainable=False),
+    # FlatQuant: learned Kronecker affine transforms + diag scaling + LWC + LAC (paper settings)
+    "flatquant": TransformConfig(),
+}
+
+
+def method_config(method: str, **overrides: object) -> TransformConfig:
+    """The transform configuration of a named method, with field overrides."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return replace(METHODS[method], **overrides) if overrides else METHODS[method]
+
+
+def bits_preset(name: str) -> QuantConfig:
+    """A named bit setting such as ``w4a4kv4``."""
+    if name not in BIT_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(BIT_PRESETS)}")
+    return BIT_PRESETS[name]
