@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import triton
+import triton.language as tl
 
 
 def next_pow2(n: int, floor: int = 16) -> int:
@@ -79,3 +80,14 @@ def cpu_kernel(kernel: Any) -> Any:
 def on_cpu(t: torch.Tensor) -> bool:
     """True when ``t`` lives on the CPU (the launcher then uses the interpreter)."""
     return t.device.type == "cpu"
+
+
+@triton.jit
+def round_to_bf16_f32(x):
+    """fp32 -> the nearest bf16 value (ties to even), still as fp32, from the bits.
+
+    Used only under the interpreter, whose fp32 -> bf16 cast truncates; after this a cast is exact.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)

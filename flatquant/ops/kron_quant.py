@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from ._launch import cpu_kernel, next_pow2, on_cpu
+from ._launch import cpu_kernel, next_pow2, on_cpu, round_to_bf16_f32
 
 @triton.jit
 def _kron_quant_kernel(
@@ -48,9 +48,7 @@ def _kron_quant_kernel(
         if HAS_LEFT:
             if F32_DOT and x_ptr.dtype.element_ty == tl.bfloat16:
                 # The interpreter truncates fp32 -> bf16; round to nearest even on the bits instead.
-                bits = y.to(tl.uint32, bitcast=True)
-                bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-                x = bits.to(tl.float32, bitcast=True)
+                x = round_to_bf16_f32(y)
             else:
                 x = y.to(x_ptr.dtype.element_ty)
     if HAS_LEFT:

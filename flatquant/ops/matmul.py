@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from ._launch import cpu_kernel, on_cpu
+from ._launch import cpu_kernel, on_cpu, round_to_bf16_f32
 
 MODE_W8A8, MODE_W4A4, MODE_W4A8 = 0, 1, 2
 
@@ -64,7 +64,7 @@ def _qmatmul_kernel(
     M, N, K, stride_am, stride_wn, stride_cm, M_BUCKET,
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, INTERPRET_BF16: tl.constexpr = False,
 ):
     # Grouped tile order (Triton tutorial 03) for L2 reuse of the weight tiles.
     pid = tl.program_id(0)
@@ -143,6 +143,8 @@ def _qmatmul_kernel(
     out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if INTERPRET_BF16:
+        out = round_to_bf16_f32(out)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -180,7 +182,8 @@ def qmatmul_triton(
             cfg["BLOCK_K"] = ref.W4A8_BLOCK_K
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         cpu_kernel(_qmatmul_kernel)[grid](*args, MODE=mode, HAS_BIAS=bias is not None,
-                                          EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
+                                          EVEN_K=k % cfg["BLOCK_K"] == 0,
+                                          INTERPRET_BF16=out_dtype == torch.bfloat16, **cfg)
     else:
         def grid(meta: dict) -> tuple[int]:
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
