@@ -51,6 +51,8 @@ def load_transforms(path: Path, args: ModelArgs) -> tuple[list[dict[str, Tensor]
         TransformFileError: missing files, another format, or another model's shapes.
     """
     path = Path(path)
+    if not path.exists():
+        raise TransformFileError(f"transform path {path} does not exist (no transforms.json there)")
     folder = path if path.is_dir() else path.parent
     jpath, tpath = folder / "transforms.json", folder / "transforms.safetensors"
     if not jpath.is_file() or not tpath.is_file():

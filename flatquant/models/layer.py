@@ -57,10 +57,11 @@ def apply_rope(x: Tensor, rope: Rope) -> Tensor:  # x: (B, heads, T, d)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm computed in fp32, returned in the input dtype."""
-    xf = x.float()
+    """RMSNorm computed in at least fp32, returned in the input dtype."""
+    ct = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(ct)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    return (y * weight.to(ct)).to(x.dtype)
 
 
 def quant_act(p: Params, prefix: str, x: Tensor, spec: QuantSpec) -> Tensor:

@@ -91,3 +91,15 @@ def round_to_bf16_f32(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def nibble_lo(b):
+    """Sign-extended low nibbles of int8 bytes, as int8 (shift left into the top, arithmetic shift back)."""
+    return ((b << 4).to(tl.int8) >> 4).to(tl.int8)
+
+
+@triton.jit
+def nibble_hi(b):
+    """Sign-extended high nibbles of int8 bytes, as int8 (arithmetic shift)."""
+    return (b >> 4).to(tl.int8)

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from ._launch import cpu_kernel, on_cpu, round_to_bf16_f32
+from ._launch import cpu_kernel, nibble_hi, nibble_lo, on_cpu, round_to_bf16_f32
 
 MODE_W8A8, MODE_W4A4, MODE_W4A8 = 0, 1, 2
 
@@ -36,8 +36,13 @@ def _configs() -> list[triton.Config]:
         (64, 128, 256, 4, 4), (64, 256, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 256, 4, 5),
         (16, 64, 256, 4, 4), (16, 128, 256, 4, 4), (16, 32, 512, 4, 4), (16, 64, 128, 4, 6), (32, 64, 512, 4, 3),
     ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in shapes]
+    swapped = [
+        (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 256, 8, 4), (64, 256, 128, 8, 3),
+        (64, 128, 256, 4, 4), (16, 128, 256, 4, 4), (32, 128, 256, 4, 4), (16, 64, 512, 4, 4),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SWAP_AB": sw},
+                          num_warps=w, num_stages=s)
+            for sw, lst in ((False, shapes), (True, swapped)) for bm, bn, bk, w, s in lst]
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
@@ -47,6 +52,8 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> 
     out = [c for c in configs if lo <= c.kwargs["BLOCK_M"] <= hi]
     if mode == MODE_W4A8:
         out = [c for c in out if c.kwargs["BLOCK_K"] == ref.W4A8_BLOCK_K]
+    if mode == MODE_W8A8:
+        out = [c for c in out if not c.kwargs["SWAP_AB"]]
     return out or configs[:1]
 
 
@@ -64,7 +71,7 @@ def _qmatmul_kernel(
     M, N, K, stride_am, stride_wn, stride_cm, M_BUCKET,
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, INTERPRET_BF16: tl.constexpr = False,
+    EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr = False, INTERPRET_BF16: tl.constexpr = False,
 ):
     # Grouped tile order (Triton tutorial 03) for L2 reuse of the weight tiles.
     pid = tl.program_id(0)
@@ -83,7 +90,46 @@ def _qmatmul_kernel(
     HALF: tl.constexpr = BLOCK_K // 2
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
 
-    if MODE == 1:
+    if MODE == 1 and SWAP_AB:
+        # W4A4, operands swapped (accᵀ = W Xᵀ): the unpacked weight tile is the register operand of the MMA.
+        kh = tl.arange(0, HALF)
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + kh[None, :]
+        a_ptrs = a_ptr + rm[None, :] * stride_am + kh[:, None]
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+        kb = K // 2
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+                a = tl.load(a_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=kh[None, :] < kb - k * HALF, other=0)
+                a = tl.load(a_ptrs, mask=kh[:, None] < kb - k * HALF, other=0)
+            acc_t = tl.dot(nibble_lo(w), nibble_lo(a), acc_t, out_dtype=tl.int32)
+            acc_t = tl.dot(nibble_hi(w), nibble_hi(a), acc_t, out_dtype=tl.int32)
+            a_ptrs += HALF
+            w_ptrs += HALF
+        acc = tl.trans(acc_t)
+    elif MODE == 2 and SWAP_AB:
+        # W4A8, operands swapped: unpacked weight half tiles in registers, int8 activations straight from memory.
+        kh = tl.arange(0, HALF)
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + kh[None, :]
+        a_ptrs = a_ptr + rm[None, :] * stride_am + kh[:, None]
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a0 = tl.load(a_ptrs)
+                a1 = tl.load(a_ptrs + HALF)
+            else:
+                rem = K - k * BLOCK_K
+                a0 = tl.load(a_ptrs, mask=kh[:, None] < rem, other=0)
+                a1 = tl.load(a_ptrs + HALF, mask=kh[:, None] + HALF < rem, other=0)
+            w = tl.load(w_ptrs)
+            acc_t = tl.dot(nibble_lo(w), a0, acc_t, out_dtype=tl.int32)
+            acc_t = tl.dot(nibble_hi(w), a1, acc_t, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K
+            w_ptrs += HALF
+        acc = tl.trans(acc_t)
+    elif MODE == 1:
         # W4A4: both operands interleaved-packed; one byte tile -> even-k and odd-k int8 half tiles.
         kh = tl.arange(0, HALF)
         a_ptrs = a_ptr + rm[:, None] * stride_am + kh[None, :]
@@ -96,8 +142,8 @@ def _qmatmul_kernel(
             else:
                 a = tl.load(a_ptrs, mask=kh[None, :] < kb - k * HALF, other=0)
                 w = tl.load(w_ptrs, mask=kh[:, None] < kb - k * HALF, other=0)
-            acc = tl.dot((a << 4) >> 4, (w << 4) >> 4, acc)
-            acc = tl.dot(a >> 4, w >> 4, acc)
+            acc = tl.dot(nibble_lo(a), nibble_lo(w), acc, out_dtype=tl.int32)
+            acc = tl.dot(nibble_hi(a), nibble_hi(w), acc, out_dtype=tl.int32)
             a_ptrs += HALF
             w_ptrs += HALF
     elif MODE == 2:
@@ -115,8 +161,8 @@ def _qmatmul_kernel(
                 a0 = tl.load(a_ptrs, mask=kh[None, :] < rem, other=0)
                 a1 = tl.load(a_ptrs + HALF, mask=kh[None, :] + HALF < rem, other=0)
             w = tl.load(w_ptrs)
-            acc = tl.dot(a0, (w << 4) >> 4, acc)
-            acc = tl.dot(a1, w >> 4, acc)
+            acc = tl.dot(a0, nibble_lo(w), acc, out_dtype=tl.int32)
+            acc = tl.dot(a1, nibble_hi(w), acc, out_dtype=tl.int32)
             a_ptrs += BLOCK_K
             w_ptrs += HALF
     else:
@@ -131,7 +177,7 @@ def _qmatmul_kernel(
             else:
                 a = tl.load(a_ptrs, mask=kk[None, :] < K - k * BLOCK_K, other=0)
                 w = tl.load(w_ptrs, mask=kk[:, None] < K - k * BLOCK_K, other=0)
-            acc = tl.dot(a, w, acc)
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
 
@@ -153,7 +199,7 @@ _qmatmul_tuned = triton.autotune(
     configs=_configs(), key=["M_BUCKET", "N", "K", "MODE"], prune_configs_by={"early_config_prune": _prune}
 )(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_qmatmul_kernel))
 
-_CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "GROUP_M": 4}
+_CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "GROUP_M": 4, "SWAP_AB": False}
 
 
 def qmatmul_triton(
@@ -165,8 +211,12 @@ def qmatmul_triton(
     k: int,
     mode: int,
     out_dtype: torch.dtype,
+    config: dict | None = None,
 ) -> Tensor:  # (M, N)
-    """Triton launcher shared by the three GEMM ops (interpreter on CPU tensors, autotuned on CUDA)."""
+    """Triton launcher shared by the three GEMM ops (interpreter on CPU tensors, autotuned on CUDA).
+
+    ``config`` (``BLOCK_M/N/K``, ``GROUP_M``, ``SWAP_AB``) bypasses autotuning, e.g. to test one code path.
+    """
     m, n = a.shape[0], w.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
@@ -176,14 +226,15 @@ def qmatmul_triton(
     args = (a, w, a_scale.float().contiguous(), w_scale.float().contiguous(),
             bias.contiguous() if bias is not None else a_scale, out, m, n, k, a.stride(0), w.stride(0),
             out.stride(0), m_bucket(m))
-    if on_cpu(a):
-        cfg = dict(_CPU_CONFIG)
+    if on_cpu(a) or config is not None:
+        cfg = dict(_CPU_CONFIG) | (config or {})
         if mode == MODE_W4A8:
             cfg["BLOCK_K"] = ref.W4A8_BLOCK_K
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        cpu_kernel(_qmatmul_kernel)[grid](*args, MODE=mode, HAS_BIAS=bias is not None,
+        kernel = cpu_kernel(_qmatmul_kernel) if on_cpu(a) else _qmatmul_kernel
+        kernel[grid](*args, MODE=mode, HAS_BIAS=bias is not None,
                                           EVEN_K=k % cfg["BLOCK_K"] == 0,
-                                          INTERPRET_BF16=out_dtype == torch.bfloat16, **cfg)
+                     INTERPRET_BF16=on_cpu(a) and out_dtype == torch.bfloat16, **cfg)
     else:
         def grid(meta: dict) -> tuple[int]:
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)

@@ -8,7 +8,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from ._launch import cpu_kernel, on_cpu
+from ._launch import cpu_kernel, nibble_hi, nibble_lo, on_cpu
 
 _BLOCK = 1024
 
@@ -31,8 +31,8 @@ def _unpack_int4_kernel(p_ptr, c_ptr, n_bytes, SIGNED: tl.constexpr, BLOCK: tl.c
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     b = tl.load(p_ptr + offs, mask=offs < n_bytes, other=0).to(tl.int8, bitcast=True)
     if SIGNED:
-        lo = (b << 4) >> 4
-        hi = b >> 4
+        lo = nibble_lo(b)
+        hi = nibble_hi(b)
     else:
         lo = b & 0xF
         hi = (b >> 4) & 0xF

@@ -1,0 +1,67 @@
+"""Calibration: the loss falls, resume is bit-identical, mismatched work directories are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flatquant.calib.config import CalibConfig
+from flatquant.calib.loop import CalibrationMismatch, calibrate, fp_layer_pass, train_layer
+from flatquant.models.flat import init_flat_params
+from flatquant.models.model import embed, rope_for
+from flatquant.presets import bits_preset, method_config
+from tests.helpers import TINY, TINY_QWEN, tiny_model, tokens
+
+CFG = CalibConfig(nsamples=4, seqlen=16, batch_size=2, epochs=6, lr=5e-3)
+
+
+@pytest.mark.parametrize("args", [TINY, TINY_QWEN], ids=["llama", "qwen2"])
+def test_calibration_loss_falls(args):
+    w = tiny_model(args)
+    q, t = bits_preset("w4a4kv4"), method_config("flatquant")
+    x = embed(w, tokens(4, 16))
+    rope = rope_for(w, 16)
+    frozen = w.layers[0]
+    outs, stats = fp_layer_pass(frozen, x, rope, args, 2, want_stats=True)
+    tr, fx = init_flat_params(frozen, args, q, t, absmax=stats, generator=torch.Generator().manual_seed(0))
+    new, losses = train_layer(tr, fx, frozen, x, outs, rope, args, q, t, CFG, generator=torch.Generator(),
+                              amp=torch.float32)
+    assert losses[-1] < 0.8 * losses[0]
+    assert any(not torch.equal(new[k], tr[k]) for k in tr)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    w = tiny_model()
+    q, t = bits_preset("w4a4kv4"), method_config("flatquant")
+    toks = tokens(4, 16)
+    full = calibrate(w, toks, q, t, CFG, workdir=tmp_path / "a")
+    calibrate(w, toks, q, t, CFG, workdir=tmp_path / "b")
+    ck = tmp_path / "b" / "layers" / "layer_001.safetensors"
+    ck.unlink()  # as if killed while layer 1 was training
+    before = load_file(str(tmp_path / "b" / "layers" / "layer_000.safetensors"))
+    resumed = calibrate(w, toks, q, t, CFG, workdir=tmp_path / "b")
+    for a, b in zip(full, resumed):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(before[k], resumed[0][k]) for k in before)
+
+
+def test_mismatched_workdir_is_refused(tmp_path):
+    w = tiny_model()
+    toks = tokens(4, 16)
+    calibrate(w, toks, bits_preset("w4a4kv4"), method_config("flatquant"), CFG, workdir=tmp_path)
+    with pytest.raises(CalibrationMismatch, match="different calibration"):
+        calibrate(w, toks, bits_preset("w4a16"), method_config("flatquant"), CFG, workdir=tmp_path)
+
+
+def test_data_free_methods_need_no_tokens():
+    w = tiny_model()
+    flats = calibrate(w, None, bits_preset("w4a4kv4"), method_config("quarot"), CFG)
+    assert len(flats) == TINY.n_layers and "ln_trans.left.m" in flats[0]
+    with pytest.raises(ValueError, match="calibration data"):
+        calibrate(w, None, bits_preset("w4a4kv4"), method_config("flatquant"), CFG)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        CalibConfig(nsamples=5, batch_size=2)

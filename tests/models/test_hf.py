@@ -1,0 +1,89 @@
+"""Loading: our functional forward equals transformers' model; clear errors for bad sources."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flatquant.models import hf
+from flatquant.models.model import forward
+
+
+def _tiny_hf(arch: str):
+    import transformers
+
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                       rope_theta=10000.0)
+        return transformers.LlamaForCausalLM(cfg)
+    if arch == "qwen2":
+        cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
+                                       num_attention_heads=5, num_key_value_heads=1, max_position_embeddings=64,
+                                       tie_word_embeddings=True)
+        return transformers.Qwen2ForCausalLM(cfg)
+    cfg = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.MistralForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_forward_matches_transformers(arch):
+    torch.manual_seed(0)
+    m = _tiny_hf(arch).eval()
+    if arch == "qwen2":
+        for layer in m.model.layers:  # biases are zero-initialised; make them matter
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(lin.bias, std=0.5)
+    w = hf.weights_from_hf(m, hf.args_from_config(m.config))
+    assert w.args.qkv_bias == (arch == "qwen2")
+    tok = torch.randint(0, 64, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(forward(w, tok), m(tok).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_architecture_is_named():
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)
+    with pytest.raises(hf.ModelLoadError, match="unsupported architecture 'gpt2'.*llama"):
+        hf.args_from_config(cfg)
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(hf.ModelLoadError, match="does not exist"):
+        hf.resolve_source(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(hf.ModelLoadError, match="no config.json"):
+        hf.resolve_source(str(tmp_path / "empty"))
+    (tmp_path / "x.bin").write_bytes(b"0")
+    with pytest.raises(hf.ModelLoadError, match="gguf"):
+        hf.resolve_source(str(tmp_path / "x.bin"))
+
+
+def test_local_folder_load_and_cache_roundtrip(tmp_path, monkeypatch):
+    from tests.test_cli import make_tiny_hf_folder
+
+    monkeypatch.setenv("FLATQUANT_CACHE", str(tmp_path / "cache"))
+    folder = make_tiny_hf_folder(tmp_path / "model")
+    w1, tok = hf.load(str(folder))
+    w2, _ = hf.load(str(folder))  # from the safetensors cache
+    assert (tmp_path / "cache" / "models").is_dir()
+    t = torch.tensor([tok("hello world").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(forward(w1, t), forward(w2, t))
+
+
+@pytest.mark.slow
+def test_real_smollm2_matches_transformers(tmp_path):
+    """The embedded SmolLM2-135M: our forward equals transformers' on a real prompt."""
+    from transformers import AutoModelForCausalLM
+
+    w, tok = hf.load("smollm2-135m")
+    folder, gguf = hf.resolve_source("smollm2-135m")
+    ref = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    ids = tok("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = forward(w, ids)
+        torch.testing.assert_close(ours, ref(ids).logits, rtol=1e-4, atol=1e-4)
+    assert tok.decode(ours[0, -1].argmax()).strip() == "Berlin"

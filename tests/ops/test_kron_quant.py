@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from flatquant.core.kron import head_mix, head_transform, kron_transform
+from flatquant.core.quant import fake_quant, quantize
+from flatquant.core.spec import QuantSpec
+from flatquant.ops import kron_quant
+from flatquant.ops import reference as ref
+from flatquant.ops.kron_quant import kron_quant_triton
+
+from ._util import KERNEL_DEVICES, activations, assert_codes_match
+
+SPEC4 = QuantSpec(bits=4, sym=True)
+
+
+def _core_transform(x: torch.Tensor, left, right, n1: int) -> torch.Tensor:
+    """The op's transform from core: X·right in fp32 rounded to x.dtype (only if left follows), then leftᵀ·, fp32."""
+    y = x.float()
+    if right is not None:
+        y = head_transform(y, right.float())
+        if left is not None:
+            y = y.to(x.dtype).float()
+    if left is not None:
+        y = head_mix(y, left.float())
+    return y
+
+
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("with_left,with_right", [(True, True), (True, False), (False, True), (False, False)])
+def test_opcheck(pack: bool, with_left: bool, with_right: bool) -> None:
+    n1, n2 = 6, 10
+    x = torch.randn(5, n1 * n2, dtype=torch.bfloat16)
+    left = torch.randn(n1, n1, dtype=torch.bfloat16) if with_left else None
+    right = torch.randn(n2, n2, dtype=torch.bfloat16) if with_right else None
+    clip = torch.tensor([0.9, 0.8])
+    torch.library.opcheck(kron_quant, (x, left, right, clip, n1, 4, pack))
+    torch.library.opcheck(kron_quant, (x[:, ::1][1:], left, right, clip, n1, 4, pack))
+
+
+@settings(settings.get_profile("ops"))
+@given(case=activations())
+def test_reference_equals_core(case: dict) -> None:
+    """Codes are exactly core.quant.quantize of core's transform; dequantized values within one step of core's
+    fake quant in x.dtype (which rounds the transform output to x.dtype, the op keeps fp32)."""
+    x, left, right, clip, n1 = case["x"], case["left"], case["right"], case["clip"], case["n1"]
+    codes, scale = kron_quant(x, left, right, clip, n1)
+    y = _core_transform(x, left, right, n1)
+    want, want_scale, _ = quantize(y, SPEC4, clip_lo=clip[0], clip_hi=clip[1])
+    assert torch.equal(ref.unpack_int4_ref(codes), want)
+    assert torch.equal(scale, want_scale.squeeze(-1))
+    deq = ref.unpack_int4_ref(codes).float() * scale[:, None]
+    if left is not None and right is not None:
+        y_core = kron_transform(x, left, right)
+    else:
+        y_core = _core_transform(x, left, right, n1).to(x.dtype)
+    fq = fake_quant(y_core, SPEC4, clip_lo=clip[0].to(x.dtype), clip_hi=clip[1].to(x.dtype)).float()
+    # One step, plus core's 16-bit scale and output rounding (relative 2^-7 of the value for bf16).
+    tol = scale[:, None] + fq.abs() * 2**-6 + 1e-6
+    assert bool(((deq - fq).abs() <= tol).all())
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@settings(settings.get_profile("ops"))
+@given(case=activations())
+def test_triton_matches_reference(device: str, case: dict) -> None:
+    x, left, right, clip, n1 = case["x"], case["left"], case["right"], case["clip"], case["n1"]
+    to = (lambda t: None if t is None else t.to(device))
+    for bits, pack in ((4, True), (8, False)):
+        codes, scale = kron_quant_triton(x.to(device), to(left), to(right), clip.to(device), n1, bits, pack)
+        want, want_scale = ref.kron_quant_ref(x, left, right, clip[0], clip[1], n1, bits, pack)
+        assert torch.allclose(scale.cpu(), want_scale, rtol=1e-5, atol=0)
+        y = ref.kron_transform_ref(x, left, right, n1)
+        ratio = torch.clamp(y / want_scale[:, None], -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        unpack = ref.unpack_int4_ref if pack else (lambda c: c)
+        assert_codes_match(unpack(codes.cpu()), unpack(want), ratio)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("heads,d", [(9, 8), (28, 4), (40, 2), (32, 4)])
+def test_head_mix_any_head_count(device: str, heads: int, d: int) -> None:
+    """o_proj head mixing (left = O, no right) with non-power-of-two head counts."""
+    g = torch.Generator().manual_seed(heads)
+    x = torch.randn(3, heads * d, generator=g).to(torch.bfloat16)
+    o = torch.linalg.qr(torch.randn(heads, heads, generator=g))[0].to(torch.bfloat16)
+    clip = torch.tensor([0.95, 0.9])
+    codes, scale = kron_quant_triton(x.to(device), o.to(device), None, clip.to(device), heads)
+    want, want_scale, _ = quantize(head_mix(x.float(), o.float()), SPEC4, clip_lo=clip[0], clip_hi=clip[1])
+    ratio = torch.clamp(head_mix(x.float(), o.float()) / want_scale, -8, 7)
+    assert_codes_match(ref.unpack_int4_ref(codes.cpu()), want, ratio)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("k", [576, 1536, 3584, 4096, 11008, 14336])
+def test_cuda_model_dims(k: int) -> None:
+    """Full-size LLaMA/Qwen/SmolLM2 dims natively on the GPU."""
+    from flatquant.core.kron import decompose_dim
+
+    n1, n2 = decompose_dim(k)
+    g = torch.Generator(device="cuda").manual_seed(k)
+    x = torch.randn(64, k, device="cuda", generator=g).to(torch.bfloat16)
+    x[1] = 0
+    x[:, 3] *= 100
+    left = torch.linalg.qr(torch.randn(n1, n1, device="cuda", generator=g))[0].to(torch.bfloat16)
+    right = torch.linalg.qr(torch.randn(n2, n2, device="cuda", generator=g))[0].to(torch.bfloat16)
+    clip = torch.tensor([0.9, 0.95], device="cuda")
+    codes, scale = kron_quant(x, left, right, clip, n1)
+    want, want_scale = ref.kron_quant_ref(x, left, right, clip[0], clip[1], n1)
+    assert torch.allclose(scale, want_scale, rtol=1e-5, atol=0)
+    ratio = torch.clamp(ref.kron_transform_ref(x, left, right, n1) / want_scale[:, None], -8, 7)
+    assert_codes_match(ref.unpack_int4_ref(codes), ref.unpack_int4_ref(want), ratio)

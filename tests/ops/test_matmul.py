@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flatquant.ops import int4_halves_layout, w4a4_matmul, w4a8_matmul, w8a8_matmul
+from flatquant.ops import reference as ref
+from flatquant.ops.matmul import MODE_W4A4, MODE_W4A8, MODE_W8A8, qmatmul_triton
+
+from ._util import KERNEL_DEVICES
+
+
+def _operands(m: int, n: int, k: int, seed: int, bias: bool, dtype: torch.dtype) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "a4": torch.randint(-8, 8, (m, k), generator=g, dtype=torch.int8),
+        "a8": torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8),
+        "w4": torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8),
+        "w8": torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8),
+        "sa": torch.rand(m, generator=g) * 0.1 + 1e-3,
+        "sw": torch.rand(n, generator=g) * 0.1 + 1e-3,
+        "bias": (torch.randn(n, generator=g) if bias else None),
+        "dtype": dtype,
+    }
+
+
+def test_opcheck() -> None:
+    o = _operands(5, 7, 64, 0, True, torch.bfloat16)
+    b = o["bias"].to(torch.bfloat16)
+    w4 = ref.pack_int4_ref(o["w4"])
+    torch.library.opcheck(w4a4_matmul, (ref.pack_int4_ref(o["a4"]), o["sa"], w4, o["sw"], b, torch.bfloat16))
+    torch.library.opcheck(w4a4_matmul, (ref.pack_int4_ref(o["a4"]), o["sa"], w4, o["sw"], None, torch.float16))
+    torch.library.opcheck(w4a8_matmul, (o["a8"], o["sa"], int4_halves_layout(w4), o["sw"], b, torch.bfloat16))
+    torch.library.opcheck(w8a8_matmul, (o["a8"], o["sa"], o["w8"], o["sw"], None, torch.float32))
+
+
+def test_reference_is_exact_integer_gemm() -> None:
+    o = _operands(4, 3, 4096, 1, False, torch.float32)
+    acc = (o["a8"].long() @ o["w8"].long().T).float()
+    want = acc * o["sa"][:, None] * o["sw"][None, :]
+    assert torch.equal(w8a8_matmul(o["a8"], o["sa"], o["w8"], o["sw"], None, torch.float32), want)
+    got = w4a4_matmul(ref.pack_int4_ref(o["a4"]), o["sa"], ref.pack_int4_ref(o["w4"]), o["sw"], None, torch.float32)
+    assert torch.equal(got, (o["a4"].long() @ o["w4"].long().T).float() * o["sa"][:, None] * o["sw"][None, :])
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("swap_ab", [False, True])
+@settings(settings.get_profile("ops"))
+@given(m=st.integers(1, 40), n=st.integers(1, 40), k=st.sampled_from([2, 64, 128, 200, 384]),
+       seed=st.integers(0, 2**31 - 1), bias=st.booleans(), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_triton_matches_reference(device: str, swap_ab: bool, m: int, n: int, k: int, seed: int, bias: bool,
+                                  dtype: torch.dtype) -> None:
+    """All three GEMMs, both operand orders, bit-equal to the reference (edges and K tails included)."""
+    o = _operands(m, n, k, seed, bias, dtype)
+    b = None if o["bias"] is None else o["bias"].to(dtype)
+    d = (lambda t: None if t is None else t.to(device))
+    cfg = {"SWAP_AB": swap_ab}
+    cases = [
+        (MODE_W4A4, ref.pack_int4_ref(o["a4"]), ref.pack_int4_ref(o["w4"]), o["a4"], o["w4"]),
+        (MODE_W4A8, o["a8"], ref.halves_layout_ref(ref.pack_int4_ref(o["w4"])), o["a8"], o["w4"]),
+    ]
+    if not swap_ab:
+        cases.append((MODE_W8A8, o["a8"], o["w8"], o["a8"], o["w8"]))
+    for mode, a, w, a_codes, w_codes in cases:
+        got = qmatmul_triton(d(a), d(o["sa"]), d(w), d(o["sw"]), d(b), k, mode, dtype, cfg).cpu()
+        want = ref.int_matmul_ref(a_codes, w_codes, o["sa"], o["sw"], b, dtype)
+        # fp32 epilogue: equal up to a possible FMA contraction of the bias add (one output ulp).
+        assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=1e-6), f"mode {mode}"
+        if b is None:
+            assert torch.equal(got, want), f"mode {mode}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 16, 300, 2048])
+@pytest.mark.parametrize("k,n", [(4096, 4096), (11008, 1000), (576, 1536)])
+def test_cuda_autotuned(m: int, k: int, n: int) -> None:
+    o = _operands(m, n, k, m + k, True, torch.bfloat16)
+    o = {key: (v.cuda() if isinstance(v, torch.Tensor) else v) for key, v in o.items()}
+    b = o["bias"].to(torch.bfloat16)
+    w4 = ref.pack_int4_ref(o["w4"])
+    got = w4a4_matmul(ref.pack_int4_ref(o["a4"]), o["sa"], w4, o["sw"], b, torch.bfloat16)
+    want = ref.int_matmul_ref(o["a4"], o["w4"], o["sa"], o["sw"], b, torch.bfloat16)
+    assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=1e-6)
+    got = w4a8_matmul(o["a8"], o["sa"], int4_halves_layout(w4), o["sw"], b, torch.bfloat16)
+    want = ref.int_matmul_ref(o["a8"], o["w4"], o["sa"], o["sw"], b, torch.bfloat16)
+    assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=1e-6)
+    got = w8a8_matmul(o["a8"], o["sa"], o["w8"], o["sw"], None, torch.float32)
+    assert torch.equal(got, ref.int_matmul_ref(o["a8"], o["w8"], o["sa"], o["sw"], None, torch.float32))
