@@ -74,8 +74,8 @@ def test_triton_matches_reference(device: str, swap_ab: bool, m: int, n: int, k:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("m", [1, 16, 300, 2048])
-@pytest.mark.parametrize("k,n", [(4096, 4096), (11008, 1000), (576, 1536)])
+@pytest.mark.parametrize("m", [1, 300, 2048])
+@pytest.mark.parametrize("k,n", [(4096, 4096), (576, 1536)])
 def test_cuda_autotuned(m: int, k: int, n: int) -> None:
     o = _operands(m, n, k, m + k, True, torch.bfloat16)
     o = {key: (v.cuda() if isinstance(v, torch.Tensor) else v) for key, v in o.items()}
