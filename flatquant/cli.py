@@ -165,7 +165,7 @@ def _run_matrix(a: argparse.Namespace, methods: list[str], presets: list[str]) -
         for method in methods:
             if method == "fp" and preset != presets[0]:
                 continue
-            bits = "fp16" if method == "fp" else qcfg.tag
+            bits = "fp" if method == "fp" else qcfg.tag
             key = json.dumps([asdict(qcfg), ccfg.to_dict(), windows.shape[0], a.eval_data], default=str)
             if (method, bits, key) in prev:
                 rows.append(prev[(method, bits, key)])
@@ -234,7 +234,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
                            a.eval_seqlen, a.eval_windows)
     t0 = time.time()
     ppl = perplexity(qm.weights, windows, qm.qcfg, device=device)
-    row = {"method": qm.method, "bits": "fp16" if qm.method == "fp" else qm.qcfg.tag, "ppl": ppl,
+    row = {"method": qm.method, "bits": "fp" if qm.method == "fp" else qm.qcfg.tag, "ppl": ppl,
            "calib_seconds": 0.0, "eval_seconds": time.time() - t0, "key": ""}
     if a.out is not None:
         _write_results(a.out, [row], {"command": " ".join(sys.argv), "eval_windows": int(windows.shape[0])})

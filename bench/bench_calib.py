@@ -1,0 +1,93 @@
+"""Calibration speed and memory of one decoder layer with random weights (paper settings by default).
+
+    python bench/bench_calib.py --shape llama3-8b --epochs 15 --nsamples 128 --seqlen 2048
+
+Prints a table and writes ``bench/results/calib_<shape>.json`` with the GPU, versions and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from env import environment  # noqa: E402
+
+from flatquant.calib.config import CalibConfig  # noqa: E402
+from flatquant.calib.loop import fp_layer_pass, resolve_amp, train_layer  # noqa: E402
+from flatquant.models.args import ModelArgs  # noqa: E402
+from flatquant.models.flat import init_flat_params  # noqa: E402
+from flatquant.models.random import LLAMA2_7B, LLAMA3_8B, random_weights  # noqa: E402
+from flatquant.models.model import rope_for  # noqa: E402
+from flatquant.presets import bits_preset, method_config  # noqa: E402
+
+SHAPES = {
+    "llama3-8b": LLAMA3_8B,
+    "llama2-7b": LLAMA2_7B,
+    "smollm2-135m": ModelArgs(vocab_size=49152, hidden=576, intermediate=1536, n_layers=30, n_heads=9, n_kv_heads=3,
+                              head_dim=64, rms_eps=1e-5, tie_embeddings=True),
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--amp", default="auto")
+    ap.add_argument("--preset", default="w4a4kv4")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    a = ap.parse_args()
+    dev = torch.device(a.device)
+    one = SHAPES[a.shape].__class__(**{**SHAPES[a.shape].to_dict(), "n_layers": 1, "vocab_size": 16})
+    w = random_weights(one, generator=torch.Generator().manual_seed(0), outlier_channels=8)
+    ccfg = CalibConfig(nsamples=a.nsamples, seqlen=a.seqlen, epochs=a.epochs, batch_size=a.batch_size,
+                       amp_dtype=a.amp)
+    amp = resolve_amp(ccfg, dev)
+    q, t = bits_preset(a.preset), method_config("flatquant")
+    frozen = {k: v.to(dev) for k, v in w.layers[0].items()}
+    g = torch.Generator(device="cpu").manual_seed(1)
+    buf = torch.float32 if amp == torch.float32 else amp
+    inps = (torch.randn(a.nsamples, a.seqlen, one.hidden, generator=g)).to(dev, buf)
+    rope = rope_for(w.to(dev), a.seqlen, dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    outs, stats = fp_layer_pass(frozen, inps, rope, one, a.batch_size, want_stats=True)
+    tr, fx = init_flat_params(frozen, one, q, t, absmax=stats, generator=torch.Generator().manual_seed(0))
+    tr = {k: v.to(dev) for k, v in tr.items()}
+    fx = {k: v.to(dev) for k, v in fx.items()}
+    t1 = time.perf_counter()
+    _, losses = train_layer(tr, fx, frozen, inps, outs, rope, one, q, t, ccfg, generator=g, amp=amp)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    steps = ccfg.epochs * ccfg.steps_per_epoch
+    res = {
+        "shape": a.shape, "settings": ccfg.to_dict(), "amp": str(amp), "preset": a.preset,
+        "fp_pass_s": t1 - t0, "train_s": t2 - t1, "layer_s": t2 - t0, "step_ms": 1000 * (t2 - t1) / max(steps, 1),
+        "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if dev.type == "cuda" else None,
+        "loss_first_epoch": losses[0] if losses else None, "loss_last_epoch": losses[-1] if losses else None,
+        "env": environment(),
+    }
+    print(f"{'shape':<14}{'epochs':>7}{'steps':>7}{'layer s':>9}{'step ms':>9}{'peak alloc GiB':>16}{'reserved':>10}")
+    print(f"{a.shape:<14}{a.epochs:>7}{steps:>7}{res['layer_s']:>9.1f}{res['step_ms']:>9.1f}"
+          f"{(res['peak_alloc_gib'] or 0):>16.2f}{(res['peak_reserved_gib'] or 0):>10.2f}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"calib_{a.shape}_{a.epochs}ep.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
