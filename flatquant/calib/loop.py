@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Callable
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ from .optim import adamw_init, adamw_update, group_lrs
 
 log = logging.getLogger(__name__)
 Params = dict[str, Tensor]
+GradReduce = Callable[[Params, Tensor], tuple[Params, Tensor]]
+StatsReduce = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 
 class CalibrationMismatch(ValueError):
@@ -67,19 +70,20 @@ def layer_generator(seed: int, layer: int) -> torch.Generator:
 
 def layer_loss(
     trainable: Params, fixed: Params, frozen: Params, x: Tensor, y: Tensor, rope: Rope,
-    args, qcfg: QuantConfig, kind: str, amp: torch.dtype, normalize: bool,
+    args, qcfg: QuantConfig, kind: str, amp: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
     """Calibration loss of one batch: MSE between the fake-quant layer and the FP target.
 
-    Returns ``(loss, mse)``; with ``normalize`` the loss is ``mse / mse.detach()`` (gradient of log-MSE).
+    Returns ``(mse, mse.detach())``. The official loss ``mse / mse.detach()`` has the gradient
+    ``grad(mse) / mse``; :func:`train_layer` applies that division after any cross-process
+    reduction, so data-parallel runs normalise by the global MSE.
     """
     folded = fold_layer({**fixed, **trainable}, frozen, args, qcfg, kind)
     ctx = (torch.autocast(x.device.type, dtype=amp) if amp != torch.float32 else contextlib.nullcontext())
     with ctx:
         out = layer_forward(folded, x, rope, args, qcfg)
     mse = F.mse_loss(out.float(), y.float())
-    loss = mse / mse.detach() if normalize else mse
-    return loss, mse.detach()
+    return mse, mse.detach()
 
 
 @torch.no_grad()
@@ -99,9 +103,13 @@ def fp_layer_pass(frozen: Params, inps: Tensor, rope: Rope, args, batch: int, *,
 def train_layer(
     trainable: Params, fixed: Params, frozen: Params, inps: Tensor, targets: Tensor, rope: Rope,
     args, qcfg: QuantConfig, tcfg: TransformConfig, ccfg: CalibConfig, *, generator: torch.Generator,
-    amp: torch.dtype, desc: str = "",
+    amp: torch.dtype, desc: str = "", grad_reduce: GradReduce | None = None,
 ) -> tuple[Params, list[float]]:
-    """Optimise one layer's trainable parameters; returns them and the mean MSE of each epoch."""
+    """Optimise one layer's trainable parameters; returns them and the mean MSE of each epoch.
+
+    ``grad_reduce(grads, mse)`` (data parallel) combines the un-normalised gradients and MSE of
+    all processes before the loss normalisation and the optimizer step.
+    """
     grad_fn = torch.func.grad_and_value(layer_loss, has_aux=True)
     state = adamw_init(trainable)
     total = ccfg.epochs * ccfg.steps_per_epoch
@@ -115,7 +123,11 @@ def train_layer(
         for j in order.tolist():
             sl = slice(j * ccfg.batch_size, (j + 1) * ccfg.batch_size)
             grads, (_, mse) = grad_fn(trainable, fixed, frozen, inps[sl].float(), targets[sl], rope,
-                                      args, qcfg, tcfg.kind, amp, ccfg.normalize_loss)
+                                      args, qcfg, tcfg.kind, amp)
+            if grad_reduce is not None:
+                grads, mse = grad_reduce(grads, mse)
+            if ccfg.normalize_loss:
+                grads = {k: g / mse for k, g in grads.items()}
             lrs = group_lrs(keys, is_clip_key, step, total, ccfg)
             trainable, state = adamw_update(trainable, grads, state, lrs, ccfg)
             step += 1
@@ -149,11 +161,18 @@ def calibrate(
     *,
     device: torch.device | str = "cpu",
     workdir: Path | None = None,
+    grad_reduce: GradReduce | None = None,
+    stats_reduce: StatsReduce | None = None,
+    batch_size: int | None = None,
 ) -> list[Params]:
     """Calibrate every layer; returns each layer's flat parameters (trainable and fixed, on CPU, fp32).
 
     Every layer sees the FP output of the previous layer as input and its own FP output as
     target, so quantization error does not propagate between layers during calibration.
+
+    Data parallel: each process passes its shard of ``calib_tokens`` (its slice of every batch),
+    ``batch_size`` = its per-step share, and reducers that all-reduce gradients/MSE (mean) and
+    activation maxima (max); ``workdir`` should then be written by one process only.
     """
     device = torch.device(device)
     args = weights.args
@@ -182,8 +201,10 @@ def calibrate(
         ck = _ckpt(Path(workdir), i) if workdir is not None else None
         done = ck is not None and ck.is_file()
         t0 = time.time()
-        outs, stats = fp_layer_pass(frozen, inps, rope, args, ccfg.batch_size,
-                                    want_stats=not done and tcfg.add_diag and tcfg.diag_init == "smoothquant")
+        want = not done and tcfg.add_diag and tcfg.diag_init == "smoothquant"
+        outs, stats = fp_layer_pass(frozen, inps, rope, args, ccfg.batch_size, want_stats=want)
+        if want and stats_reduce is not None:
+            stats = stats_reduce(stats)
         if done:
             flat = load_file(str(ck))
             log.info("layer %d: resumed from %s", i, ck)
@@ -194,8 +215,10 @@ def calibrate(
             fixed = {k: v.to(device) for k, v in fixed.items()}
             losses: list[float] = []
             if trainable and ccfg.epochs > 0:
-                trainable, losses = train_layer(trainable, fixed, frozen, inps, outs, rope, args, qcfg, tcfg, ccfg,
-                                                generator=gen, amp=amp, desc=f"layer {i}")
+                local = ccfg if batch_size is None else replace(ccfg, batch_size=batch_size,
+                                                                 nsamples=inps.shape[0])
+                trainable, losses = train_layer(trainable, fixed, frozen, inps, outs, rope, args, qcfg, tcfg, local,
+                                                generator=gen, amp=amp, desc=f"layer {i}", grad_reduce=grad_reduce)
             flat = {k: v.detach().float().cpu().contiguous() for k, v in {**trainable, **fixed}.items()}
             if ck is not None:
                 ck.parent.mkdir(parents=True, exist_ok=True)
