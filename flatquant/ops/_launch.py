@@ -44,11 +44,22 @@ def _interpret_nested_jit() -> Iterator[None]:
     Without ``TRITON_INTERPRET=1`` at triton's import, those helpers are compiled-mode ``JITFunction`` objects whose
     ``__call__`` raises; during a CPU launch they are routed to the interpreter instead. Nothing changes on CUDA.
     """
+    from triton.runtime.interpreter import _patch_lang
     from triton.runtime.jit import JITFunction
+
+    def nested(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # Like InterpretedFunction.__call__, but undo the language patching afterwards, so that later native
+        # (CUDA) compilations in the same process see an untouched triton.language.
+        scope = _patch_lang(self.fn)
+        try:
+            return _interpreted(self.fn).rewrite()(*args, **kwargs)
+        finally:
+            if scope is not None:
+                scope.restore()
 
     with _PATCH_LOCK:
         original = JITFunction.__call__
-        JITFunction.__call__ = lambda self, *a, **k: _interpreted(self.fn)(*a, **k)  # type: ignore[method-assign]
+        JITFunction.__call__ = nested  # type: ignore[method-assign]
         try:
             yield
         finally:
