@@ -44,9 +44,14 @@ def activations(draw: st.DrawFn, factors: list[tuple[int, int]] = FACTORS, max_t
     }
 
 
-def assert_codes_match(got: torch.Tensor, want: torch.Tensor, ratio: torch.Tensor | None = None) -> None:
-    """Integer codes equal; where ``ratio`` (x / s before rounding) sits within 1e-3 of a rounding tie, ±1 is allowed
-    (fp32 accumulation order differs between a tensor-core dot and a BLAS matmul)."""
+def assert_codes_match(got: torch.Tensor, want: torch.Tensor, ratio: torch.Tensor | None = None,
+                       rounded_intermediate: bool = False) -> None:
+    """Integer codes equal, except ±1 where the fp32 accumulation order (tensor-core dot vs BLAS) can matter.
+
+    ``ratio`` is x / s before rounding: within 1e-3 of a rounding tie ±1 is allowed. With
+    ``rounded_intermediate`` (the documented 16-bit ``X·right`` intermediate, whose rounding an accumulation-order
+    difference can flip) ±1 is also allowed at up to 0.1% of the codes away from ties.
+    """
     got, want = got.int(), want.int()
     diff = (got - want).abs()
     if ratio is None:
@@ -54,4 +59,6 @@ def assert_codes_match(got: torch.Tensor, want: torch.Tensor, ratio: torch.Tenso
         return
     near_tie = ((ratio - ratio.floor()) - 0.5).abs() < 1e-3
     assert int(diff.max()) <= 1
-    assert bool((diff == 0)[~near_tie].all()), f"{int((diff > 0)[~near_tie].sum())} codes differ away from ties"
+    away = int((diff > 0)[~near_tie].sum())
+    budget = int(1e-3 * diff.numel()) if rounded_intermediate else 0
+    assert away <= budget, f"{away} codes differ away from ties (allowed {budget})"
