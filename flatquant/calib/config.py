@@ -21,6 +21,7 @@ class CalibConfig:
         normalize_loss: divide the MSE by its detached value (gradient of log-MSE), as the official code.
         shuffle: visit batches in a random order each epoch (the official code does not).
         amp_dtype: matmul dtype of the training forward: ``auto`` is bfloat16 on CUDA, float32 on CPU.
+        compile: ``torch.compile`` the gradient step (``auto``: on CUDA only; fewer kernel launches).
         weight_quantizer: ``rtn`` or ``gptq`` after reparameterisation.
         gptq_percdamp, gptq_blocksize, gptq_act_order: GPTQ settings (spec §5.2).
         seed: seeds the calibration windows and every layer's initial transforms.
@@ -41,6 +42,7 @@ class CalibConfig:
     normalize_loss: bool = True
     shuffle: bool = False
     amp_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    compile: Literal["auto", "on", "off"] = "off"
     weight_quantizer: Literal["rtn", "gptq"] = "rtn"
     gptq_percdamp: float = 0.01
     gptq_blocksize: int = 128

@@ -111,6 +111,8 @@ def train_layer(
     all processes before the loss normalisation and the optimizer step.
     """
     grad_fn = torch.func.grad_and_value(layer_loss, has_aux=True)
+    if ccfg.compile == "on" or (ccfg.compile == "auto" and inps.device.type == "cuda"):
+        grad_fn = torch.compile(grad_fn, dynamic=False)
     state = adamw_init(trainable)
     total = ccfg.epochs * ccfg.steps_per_epoch
     keys = list(trainable)

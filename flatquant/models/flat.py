@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.affine import init_factor, materialize_factor, smooth_scale
+from ..core.affine import cayley, init_factor, materialize_factor, smooth_scale
 from ..core.clip import clip_weight
 from ..core.kron import decompose_dim, kron_transform
 from ..core.quant import fake_quant
@@ -105,28 +105,32 @@ def init_flat_params(
     return trainable, fixed
 
 
-def _sub(flat: Params, prefix: str) -> Params:
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in flat.items() if k.startswith(prefix + ".")}
-
-
-def _factor(flat: Params, prefix: str, kind: str) -> tuple[Tensor, Tensor] | None:
-    sub = {k: v for k, v in _sub(flat, prefix).items() if "." not in k and k != "diag"}
-    return materialize_factor(kind, sub) if sub else None
+def _factor_names(flat: Params) -> list[str]:
+    """Prefixes of the factors present (``ln_trans.left``, ..., ``o_trans``, ``v_trans``, ``k_trans``)."""
+    cands = [f"{site}.{side}" for site in KRON_SITES for side in ("left", "right")] + ["o_trans", "v_trans", "k_trans"]
+    return [c for c in cands if f"{c}.u" in flat or f"{c}.m" in flat]
 
 
 def materialize(flat: Params, kind: str) -> dict[str, tuple[Tensor, Tensor]]:
-    """``site -> (P, P^{-T})`` for every factor present (``ln_trans.left``, ``o_trans``, ...)."""
+    """``factor -> (P, P^{-T})`` for every factor present (``ln_trans.left``, ``o_trans``, ...).
+
+    For the ``svd`` kind the Cayley maps of all factors of one size run as one batched solve,
+    which keeps the number of kernel launches per calibration step low.
+    """
+    names = _factor_names(flat)
+    if kind != "svd":
+        return {n: materialize_factor(kind, {k: flat[f"{n}.{k}"] for k in ("m",)}) for n in names}
+    by_size: dict[int, list[str]] = {}
+    for n in names:
+        by_size.setdefault(flat[f"{n}.u"].shape[-1], []).append(n)
     out = {}
-    for site in KRON_SITES:
-        for side in ("left", "right"):
-            f = _factor(flat, f"{site}.{side}", kind)
-            if f is not None:
-                out[f"{site}.{side}"] = f
-    for site in ("o_trans", "v_trans", "k_trans"):
-        f = _factor(flat, site, kind)
-        if f is not None:
-            out[site] = f
+    for group in by_size.values():
+        orth = cayley(torch.stack([flat[f"{n}.{k}"] for n in group for k in ("u", "v")]))
+        sig = torch.stack([flat[f"{n}.sigma"] for n in group]).unsqueeze(1)  # (G, 1, n)
+        u, v = orth[0::2], orth[1::2]
+        p, p_inv_t = (u * sig) @ v.mT, (u / sig) @ v.mT
+        for i, n in enumerate(group):
+            out[n] = (p[i], p_inv_t[i])
     return out
 
 
