@@ -82,7 +82,7 @@ def gptq_model(
     """GPTQ every linear of every layer; inputs of each layer come from the quantized previous layers."""
     device = torch.device(device)
     args = folded.args
-    inps = torch.cat([embed(folded, calib_tokens[s:s + 8].to(device)).float()
+    inps = torch.cat([embed(folded, calib_tokens[s:s + 8].to(folded.device)).to(device, torch.float32)
                       for s in range(0, calib_tokens.shape[0], 8)])
     rope = rope_for(folded, calib_tokens.shape[1], device)
     bs = ccfg.batch_size

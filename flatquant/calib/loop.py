@@ -193,7 +193,7 @@ def calibrate(
             indent=1, default=str))
     buf_dtype = torch.float32 if amp == torch.float32 else amp
     with torch.no_grad():
-        inps = torch.cat([embed(weights, calib_tokens[s:s + 8].to(device)).to(buf_dtype)
+        inps = torch.cat([embed(weights, calib_tokens[s:s + 8].to(weights.device)).to(device, buf_dtype)
                           for s in range(0, calib_tokens.shape[0], 8)])
     rope = rope_for(weights, calib_tokens.shape[1], device)
     results: list[Params] = []
