@@ -1,4 +1,4 @@
-"""Command-line interface: ``flatquant calibrate | eval | compare | demo``. The only argparse user."""
+"""Command-line interface: ``flatquant calibrate | eval | compare | demo | plot``. The only argparse user."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import plot as plot_cmd
 from .api import from_transforms, quantize_model, resolve_device
 from .calib.config import CalibConfig
 from .calib.loop import CalibrationMismatch
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(d)
     d.set_defaults(eval_windows=6)
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
+    plot_cmd.add_parser(sub)
     return ap
 
 
@@ -276,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    handlers = {"calibrate": cmd_calibrate, "eval": cmd_eval, "compare": cmd_compare, "demo": cmd_demo}
+    handlers = {"calibrate": cmd_calibrate, "eval": cmd_eval, "compare": cmd_compare, "demo": cmd_demo,
+                "plot": plot_cmd.run}
     try:
         return handlers[a.cmd](a)
     except USER_ERRORS as e:
