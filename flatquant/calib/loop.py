@@ -70,20 +70,20 @@ def layer_generator(seed: int, layer: int) -> torch.Generator:
 
 def layer_loss(
     trainable: Params, fixed: Params, frozen: Params, x: Tensor, y: Tensor, rope: Rope,
-    args, qcfg: QuantConfig, kind: str, amp: torch.dtype,
+    args, qcfg: QuantConfig, kind: str, amp: torch.dtype, normalize: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Calibration loss of one batch: MSE between the fake-quant layer and the FP target.
 
-    Returns ``(mse, mse.detach())``. The official loss ``mse / mse.detach()`` has the gradient
-    ``grad(mse) / mse``; :func:`train_layer` applies that division after any cross-process
-    reduction, so data-parallel runs normalise by the global MSE.
+    Returns ``(loss, mse.detach())`` with ``loss = mse / mse.detach()`` when ``normalize`` (the
+    official normalisation: the gradient of log-MSE, which keeps fp16 gradients in range without a
+    GradScaler), else ``loss = mse``.
     """
     folded = fold_layer({**fixed, **trainable}, frozen, args, qcfg, kind)
     ctx = (torch.autocast(x.device.type, dtype=amp) if amp != torch.float32 else contextlib.nullcontext())
     with ctx:
         out = layer_forward(folded, x, rope, args, qcfg)
     mse = F.mse_loss(out.float(), y.float())
-    return mse, mse.detach()
+    return (mse / mse.detach() if normalize else mse), mse.detach()
 
 
 @torch.no_grad()
@@ -108,7 +108,7 @@ def train_layer(
     """Optimise one layer's trainable parameters; returns them and the mean MSE of each epoch.
 
     ``grad_reduce(grads, mse)`` (data parallel) combines the un-normalised gradients and MSE of
-    all processes before the loss normalisation and the optimizer step.
+    all processes; they are then normalised by the global MSE before the optimizer step.
     """
     grad_fn = torch.func.grad_and_value(layer_loss, has_aux=True)
     if ccfg.compile == "on" or (ccfg.compile == "auto" and inps.device.type == "cuda"):
@@ -125,11 +125,13 @@ def train_layer(
         for j in order.tolist():
             sl = slice(j * ccfg.batch_size, (j + 1) * ccfg.batch_size)
             grads, (_, mse) = grad_fn(trainable, fixed, frozen, inps[sl].float(), targets[sl], rope,
-                                      args, qcfg, tcfg.kind, amp)
+                                      args, qcfg, tcfg.kind, amp, ccfg.normalize_loss)
             if grad_reduce is not None:
-                grads, mse = grad_reduce(grads, mse)
-            if ccfg.normalize_loss:
-                grads = {k: g / mse for k, g in grads.items()}
+                # un-normalise locally, average raw gradients and MSE, normalise by the global MSE
+                raw = {k: g * mse for k, g in grads.items()} if ccfg.normalize_loss else grads
+                grads, mse = grad_reduce(raw, mse)
+                if ccfg.normalize_loss:
+                    grads = {k: g / mse for k, g in grads.items()}
             lrs = group_lrs(keys, is_clip_key, step, total, ccfg)
             trainable, state = adamw_update(trainable, grads, state, lrs, ccfg)
             step += 1
