@@ -1,0 +1,197 @@
+"""Decode attention over the packed 4-bit KV cache: ``flatquant::kv4_decode_attention``.
+
+The cache holds, per (batch row, KV head, position), ``head_dim/2`` bytes of unsigned nibbles (element ``2k`` in the
+low nibble, as written by ``flatquant::kv_quant``) and an fp32 scale and integer-valued zero point; a value is
+``(code - zero) * scale``. One query token per batch row attends to cache positions ``[start[b], length[b])``
+(``start`` skips left padding). GQA is handled in the kernel: one program serves the ``n_heads / n_kv_heads``
+query heads of a KV head, so the cache is read once per KV head and never expanded.
+
+The reference (:func:`kv4_decode_attention_ref`, the CPU kernel) dequantizes the cache in fp32 and runs an fp32
+softmax; the Triton kernel dequantizes tiles in registers and uses an online (flash-decoding style) softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._launch import cpu_kernel, next_pow2, on_cpu
+
+
+def dequantize_kv_ref(
+    codes: Tensor,  # (..., d/2) uint8 unsigned nibbles
+    scale: Tensor,  # (...) fp32
+    zero: Tensor,  # (...) fp32
+) -> Tensor:  # (..., d) fp32
+    """``(code - zero) * scale`` of packed 4-bit KV codes, in fp32."""
+    c = codes.to(torch.int16)
+    q = torch.stack((c & 0xF, (c >> 4) & 0xF), dim=-1).reshape(*codes.shape[:-1], codes.shape[-1] * 2)
+    return (q.float() - zero.float()[..., None]) * scale.float()[..., None]
+
+
+def kv4_decode_attention_ref(
+    q: Tensor,  # (B, Hq, d)
+    k_codes: Tensor,  # (B, Hkv, S, d/2) uint8
+    k_scale: Tensor,  # (B, Hkv, S) fp32
+    k_zero: Tensor,  # (B, Hkv, S) fp32
+    v_codes: Tensor,  # (B, Hkv, S, d/2) uint8
+    v_scale: Tensor,  # (B, Hkv, S) fp32
+    v_zero: Tensor,  # (B, Hkv, S) fp32
+    start: Tensor,  # (B,) int32
+    length: Tensor,  # (B,) int32
+    sm_scale: float,
+) -> Tensor:  # (B, Hq, d) in q.dtype
+    """Softmax attention of one query per row over the dequantized cache positions ``[start, length)``, in fp32."""
+    b, hq, _ = q.shape
+    hkv, s = k_codes.shape[1], k_codes.shape[2]
+    rep = hq // hkv
+    k = dequantize_kv_ref(k_codes, k_scale, k_zero).repeat_interleave(rep, dim=1)  # (B, Hq, S, d)
+    v = dequantize_kv_ref(v_codes, v_scale, v_zero).repeat_interleave(rep, dim=1)
+    scores = torch.einsum("bhd,bhsd->bhs", q.float(), k) * sm_scale
+    pos = torch.arange(s, device=q.device)
+    valid = (pos[None, :] >= start[:, None].long()) & (pos[None, :] < length[:, None].long())  # (B, S)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhs,bhsd->bhd", p, v).to(q.dtype)
+
+
+@triton.jit
+def _kv4_decode_attention_kernel(
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, start_ptr, len_ptr, o_ptr,
+    rep, d, sm_scale,
+    stride_qb, stride_qh, stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_ob, stride_oh,
+    REP_P: tl.constexpr, DP: tl.constexpr, BLOCK_T: tl.constexpr, F32_DOT: tl.constexpr,
+):
+    # One program = one (batch row, KV head): its REP query heads against that head's packed K/V, BLOCK_T
+    # cache positions at a time, with the running max / sum of the online softmax in fp32.
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1).to(tl.int64)
+    r = tl.arange(0, REP_P)
+    e = tl.arange(0, DP)
+    eh = tl.arange(0, DP // 2)
+    r_ok = r < rep
+    e_ok = e < d
+    eh_ok = eh < d // 2
+    heads = g * rep + r
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + e[None, :],
+                mask=r_ok[:, None] & e_ok[None, :], other=0.0)
+    q = (q.to(tl.float32) * sm_scale)
+    t_lo = tl.load(start_ptr + b)
+    t_hi = tl.load(len_ptr + b)
+    m_i = tl.full((REP_P,), float("-inf"), tl.float32)
+    l_i = tl.zeros((REP_P,), tl.float32)
+    acc = tl.zeros((REP_P, DP), tl.float32)
+    c_base = b * stride_cb + g * stride_ch
+    s_base = b * stride_sb + g * stride_sh
+    for t0 in range((t_lo // BLOCK_T) * BLOCK_T, t_hi, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = (t >= t_lo) & (t < t_hi)
+        # Unpack BLOCK_T × d/2 bytes into BLOCK_T × d codes (low nibble = even element) and dequantize.
+        c_off = c_base + t[:, None].to(tl.int64) * stride_ct + eh[None, :]
+        c_mask = t_ok[:, None] & eh_ok[None, :]
+        kb = tl.load(kc_ptr + c_off, mask=c_mask, other=0).to(tl.int32)
+        vb = tl.load(vc_ptr + c_off, mask=c_mask, other=0).to(tl.int32)
+        kq = tl.reshape(tl.join(kb & 0xF, (kb >> 4) & 0xF), (BLOCK_T, DP)).to(tl.float32)
+        vq = tl.reshape(tl.join(vb & 0xF, (vb >> 4) & 0xF), (BLOCK_T, DP)).to(tl.float32)
+        ks = tl.load(ks_ptr + s_base + t, mask=t_ok, other=0.0)
+        kz = tl.load(kz_ptr + s_base + t, mask=t_ok, other=0.0)
+        vs = tl.load(vs_ptr + s_base + t, mask=t_ok, other=0.0)
+        vz = tl.load(vz_ptr + s_base + t, mask=t_ok, other=0.0)
+        k = (kq - kz[:, None]) * ks[:, None]  # (BLOCK_T, DP)
+        v = (vq - vz[:, None]) * vs[:, None]
+        if F32_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (REP_P, BLOCK_T)
+        else:
+            s = tl.dot(q.to(q_ptr.dtype.element_ty), tl.trans(k.to(q_ptr.dtype.element_ty)))
+        s = tl.where(t_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if F32_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty))
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + e[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & e_ok[None, :])
+
+
+def _check(q: Tensor, k_codes: Tensor, k_scale: Tensor, v_codes: Tensor, start: Tensor, length: Tensor) -> None:
+    if q.dim() != 3 or k_codes.dim() != 4:
+        raise ValueError(f"q must be (B, Hq, d) and the cache (B, Hkv, S, d/2), got {tuple(q.shape)}, "
+                         f"{tuple(k_codes.shape)}")
+    b, hq, d = q.shape
+    if k_codes.shape[0] != b or k_codes.shape[3] * 2 != d or hq % k_codes.shape[1]:
+        raise ValueError(f"cache {tuple(k_codes.shape)} does not fit queries {tuple(q.shape)}")
+    if v_codes.shape != k_codes.shape or k_scale.shape != k_codes.shape[:3]:
+        raise ValueError("K/V codes must have equal shapes and scales must be (B, Hkv, S)")
+    if start.shape != (b,) or length.shape != (b,):
+        raise ValueError("start and length must be (B,)")
+
+
+def kv4_decode_attention_triton(
+    q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor,
+    v_zero: Tensor, start: Tensor, length: Tensor, sm_scale: float, block_t: int | None = None,
+) -> Tensor:  # (B, Hq, d)
+    """Triton launcher of :func:`kv4_decode_attention` (interpreter on CPU tensors)."""
+    _check(q, k_codes, k_scale, v_codes, start, length)
+    b, hq, d = q.shape
+    hkv = k_codes.shape[1]
+    out = torch.empty_like(q)
+    if b == 0:
+        return out
+    if k_codes.stride(3) != 1 or v_codes.stride() != k_codes.stride():
+        k_codes, v_codes = k_codes.contiguous(), v_codes.contiguous()
+    scales = [t.float().contiguous() for t in (k_scale, k_zero, v_scale, v_zero)]
+    q = q.contiguous()
+    cpu = on_cpu(q)
+    kernel = cpu_kernel(_kv4_decode_attention_kernel) if cpu else _kv4_decode_attention_kernel
+    block_t = block_t or (16 if cpu else 64)
+    extra = {} if cpu else {"num_warps": 4, "num_stages": 2}
+    kernel[(b, hkv)](
+        q, k_codes, scales[0], scales[1], v_codes, scales[2], scales[3],
+        start.to(torch.int32).contiguous(), length.to(torch.int32).contiguous(), out,
+        hq // hkv, d, float(sm_scale),
+        q.stride(0), q.stride(1), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
+        scales[0].stride(0), scales[0].stride(1), out.stride(0), out.stride(1),
+        REP_P=next_pow2(hq // hkv), DP=next_pow2(d), BLOCK_T=block_t, F32_DOT=cpu, **extra,
+    )
+    return out
+
+
+@torch.library.custom_op("flatquant::kv4_decode_attention", mutates_args=())
+def kv4_decode_attention(
+    q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor,
+    v_zero: Tensor, start: Tensor, length: Tensor, sm_scale: float,
+) -> Tensor:
+    """One decode step of attention reading the packed 4-bit KV cache directly.
+
+    Args:
+        q: ``(B, Hq, d)`` queries (RoPE and the K transform's inverse-transpose already applied).
+        k_codes / v_codes: ``(B, Hkv, S, d/2)`` uint8 packed unsigned nibbles (per KV head; GQA not expanded).
+        k_scale, k_zero, v_scale, v_zero: ``(B, Hkv, S)`` fp32 per-(position, head) scale and zero point.
+        start / length: ``(B,)`` int32; row ``b`` attends to positions ``start[b] <= t < length[b]``.
+        sm_scale: softmax scale (usually ``d ** -0.5``).
+
+    Returns:
+        ``(B, Hq, d)`` in ``q.dtype``.
+    """
+    _check(q, k_codes, k_scale, v_codes, start, length)
+    return kv4_decode_attention_ref(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, start, length, sm_scale)
+
+
+@kv4_decode_attention.register_kernel("cuda")
+def _(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor,
+      v_zero: Tensor, start: Tensor, length: Tensor, sm_scale: float) -> Tensor:
+    return kv4_decode_attention_triton(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, start, length,
+                                       sm_scale)
+
+
+@kv4_decode_attention.register_fake
+def _(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor,
+      v_zero: Tensor, start: Tensor, length: Tensor, sm_scale: float) -> Tensor:
+    return torch.empty_like(q)
