@@ -1,0 +1,471 @@
+"""The real-quantized inference model: packed int4 weights, online transforms, KV4 cache.
+
+Per decoder layer (the same function as :func:`flatquant.models.layer.layer_forward` on a folded layer, with
+the same :class:`~flatquant.core.spec.QuantConfig`):
+
+1. RMSNorm (diag scale merged), then for each of q/k/v: ``flatquant::kron_quant`` (ln transform + that linear's
+   LAC + per-token quantization) and the integer GEMM (``w4a4_matmul``, or W4A8/W8A8) with an fp32 epilogue, + bias;
+2. RoPE; ``q ← q K^{-T}``; the K transform and the KV quantization (asymmetric per (token, KV head), learned K/V
+   clipping) run in ``flatquant::kv_quant`` and the packed codes go into the cache — in prefill too, so prefill
+   attention sees exactly the KV4 error of the fake path;
+3. attention over the dequantized 4-bit cache (prefill: SDPA on the dequantized positions; decode:
+   ``flatquant::kv4_decode_attention``, which reads the packed cache directly); GQA caches hold ``n_kv_heads``;
+4. o_proj: head mixing + quantization in ``kron_quant``, GEMM; MLP likewise (up_gate and down transforms).
+
+On CPU the ops run their torch references, on CUDA the Triton kernels (the ops dispatch by device). Bit settings
+the kernels do not support (e.g. W4A16, asymmetric activations, per-group weights) run the fake path per linear
+(:class:`FakeLinear`) with a logged notice. KV bit widths other than 2-4 use a floating cache holding the
+fake-quantized values.
+
+Layer tensors (the checkpoint schema, see :func:`layer_from_tensors`): ``input_norm``, ``post_norm``;
+``{linear}.qweight`` (packed ``(N, K/2)`` uint8, or ``(N, K)`` int8 for 8-bit weights), ``{linear}.w_scale``
+``(N,)`` fp32, optional ``{linear}.bias``, ``{linear}.a_clip`` ``(2,)`` fp32 LAC factors ``[σ(lo), σ(hi)]``
+(or ``{linear}.weight`` float for the fake fallback); ``ln_trans|up_gate_trans|down_trans.left|right``,
+``o_trans``, ``k_trans``, ``k_trans_inv_t``; ``q_quant|k_cache|v_cache.clip`` ``(2,)`` fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..core.kron import head_mix, head_transform, kron_transform
+from ..core.quant import fake_quant
+from ..core.spec import QuantConfig, QuantSpec
+from ..ops import kron_quant, kv_quant, pack_int4, w4a4_matmul
+from ..ops.kv_attention import dequantize_kv_ref, kv4_decode_attention
+from ..ops.qlinear import QLinearParams, qlinear
+from .args import LINEARS, ModelArgs
+from .layer import Rope, apply_rope, rms_norm
+
+log = logging.getLogger(__name__)
+Params = dict[str, Tensor]
+SITE_OF = {"q_proj": "ln_trans", "k_proj": "ln_trans", "v_proj": "ln_trans", "gate_proj": "up_gate_trans",
+           "up_proj": "up_gate_trans", "down_proj": "down_trans"}
+
+
+def kernel_supported(qcfg: QuantConfig) -> bool:
+    """Whether the integer kernels implement ``qcfg``'s weight/activation quantizers (else: fake fallback)."""
+    w, a = qcfg.w, qcfg.a
+    return ((a.bits, w.bits) in ((4, 4), (8, 4), (8, 8)) and w.sym and a.sym
+            and w.granularity == "per_channel" and a.granularity == "per_token")
+
+
+def kv_packed(spec: QuantSpec) -> bool:
+    """Whether a K/V quantizer is stored as packed nibbles (asymmetric per token and head, 2-4 bits)."""
+    return spec.enabled and not spec.sym and spec.bits <= 4 and spec.granularity == "per_token"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RealConfig:
+    """Static description of a real model.
+
+    Attributes:
+        args: architecture.
+        qcfg: bit settings (the fake model's :class:`QuantConfig`).
+        dtype: compute dtype of activations (bf16/fp16 on GPU; fp32 on CPU reproduces the fp32 fake model).
+        rope_scaling: HF's ``attention_scaling`` on cos/sin.
+        real_linears: integer kernels (True) or the fake fallback (False).
+    """
+
+    args: ModelArgs
+    qcfg: QuantConfig
+    dtype: torch.dtype = torch.bfloat16
+    rope_scaling: float = 1.0
+    real_linears: bool = True
+
+    def __post_init__(self) -> None:
+        assert self.dtype in (torch.float32, torch.bfloat16, torch.float16), f"unsupported dtype {self.dtype}"
+        assert not (self.real_linears and not kernel_supported(self.qcfg)), "kernels do not support these bits"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FakeLinear:
+    """Fallback linear: online transform, fake activation quantization, dequantized weight (the fake path)."""
+
+    weight: Tensor  # (N, K) compute dtype
+    bias: Tensor | None
+    clip: Tensor  # (2,) fp32
+    spec: QuantSpec
+    left: Tensor | None = None  # (n1, n1)
+    right: Tensor | None = None  # (n2, n2)
+
+    def __call__(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
+        """The fake-quantized linear of ``x``."""
+        if self.left is not None and self.right is not None:
+            x = kron_transform(x, self.left, self.right)
+        elif self.left is not None:
+            x = head_mix(x, self.left)
+        if self.spec.enabled:
+            x = fake_quant(x, self.spec, clip_lo=self.clip[0], clip_hi=self.clip[1])
+        return F.linear(x, self.weight, self.bias)
+
+
+Linear = QLinearParams | FakeLinear
+
+
+@dataclass(frozen=True, kw_only=True)
+class RealLayer:
+    """One decoder layer's inference tensors."""
+
+    input_norm: Tensor  # (hidden,)
+    post_norm: Tensor  # (hidden,)
+    linears: dict[str, Linear]
+    k_trans: Tensor | None  # (d, d)
+    k_trans_inv_t: Tensor | None  # (d, d)
+    q_clip: Tensor  # (2,) fp32
+    k_clip: Tensor  # (2,) fp32
+    v_clip: Tensor  # (2,) fp32
+
+
+@dataclass(frozen=True, kw_only=True)
+class RealWeights:
+    """A whole real model: config, top-level tensors (``embed``, ``final_norm``, ``lm_head``, ``rope.inv_freq``)
+    and layers."""
+
+    cfg: RealConfig
+    top: Params
+    layers: tuple[RealLayer, ...]
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the embedding table."""
+        return self.top["embed"].device
+
+
+def _ones_clip(device: torch.device) -> Tensor:
+    return torch.ones(2, dtype=torch.float32, device=device)
+
+
+def layer_from_tensors(t: Params, cfg: RealConfig) -> RealLayer:
+    """Build a :class:`RealLayer` from its checkpoint tensors (see the module docstring), cast to ``cfg.dtype``."""
+    args, dt = cfg.args, cfg.dtype
+    dev = t["input_norm"].device
+
+    def fl(k: str) -> Tensor | None:
+        return t[k].to(dt) if k in t else None
+
+    linears: dict[str, Linear] = {}
+    for n in LINEARS:
+        site = SITE_OF.get(n)
+        left = fl(f"{site}.left") if site else fl("o_trans")
+        right = fl(f"{site}.right") if site else None
+        clip = t.get(f"{n}.a_clip", _ones_clip(dev)).float()
+        bias = fl(f"{n}.bias")
+        if cfg.real_linears:
+            k = args.linear_shapes[n][1]
+            n1 = left.shape[0] if left is not None else 1
+            linears[n] = QLinearParams(
+                weight=t[f"{n}.qweight"], w_scale=t[f"{n}.w_scale"].float(), bias=bias,
+                weight_halves=(torch.ops.flatquant.int4_halves_layout(t[f"{n}.qweight"])
+                               if (cfg.qcfg.a.bits, cfg.qcfg.w.bits) == (8, 4) else None),
+                left=left, right=right, n1=n1 if k % n1 == 0 else 1, clip=clip,
+                a_bits=cfg.qcfg.a.bits, w_bits=cfg.qcfg.w.bits)
+        else:
+            linears[n] = FakeLinear(weight=t[f"{n}.weight"].to(dt), bias=bias, clip=clip, spec=cfg.qcfg.a,
+                                    left=left, right=right)
+    return RealLayer(
+        input_norm=t["input_norm"].to(dt), post_norm=t["post_norm"].to(dt), linears=linears,
+        k_trans=fl("k_trans"), k_trans_inv_t=fl("k_trans_inv_t"),
+        q_clip=t.get("q_quant.clip", _ones_clip(dev)).float(), k_clip=t.get("k_cache.clip", _ones_clip(dev)).float(),
+        v_clip=t.get("v_cache.clip", _ones_clip(dev)).float())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """One layer's cache tensors, preallocated to ``max_len`` positions, per KV head.
+
+    Packed (2-4 bit K or V): ``k`` ``(B, Hkv, S, d/2)`` uint8 and ``k_scale``/``k_zero`` ``(B, Hkv, S)`` fp32.
+    Floating (K/V not packed): ``k`` ``(B, Hkv, S, d)`` in the compute dtype; scale/zero are empty.
+    """
+
+    k: Tensor
+    k_scale: Tensor
+    k_zero: Tensor
+    v: Tensor
+    v_scale: Tensor
+    v_zero: Tensor
+
+
+@dataclass
+class KVCache:
+    """The whole model's KV cache: per layer :class:`LayerKV`, the per-row start (left padding) and the number
+    of positions written so far (the same for every row)."""
+
+    layers: list[LayerKV]
+    start: Tensor  # (B,) int32: first valid position of each row
+    seen: int = 0
+    padded: bool = False
+    k_packed: bool = True
+    v_packed: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        """Batch rows."""
+        return int(self.start.shape[0])
+
+    @property
+    def max_len(self) -> int:
+        """Preallocated positions."""
+        return int(self.layers[0].k.shape[2])
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache tensors (codes, scales and zeros)."""
+        return sum(t.numel() * t.element_size() for lk in self.layers for t in (lk.k, lk.k_scale, lk.k_zero, lk.v,
+                                                                                  lk.v_scale, lk.v_zero))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Positions written (transformers' cache protocol)."""
+        return self.seen
+
+
+def new_cache(cfg: RealConfig, batch: int, max_len: int, device: torch.device | str,
+              start: Tensor | None = None) -> KVCache:
+    """Allocate an empty cache for ``batch`` rows and ``max_len`` positions.
+
+    Args:
+        start: ``(B,)`` number of left-padding positions per row (None: no padding).
+    """
+    a = cfg.args
+    hkv, d = a.n_kv_heads, a.head_dim
+    kp, vp = kv_packed(cfg.qcfg.k), kv_packed(cfg.qcfg.v)
+
+    def side(packed: bool) -> tuple[Tensor, Tensor, Tensor]:
+        if packed:
+            return (torch.zeros(batch, hkv, max_len, d // 2, dtype=torch.uint8, device=device),
+                    torch.zeros(batch, hkv, max_len, dtype=torch.float32, device=device),
+                    torch.zeros(batch, hkv, max_len, dtype=torch.float32, device=device))
+        empty = torch.zeros(0, dtype=torch.float32, device=device)
+        return torch.zeros(batch, hkv, max_len, d, dtype=cfg.dtype, device=device), empty, empty
+
+    layers = [LayerKV(*side(kp), *side(vp)) for _ in range(a.n_layers)]
+    st = torch.zeros(batch, dtype=torch.int32, device=device) if start is None else start.to(device, torch.int32)
+    return KVCache(layers=layers, start=st, padded=start is not None and bool((st > 0).any()), k_packed=kp,
+                   v_packed=vp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward
+
+
+def real_linear(x: Tensor, p: QLinearParams) -> Tensor:  # (..., K) -> (..., N)
+    """:func:`flatquant.ops.qlinear` (``real``), also for an odd right factor: the activation codes are then
+    packed by ``pack_int4`` after the fused transform + quantize instead of inside it."""
+    k = x.shape[-1]
+    if p.a_bits != 4 or (k // p.n1) % 2 == 0:
+        return qlinear(x, p, "real")
+    codes, scale = kron_quant(x.reshape(-1, k), p.left, p.right, p.clip, p.n1, 4, False)
+    out = w4a4_matmul(pack_int4(codes), scale, p.weight, p.w_scale, p.bias, x.dtype)
+    return out.reshape(*x.shape[:-1], p.out_features)
+
+
+def _linear(lin: Linear, x: Tensor) -> Tensor:  # (B, T, K) -> (B, T, N)
+    if isinstance(lin, FakeLinear):
+        return lin(x)
+    return real_linear(x, lin)
+
+
+def rope_at(inv_freq: Tensor, positions: Tensor, scaling: float) -> Rope:
+    """Rotary tables for per-row positions ``(B, T)``, shaped ``(B, 1, T, d)`` to broadcast over heads."""
+    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(torch.float32)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return Rope(cos=(emb.cos() * scaling)[:, None], sin=(emb.sin() * scaling)[:, None])
+
+
+def _write_kv(x: Tensor, trans: Tensor | None, clip: Tensor, spec: QuantSpec, packed: bool,
+              codes: Tensor, scale: Tensor, zero: Tensor, idx: Tensor) -> None:
+    """Quantize ``x (B, Hkv, T, d)`` (after ``x @ trans``) and store it at positions ``idx (T,)``."""
+    b, h, t, d = x.shape
+    if packed:
+        c, s, z = kv_quant(x.transpose(1, 2).reshape(b * t, h, d), trans, clip, spec.bits)
+        codes.index_copy_(2, idx, c.view(b, t, h, d // 2).transpose(1, 2))
+        scale.index_copy_(2, idx, s.view(b, t, h).transpose(1, 2))
+        zero.index_copy_(2, idx, z.view(b, t, h).transpose(1, 2))
+        return
+    if trans is not None:
+        x = head_transform(x, trans)
+    if spec.enabled:
+        x = fake_quant(x, spec, clip_lo=clip[0], clip_hi=clip[1])
+    codes.index_copy_(2, idx, x.to(codes.dtype))
+
+
+def _read_kv(codes: Tensor, scale: Tensor, zero: Tensor, packed: bool, n: int, dtype: torch.dtype) -> Tensor:
+    """The first ``n`` cached positions, dequantized: ``(B, Hkv, n, d)`` in ``dtype``."""
+    if packed:
+        return dequantize_kv_ref(codes[:, :, :n], scale[:, :, :n], zero[:, :, :n]).to(dtype)
+    return codes[:, :, :n]
+
+
+def attention_step(
+    layer: RealLayer,
+    h: Tensor,  # (B, T, hidden) normalised input
+    rope: Rope,  # (B, 1, T, d)
+    kv: LayerKV,
+    cfg: RealConfig,
+    idx: Tensor,  # (T,) int64 cache positions of these tokens
+    start: Tensor,  # (B,) int32
+    length: Tensor,  # (B,) int32 = seen + T
+    *,
+    n_valid: int,
+    decode: bool,
+    causal_from_zero: bool,
+    k_packed: bool,
+    v_packed: bool,
+) -> Tensor:  # (B, T, H*d)
+    """Q/K/V projections, RoPE, cache write, attention over the cache (positions ``< length``)."""
+    a, qc = cfg.args, cfg.qcfg
+    b, t, _ = h.shape
+    q = _linear(layer.linears["q_proj"], h).view(b, t, a.n_heads, a.head_dim).transpose(1, 2)
+    k = _linear(layer.linears["k_proj"], h).view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    v = _linear(layer.linears["v_proj"], h).view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    if layer.k_trans_inv_t is not None:
+        q = head_transform(q, layer.k_trans_inv_t)
+    if qc.q.enabled:
+        q = fake_quant(q, qc.q, clip_lo=layer.q_clip[0], clip_hi=layer.q_clip[1])
+    k_trans = layer.k_trans if layer.k_trans is not None else None
+    _write_kv(k, k_trans, layer.k_clip, qc.k, k_packed, kv.k, kv.k_scale, kv.k_zero, idx)
+    _write_kv(v, None, layer.v_clip, qc.v, v_packed, kv.v, kv.v_scale, kv.v_zero, idx)
+    scale = 1.0 / math.sqrt(a.head_dim)
+    if decode and k_packed and v_packed:
+        o = kv4_decode_attention(q[:, :, 0], kv.k, kv.k_scale, kv.k_zero, kv.v, kv.v_scale, kv.v_zero, start,
+                                 length, scale)
+        return o.reshape(b, 1, a.q_dim)
+    kk = _read_kv(kv.k, kv.k_scale, kv.k_zero, k_packed, n_valid, q.dtype)
+    vv = _read_kv(kv.v, kv.v_scale, kv.v_zero, v_packed, n_valid, q.dtype)
+    rep = a.n_heads // a.n_kv_heads
+    if rep > 1:
+        kk, vv = kk.repeat_interleave(rep, dim=1), vv.repeat_interleave(rep, dim=1)
+    if causal_from_zero:
+        o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+    else:
+        j = torch.arange(kk.shape[2], device=h.device)
+        allowed = (j[None, None, :] >= start[:, None, None]) & (j[None, None, :] <= idx[None, :, None])
+        o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed[:, None])
+    return o.transpose(1, 2).reshape(b, t, a.q_dim)
+
+
+def layer_step(
+    layer: RealLayer, x: Tensor, rope: Rope, kv: LayerKV, cfg: RealConfig, idx: Tensor, start: Tensor,
+    length: Tensor, *, n_valid: int, decode: bool, causal_from_zero: bool, k_packed: bool, v_packed: bool,
+) -> Tensor:  # (B, T, hidden) -> (B, T, hidden)
+    """One decoder layer on new tokens ``x (B, T, hidden)``, writing their K/V into ``kv`` at ``idx``;
+    attention covers cache positions ``< n_valid``."""
+    eps = cfg.args.rms_eps
+    h = rms_norm(x, layer.input_norm, eps)
+    o = attention_step(layer, h, rope, kv, cfg, idx, start, length, n_valid=n_valid, decode=decode,
+                       causal_from_zero=causal_from_zero, k_packed=k_packed, v_packed=v_packed)
+    x = x + _linear(layer.linears["o_proj"], o)
+    h = rms_norm(x, layer.post_norm, eps)
+    m = F.silu(_linear(layer.linears["gate_proj"], h)) * _linear(layer.linears["up_proj"], h)
+    return x + _linear(layer.linears["down_proj"], m)
+
+
+def decode_layer(layer: RealLayer, x: Tensor, rope: Rope, kv: LayerKV, cfg: RealConfig, idx: Tensor,
+                 start: Tensor, length: Tensor) -> Tensor:  # (B, 1, hidden) -> (B, 1, hidden)
+    """One decode step of one layer over a packed KV4 cache (the function to ``torch.compile``)."""
+    return layer_step(layer, x, rope, kv, cfg, idx, start, length, n_valid=kv.k.shape[2], decode=True,
+                      causal_from_zero=False,
+                      k_packed=True, v_packed=True)
+
+
+class RealModel:
+    """Inference over :class:`RealWeights`: prefill/decode with a :class:`KVCache`, logits out.
+
+    Args:
+        weights: the model tensors (on one device).
+        compile_decode: wrap the per-layer decode step in ``torch.compile`` (CUDA; opt-in).
+    """
+
+    def __init__(self, weights: RealWeights, *, compile_decode: bool = False) -> None:
+        self.weights = weights
+        self.cfg = weights.cfg
+        self._decode_layer = torch.compile(decode_layer, fullgraph=True, dynamic=False) if compile_decode \
+            else decode_layer
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the weights."""
+        return self.weights.device
+
+    def new_cache(self, batch: int, max_len: int, start: Tensor | None = None) -> KVCache:
+        """An empty cache on the model's device (see :func:`new_cache`)."""
+        return new_cache(self.cfg, batch, max_len, self.device, start)
+
+    @torch.no_grad()
+    def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits ``(B, T, vocab)`` of new ``tokens (B, T)``, appended to ``cache`` (a fresh one if None).
+
+        With a cache holding ``seen`` positions, the tokens take positions ``seen .. seen+T-1``; rows with left
+        padding (``cache.start``) get RoPE positions counted from their first real token.
+        """
+        w, cfg = self.weights, self.cfg
+        b, t = tokens.shape
+        if cache is None:
+            cache = self.new_cache(b, t)
+        if cache.seen + t > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.seen} used, {t} more requested")
+        dev = tokens.device
+        idx = torch.arange(cache.seen, cache.seen + t, device=dev)
+        pos = (idx[None, :] - cache.start[:, None].long()).clamp(min=0)
+        rope = rope_at(w.top["rope.inv_freq"], pos, cfg.rope_scaling)
+        length = torch.full((b,), cache.seen + t, dtype=torch.int32, device=dev)
+        decode = t == 1 and cache.seen > 0 and cache.k_packed and cache.v_packed
+        causal0 = cache.seen == 0 and not cache.padded
+        x = F.embedding(tokens, w.top["embed"]).to(cfg.dtype)
+        for layer, kv in zip(w.layers, cache.layers, strict=True):
+            if decode:
+                x = self._decode_layer(layer, x, rope, kv, cfg, idx, cache.start, length)
+            else:
+                x = layer_step(layer, x, rope, kv, cfg, idx, cache.start, length, n_valid=cache.seen + t, decode=False,
+                               causal_from_zero=causal0, k_packed=cache.k_packed, v_packed=cache.v_packed)
+        cache.seen += t
+        x = rms_norm(x, w.top["final_norm"].to(cfg.dtype), cfg.args.rms_eps)
+        return F.linear(x, w.top["lm_head"].to(cfg.dtype))
+
+    __call__ = forward
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> Iterator[Tensor]:
+        """Yield new tokens ``(B,)`` one step at a time (greedy at ``temperature == 0``, else top-p sampling).
+
+        Args:
+            prompt: ``(B, T)`` token ids (no padding).
+        """
+        b, t = prompt.shape
+        cache = self.new_cache(b, t + max_new_tokens)
+        logits = self.forward(prompt, cache)[:, -1]
+        done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+        for _ in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_p, generator)
+            yield nxt
+            if eos_token_id is not None:
+                done |= nxt == eos_token_id
+                if bool(done.all()):
+                    return
+            logits = self.forward(nxt[:, None], cache)[:, -1]
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None) -> Tensor:
+    """Next tokens ``(B,)`` from ``logits (B, vocab)``: argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(dim=-1, descending=True)
+        keep = sp.cumsum(-1) - sp < top_p
+        sp = sp * keep
+        probs = torch.zeros_like(probs).scatter(-1, si, sp)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
