@@ -1,4 +1,5 @@
-"""Command-line interface: ``flatquant calibrate | eval | compare | demo | plot``. The only argparse user."""
+"""Command-line interface: ``flatquant calibrate | eval | compare | demo | plot | export | generate | lm-eval``.
+The only argparse user."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ from .calib.config import CalibConfig
 from .calib.loop import CalibrationMismatch
 from .data import DEFAULT_CORPUS, DataError, calibration_windows, eval_windows, tokenize_corpus
 from .evaluate import perplexity
+from .export import CheckpointError
 from .io import TransformFileError, load_transforms, save_transforms
+from .lmeval import LMEvalUnavailable
 from .models.hf import DEFAULT_MODEL, ModelLoadError, load
 from .presets import BIT_PRESETS, METHODS, bits_config, bits_preset
 
 log = logging.getLogger("flatquant")
-USER_ERRORS = (ModelLoadError, DataError, TransformFileError, CalibrationMismatch, ValueError, FileNotFoundError)
+USER_ERRORS = (ModelLoadError, DataError, TransformFileError, CalibrationMismatch, CheckpointError, LMEvalUnavailable,
+               ValueError, FileNotFoundError)
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -93,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bits(e)
     _add_eval(e)
     e.add_argument("--out", type=Path, default=None, help="write results.json here")
+    e.add_argument("--real", action="store_true", help="evaluate a real quantized checkpoint (needs --checkpoint)")
+    e.add_argument("--checkpoint", type=Path, default=None, help="folder written by `flatquant export`")
 
     m = sub.add_parser("compare", help="several methods × bit settings in one run, with a table",
                        description="Run methods side by side; results are saved after each row and reused on rerun.")
@@ -112,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(eval_windows=6)
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     plot_cmd.add_parser(sub)
+    _add_real_parsers(sub)
     return ap
 
 
@@ -222,6 +229,8 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     """``flatquant eval``."""
+    if a.real or a.checkpoint is not None:
+        return cmd_eval_real(a)
     device = resolve_device(a.device)
     weights, tok = load(a.model)
     if a.transforms is not None:
@@ -270,6 +279,163 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_real_parsers(sub: argparse._SubParsersAction) -> None:
+    """``export``, ``generate`` and ``lm-eval``."""
+    x = sub.add_parser("export", help="write a real quantized checkpoint (packed int4 + transforms) from transforms",
+                       description="Fold saved transforms into the model (float64, RTN weights as in the fake "
+                                   "model) and write a sharded, checksummed safetensors checkpoint.")
+    x.add_argument("--transforms", required=True, type=Path, help="folder written by `flatquant calibrate`")
+    x.add_argument("--model", default=None,
+                   help="the model the transforms were calibrated on (default: the one recorded in transforms.json, "
+                        f"else {DEFAULT_MODEL!r})")
+    x.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    x.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype of norms/embeddings/biases (auto: the model's own dtype)")
+    x.add_argument("--shard-gb", type=float, default=4.0, help="maximum shard size in GB (default 4)")
+    x.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+    g = sub.add_parser("generate", help="stream text from a real checkpoint",
+                       description="Greedy (temperature 0) or nucleus sampling from a real quantized checkpoint.")
+    g.add_argument("--checkpoint", required=True, type=Path, help="folder written by `flatquant export`")
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+    lm = sub.add_parser("lm-eval", help="lm-eval tasks on a real checkpoint or on saved transforms (fake path)",
+                        description="Zero-shot tasks through lm-eval's HF wrapper; `flatquant_cloze` is an offline "
+                                    "LAMBADA-style task built from the held-out corpus.")
+    src = lm.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="real checkpoint folder (real path)")
+    src.add_argument("--transforms", type=Path, help="transforms folder (fake path; needs the model)")
+    lm.add_argument("--model", default=None, help="model for --transforms (default: recorded in transforms.json)")
+    lm.add_argument("--tasks", default="flatquant_cloze",
+                    help="comma-separated lm-eval task names (default flatquant_cloze)")
+    lm.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
+    lm.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+    lm.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    lm.add_argument("--cloze-data", default=DEFAULT_CORPUS,
+                    help=f"corpus of the cloze task (test split; default {DEFAULT_CORPUS}, or a .jsonl file)")
+    lm.add_argument("--cloze-docs", type=int, default=500, help="maximum cloze examples (default 500)")
+    lm.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    lm.add_argument("--out", type=Path, default=None, help="write lm_eval.json here")
+    lm.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def _source_model(transforms: Path, given: str | None) -> str:
+    if given:
+        return given
+    meta = json.loads((Path(transforms) / "transforms.json").read_text()) if (Path(transforms) /
+                                                                            "transforms.json").is_file() else {}
+    return meta.get("source_model") or DEFAULT_MODEL
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    """``flatquant export``."""
+    from .export import export_checkpoint
+
+    weights, tok = load(_source_model(a.transforms, a.model))
+    flats, qcfg, tcfg, meta = load_transforms(a.transforms, weights.args)
+    dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
+    path = export_checkpoint(weights, flats, qcfg, tcfg, a.out, method=meta.get("method", "flatquant"),
+                             tokenizer=tok, shard_bytes=int(a.shard_gb * 1e9), dtype=dtype,
+                             extra={"source_model": meta.get("source_model"), "transforms": str(a.transforms)})
+    print(f"wrote {path.parent} ({qcfg.tag}, {json.loads(path.read_text())['backend']} backend)")
+    return 0
+
+
+def _load_real(checkpoint: Path, device: str):
+    from .export import load_checkpoint, load_tokenizer
+
+    dev = resolve_device(device)
+    return load_checkpoint(checkpoint, dev), load_tokenizer(checkpoint), dev
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    """``flatquant generate``: stream tokens as they are produced."""
+    model, tok, dev = _load_real(a.checkpoint, a.device)
+    text = a.prompt
+    if a.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt").input_ids.to(dev)
+    gen = torch.Generator(device=dev).manual_seed(a.seed)
+    out: list[int] = []
+    shown = ""
+    sys.stdout.write(a.prompt)
+    sys.stdout.flush()
+    t0 = time.time()
+    for nxt in model.generate(ids, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                              eos_token_id=tok.eos_token_id, generator=gen):
+        tid = int(nxt[0])
+        if tid == tok.eos_token_id:
+            break
+        out.append(tid)
+        full = tok.decode(out, skip_special_tokens=True)
+        sys.stdout.write(full[len(shown):])
+        sys.stdout.flush()
+        shown = full
+    dt = time.time() - t0
+    sys.stdout.write("\n")
+    log.info("%d tokens in %.1fs (%.1f tokens/s, %s)", len(out), dt, len(out) / max(dt, 1e-9), dev)
+    return 0
+
+
+def cmd_eval_real(a: argparse.Namespace) -> int:
+    """``flatquant eval --real --checkpoint CKPT``: perplexity on the real path."""
+    import math
+
+    from .models.real import window_nlls
+
+    if a.checkpoint is None:
+        raise ValueError("--real needs --checkpoint (a folder written by `flatquant export`)")
+    model, tok, _ = _load_real(a.checkpoint, a.device)
+    windows = eval_windows(tokenize_corpus(a.eval_data, "test", tok, bos_token_id=model.cfg.args.bos_token_id),
+                           a.eval_seqlen, a.eval_windows)
+    t0 = time.time()
+    ppl = math.exp(window_nlls(model, windows).mean().item())
+    row = {"method": "real", "bits": model.cfg.qcfg.tag, "ppl": ppl, "calib_seconds": 0.0,
+           "eval_seconds": time.time() - t0, "key": ""}
+    if a.out is not None:
+        _write_results(a.out, [row], {"command": " ".join(sys.argv), "eval_windows": int(windows.shape[0]),
+                                      "checkpoint": str(a.checkpoint)})
+    print(_table([row]))
+    return 0
+
+
+def cmd_lm_eval(a: argparse.Namespace) -> int:
+    """``flatquant lm-eval``."""
+    import tempfile
+
+    from .lmeval import run_lm_eval
+    from .models.hf_real import FakeModel, FlatQuantForCausalLM
+
+    if a.checkpoint is not None:
+        model, tok, _ = _load_real(a.checkpoint, a.device)
+    else:
+        device = resolve_device(a.device)
+        weights, tok = load(_source_model(a.transforms, a.model))
+        flats, qcfg, tcfg, meta = load_transforms(a.transforms, weights.args)
+        model = FakeModel(from_transforms(weights, flats, qcfg, tcfg, meta["method"]).weights.to(device), qcfg)
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    with tempfile.TemporaryDirectory() as work:
+        res = run_lm_eval(FlatQuantForCausalLM.wrap(model, tok), tok, tasks, workdir=Path(work), limit=a.limit,
+                          batch_size=a.batch_size, num_fewshot=a.num_fewshot, cloze_source=a.cloze_data,
+                          cloze_docs=a.cloze_docs)
+    path = "real" if a.checkpoint is not None else "fake"
+    for task, metrics in res.items():
+        print(f"{task} ({path}): " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    if a.out is not None:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "lm_eval.json").write_text(json.dumps({"path": path, "tasks": tasks, "results": res,
+                                                         "command": " ".join(sys.argv)}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flatquant`` console script."""
     a = build_parser().parse_args(argv)
@@ -279,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     handlers = {"calibrate": cmd_calibrate, "eval": cmd_eval, "compare": cmd_compare, "demo": cmd_demo,
-                "plot": plot_cmd.run}
+                "plot": plot_cmd.run, "export": cmd_export, "generate": cmd_generate, "lm-eval": cmd_lm_eval}
     try:
         return handlers[a.cmd](a)
     except USER_ERRORS as e:

@@ -30,6 +30,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -209,6 +210,7 @@ class KVCache:
     k_packed: bool = True
     v_packed: bool = True
     extra: dict = field(default_factory=dict)
+    is_compileable: ClassVar[bool] = False  # transformers' cache protocol: generate() must not auto-compile
 
     @property
     def batch(self) -> int:
@@ -469,3 +471,16 @@ def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Ge
         sp = sp * keep
         probs = torch.zeros_like(probs).scatter(-1, si, sp)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def window_nlls(model: RealModel, windows: Tensor, *, batch_size: int = 1) -> Tensor:  # (N, T) -> (N,)
+    """Mean next-token cross-entropy of each window on the real path (one prefill per batch, KV4 included)."""
+    out = []
+    for s in range(0, windows.shape[0], batch_size):
+        tok = windows[s:s + batch_size].to(model.device)
+        logits = model.forward(tok).float()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tok[:, 1:].reshape(-1),
+                               reduction="none").view(tok.shape[0], -1).mean(1)
+        out.append(loss.cpu())
+    return torch.cat(out)

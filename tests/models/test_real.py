@@ -1,0 +1,116 @@
+"""The real inference model: KV4 equivalence with the fake path (prefill and decode), GQA cache per KV head,
+batches with left padding, greedy generation, and torch.compile of the decode step without graph breaks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flatquant.calib.config import CalibConfig
+from flatquant.calib.loop import calibrate, reparameterize
+from flatquant.export import export_checkpoint, load_checkpoint
+from flatquant.models.model import forward
+from flatquant.models.real import decode_layer, rope_at, window_nlls
+from flatquant.presets import bits_preset, method_config
+from tests.helpers import TINY, tiny_model, tokens
+
+Q = bits_preset("w4a4kv4")
+T = method_config("flatquant")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    w = tiny_model(TINY)
+    flats = calibrate(w, tokens(4, 16), Q, T, CalibConfig(nsamples=4, seqlen=16, batch_size=2, epochs=1))
+    out = tmp_path_factory.mktemp("real") / "ck"
+    export_checkpoint(w, flats, Q, T, out)
+    return reparameterize(w, flats, Q, T), load_checkpoint(out)
+
+
+def test_prefill_and_decode_equal_fake_full_sequence(pair) -> None:
+    fake, real = pair
+    x = tokens(3, 20, seed=11)
+    want = forward(fake, x, Q)
+    cache = real.new_cache(3, 20)
+    steps = [real(x[:, :9], cache)] + [real(x[:, i:i + 1], cache) for i in range(9, 20)]
+    torch.testing.assert_close(torch.cat(steps, 1), want, rtol=1e-5, atol=1e-5)
+
+
+def test_kv4_error_is_present_in_prefill(pair) -> None:
+    fake, real = pair
+    x = tokens(1, 16, seed=3)
+    no_kv = forward(fake, x, bits_preset("w4a4"))
+    assert (real(x) - no_kv).abs().max() > 1e-3  # the real prefill carries the KV4 error like the fake path
+
+
+def test_gqa_cache_per_kv_head(pair) -> None:
+    _, real = pair
+    cache = real.new_cache(2, 10)
+    lk = cache.layers[0]
+    assert lk.k.shape == (2, TINY.n_kv_heads, 10, TINY.head_dim // 2) and lk.k.dtype == torch.uint8
+    assert lk.k_scale.shape == (2, TINY.n_kv_heads, 10)
+    bf16_bytes = 2 * TINY.n_layers * 2 * TINY.n_kv_heads * 10 * TINY.head_dim * 2
+    assert cache.nbytes() < 0.6 * bf16_bytes  # head_dim 12 is tiny; 2 fp32 per 6 bytes here
+
+
+def test_left_padded_batch_equals_unpadded_rows(pair) -> None:
+    _, real = pair
+    x = tokens(2, 10, seed=5)
+    start = torch.tensor([0, 4], dtype=torch.int32)
+    cache = real.new_cache(2, 13, start)
+    logits = [real(x, cache)[:, -1]]
+    nxt = logits[0].argmax(-1, keepdim=True)
+    for _ in range(3):
+        logits.append(real(nxt, cache)[:, -1])
+        nxt = logits[-1].argmax(-1, keepdim=True)
+    row = x[1:, 4:]
+    c1 = real.new_cache(1, 9)
+    solo = [real(row, c1)[:, -1]]
+    nxt1 = solo[0].argmax(-1, keepdim=True)
+    for _ in range(3):
+        solo.append(real(nxt1, c1)[:, -1])
+        nxt1 = solo[-1].argmax(-1, keepdim=True)
+    torch.testing.assert_close(torch.stack(logits)[:, 1], torch.stack(solo)[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_generate_equals_stepwise_argmax(pair) -> None:
+    from flatquant.models.hf_real import FlatQuantForCausalLM
+
+    _, real = pair
+    x = tokens(2, 6, seed=9)
+    hf = FlatQuantForCausalLM.wrap(real)
+    out = hf.generate(x, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    seq = x
+    for _ in range(5):
+        seq = torch.cat([seq, real(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+    assert torch.equal(torch.stack(list(real.generate(x, 5)), 1), seq[:, 6:])
+    sampled = hf.generate(x, max_new_tokens=4, do_sample=True, top_p=0.9, temperature=0.7, eos_token_id=None,
+                          pad_token_id=0)
+    assert sampled.shape == (2, 10) and torch.equal(sampled[:, :6], x)
+
+
+def test_decode_layer_compiles_without_graph_breaks(pair) -> None:
+    _, real = pair
+    cache = real.new_cache(2, 8)
+    real(tokens(2, 5, seed=1), cache)
+    layer, kv = real.weights.layers[0], cache.layers[0]
+    x = torch.randn(2, 1, TINY.hidden)
+    idx = torch.tensor([5])
+    rope = rope_at(real.weights.top["rope.inv_freq"], idx[None].expand(2, 1), 1.0)
+    start, length = cache.start, torch.full((2,), 6, dtype=torch.int32)
+    torch._dynamo.reset()
+    eager = decode_layer(layer, x, rope, kv, real.cfg, idx, start, length)
+    compiled = torch.compile(decode_layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(layer, x, rope, kv, real.cfg, idx, start, length), eager)
+
+
+def test_window_nlls(pair) -> None:
+    fake, real = pair
+    x = tokens(2, 12, seed=2)
+    logits = forward(fake, x, Q)
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), x[:, 1:].reshape(-1),
+                                             reduction="none").view(2, -1).mean(1)
+    torch.testing.assert_close(window_nlls(real, x), want, rtol=1e-5, atol=1e-5)
