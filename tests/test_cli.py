@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -128,6 +129,52 @@ def test_help_documents_every_option():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     for name in ("calibrate", "eval", "compare", "demo"):
+        for action in sub.choices[name]._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help"
+
+
+def test_export_generate_eval_real_and_lm_eval(tiny, tmp_path, monkeypatch, capsys):
+    from flatquant.cli import main
+
+    root, folder, data = tiny
+    monkeypatch.setenv("FLATQUANT_CACHE", str(root / "c"))
+    tr, ck = tmp_path / "tr", tmp_path / "ck"
+    assert main(["calibrate", "--model", str(folder), "--device", "cpu", "--data", str(data), "--nsamples", "4",
+                 "--seqlen", "32", "--epochs", "1", "--out", str(tr)]) == 0
+    assert main(["export", "--transforms", str(tr), "--model", str(folder), "--out", str(ck)]) == 0
+    assert (ck / "flatquant_config.json").is_file() and (ck / "tokenizer").is_dir()
+    assert main(["eval", "--model", str(folder), "--device", "cpu", "--transforms", str(tr), "--eval-data", str(data),
+                 "--eval-seqlen", "64", "--out", str(tmp_path / "fake")]) == 0
+    assert main(["eval", "--real", "--checkpoint", str(ck), "--device", "cpu", "--eval-data", str(data),
+                 "--eval-seqlen", "64", "--out", str(tmp_path / "real")]) == 0
+    fake_ppl = json.loads((tmp_path / "fake" / "results.json").read_text())["rows"][0]["ppl"]
+    real_ppl = json.loads((tmp_path / "real" / "results.json").read_text())["rows"][0]["ppl"]
+    assert real_ppl == pytest.approx(fake_ppl, rel=1e-3)
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(ck), "--prompt", "The quick", "--max-new-tokens", "5",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("The quick")
+    if importlib.util.find_spec("lm_eval") is not None:
+        docs = tmp_path / "docs.jsonl"
+        docs.write_text("".join(json.dumps({"text": TEXT[i * 500:i * 500 + 900]}) + "\n" for i in range(4)))
+        for src in (["--checkpoint", str(ck)], ["--transforms", str(tr), "--model", str(folder)]):
+            assert main(["lm-eval", *src, "--device", "cpu", "--cloze-data", str(docs), "--limit", "2",
+                         "--out", str(tmp_path / "lm")]) == 0
+            assert "flatquant_cloze" in capsys.readouterr().out
+    shard = next(ck.glob("model-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert main(["generate", "--checkpoint", str(ck), "--prompt", "x", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flatquant: error:") and "truncated" in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_documents_new_commands():
+    from flatquant.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name in ("export", "generate", "lm-eval", "eval"):
         for action in sub.choices[name]._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"{name} {action.option_strings} has no help"

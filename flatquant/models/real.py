@@ -406,8 +406,9 @@ class RealModel:
         return new_cache(self.cfg, batch, max_len, self.device, start)
 
     @torch.no_grad()
-    def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Logits ``(B, T, vocab)`` of new ``tokens (B, T)``, appended to ``cache`` (a fresh one if None).
+    def forward(self, tokens: Tensor, cache: KVCache | None = None, *, last_only: bool = False) -> Tensor:
+        """Logits ``(B, T, vocab)`` of new ``tokens (B, T)``, appended to ``cache`` (a fresh one if None);
+        ``(B, 1, vocab)`` of the last position only with ``last_only``.
 
         With a cache holding ``seen`` positions, the tokens take positions ``seen .. seen+T-1``; rows with left
         padding (``cache.start``) get RoPE positions counted from their first real token.
@@ -433,6 +434,8 @@ class RealModel:
                 x = layer_step(layer, x, rope, kv, cfg, idx, cache.start, length, n_valid=cache.seen + t, decode=False,
                                causal_from_zero=causal0, k_packed=cache.k_packed, v_packed=cache.v_packed)
         cache.seen += t
+        if last_only:
+            x = x[:, -1:]
         x = rms_norm(x, w.top["final_norm"].to(cfg.dtype), cfg.args.rms_eps)
         return F.linear(x, w.top["lm_head"].to(cfg.dtype))
 
@@ -448,7 +451,7 @@ class RealModel:
         """
         b, t = prompt.shape
         cache = self.new_cache(b, t + max_new_tokens)
-        logits = self.forward(prompt, cache)[:, -1]
+        logits = self.forward(prompt, cache, last_only=True)[:, -1]
         done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
         for _ in range(max_new_tokens):
             nxt = sample(logits, temperature, top_p, generator)
