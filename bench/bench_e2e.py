@@ -5,6 +5,7 @@ Speed (random weights, as the paper's benchmarks): a LLaMA-3-8B-shaped model, pr
 
 * ``real-w4a4kv4``: :class:`flatquant.models.real.RealModel` built directly from random packed int4 weights, random
   orthogonal online transforms and a packed KV4 cache (no fp32 weights are ever materialised);
+* ``real-w4a4kv4-eager``: the same without CUDA-graph replay of the decode steps (per-op launches);
 * ``ours-bf16``: the same engine with bf16 linears and a bf16 KV cache (fake path with quantization off);
 * ``hf-bf16-sdpa``: ``transformers`` ``LlamaForCausalLM`` in bf16 with ``attn_implementation="sdpa"`` and its
   default dynamic cache.
@@ -45,7 +46,13 @@ from flatquant.core.spec import QuantConfig  # noqa: E402
 from flatquant.models.args import LINEARS, ModelArgs  # noqa: E402
 from flatquant.models.flat import KRON_SITES, site_dim  # noqa: E402
 from flatquant.models.random import LLAMA3_8B  # noqa: E402
-from flatquant.models.real import RealConfig, RealModel, RealWeights, layer_from_tensors  # noqa: E402
+from flatquant.models.real import (  # noqa: E402
+    CUDAGraphDecoder,
+    RealConfig,
+    RealModel,
+    RealWeights,
+    layer_from_tensors,
+)
 from flatquant.presets import bits_preset  # noqa: E402
 
 log = logging.getLogger("bench_e2e")
@@ -122,17 +129,23 @@ def _peak(device: torch.device) -> int:
 
 
 class OursRunner:
-    """Prefill/decode of a :class:`RealModel`."""
+    """Prefill/decode of a :class:`RealModel`; ``graph`` replays each decode step from a CUDA graph."""
 
-    def __init__(self, model: RealModel) -> None:
-        self.model = model
+    def __init__(self, model: RealModel, graph: bool = False) -> None:
+        self.model, self.graph = model, graph
+        self.decoder: CUDAGraphDecoder | None = None
 
     def prefill(self, tokens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, object]:
         cache = self.model.new_cache(tokens.shape[0], max_len)
         return self.model.forward(tokens, cache, last_only=True)[:, -1], cache
 
     def step(self, nxt: torch.Tensor, cache: object) -> torch.Tensor:
-        return self.model.forward(nxt[:, None], cache)[:, -1]
+        if not self.graph:
+            return self.model.forward(nxt[:, None], cache)[:, -1]
+        if self.decoder is None or self.decoder.cache is not cache:
+            self.decoder = None
+            self.decoder = CUDAGraphDecoder(self.model, cache)
+        return self.decoder.step(nxt)
 
     @staticmethod
     def cache_bytes(cache: object) -> int:
@@ -220,9 +233,11 @@ def speed(a: argparse.Namespace, device: torch.device) -> list[dict]:
     args = TINY if a.tiny else LLAMA3_8B
     if a.layers:
         args = ModelArgs(**{**args.to_dict(), "n_layers": a.layers})
+    graph = device.type == "cuda"
     engines = {
-        "real-w4a4kv4": lambda: OursRunner(random_real_model(args, bits_preset("w4a4kv4"), device)),
-        "ours-bf16": lambda: OursRunner(random_bf16_engine(args, device)),
+        "real-w4a4kv4": lambda: OursRunner(random_real_model(args, bits_preset("w4a4kv4"), device), graph),
+        "real-w4a4kv4-eager": lambda: OursRunner(random_real_model(args, bits_preset("w4a4kv4"), device)),
+        "ours-bf16": lambda: OursRunner(random_bf16_engine(args, device), graph),
         "hf-bf16-sdpa": lambda: HFRunner(hf_model(args, device)),
     }
     rows = []
@@ -313,7 +328,9 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     ap.add_argument("--tiny", action="store_true", help="a tiny model instead of LLaMA-3-8B (CPU smoke test)")
     ap.add_argument("--layers", type=int, default=None, help="override the number of layers")
-    ap.add_argument("--engines", default="real-w4a4kv4,ours-bf16,hf-bf16-sdpa", help="comma-separated engines")
+    ap.add_argument("--engines", default="real-w4a4kv4,real-w4a4kv4-eager,ours-bf16,hf-bf16-sdpa",
+                    help="comma-separated engines (real-w4a4kv4 and ours-bf16 replay decode steps from a CUDA graph "
+                         "on CUDA; real-w4a4kv4-eager does not)")
     ap.add_argument("--batches", default="1,4,16", help="comma-separated batch sizes (default 1,4,16)")
     ap.add_argument("--prefill", type=int, default=2048, help="prompt tokens (default 2048)")
     ap.add_argument("--decode", type=int, default=256, help="decode steps (default 256)")

@@ -376,10 +376,10 @@ def layer_step(
 
 def decode_layer(layer: RealLayer, x: Tensor, rope: Rope, kv: LayerKV, cfg: RealConfig, idx: Tensor,
                  start: Tensor, length: Tensor) -> Tensor:  # (B, 1, hidden) -> (B, 1, hidden)
-    """One decode step of one layer over a packed KV4 cache (the function to ``torch.compile``)."""
+    """One decode step of one layer (the function to ``torch.compile``): packed K/V use
+    ``kv4_decode_attention``, floating caches a masked SDPA over the preallocated positions."""
     return layer_step(layer, x, rope, kv, cfg, idx, start, length, n_valid=kv.k.shape[2], decode=True,
-                      causal_from_zero=False,
-                      k_packed=True, v_packed=True)
+                      causal_from_zero=False, k_packed=kv.k.dtype == torch.uint8, v_packed=kv.v.dtype == torch.uint8)
 
 
 class RealModel:
@@ -424,7 +424,7 @@ class RealModel:
         pos = (idx[None, :] - cache.start[:, None].long()).clamp(min=0)
         rope = rope_at(w.top["rope.inv_freq"], pos, cfg.rope_scaling)
         length = torch.full((b,), cache.seen + t, dtype=torch.int32, device=dev)
-        decode = t == 1 and cache.seen > 0 and cache.k_packed and cache.v_packed
+        decode = t == 1 and cache.seen > 0
         causal0 = cache.seen == 0 and not cache.padded
         x = F.embedding(tokens, w.top["embed"]).to(cfg.dtype)
         for layer, kv in zip(w.layers, cache.layers, strict=True):
@@ -440,6 +440,21 @@ class RealModel:
         return F.linear(x, w.top["lm_head"].to(cfg.dtype))
 
     __call__ = forward
+
+    def decode_step(self, tok: Tensor, pos: Tensor, cache: KVCache) -> Tensor:  # (B, 1), (1,) -> (B, vocab)
+        """One decode step with the position as a device tensor: no host synchronisation and no Python state
+        read from the cache, so it can be captured in a CUDA graph (:class:`CUDAGraphDecoder`). The caller
+        advances ``cache.seen``."""
+        w, cfg = self.weights, self.cfg
+        b = tok.shape[0]
+        positions = (pos[None, :] - cache.start[:, None].long()).clamp(min=0)
+        rope = rope_at(w.top["rope.inv_freq"], positions, cfg.rope_scaling)
+        length = (pos + 1).to(torch.int32).expand(b)
+        x = F.embedding(tok, w.top["embed"]).to(cfg.dtype)
+        for layer, kv in zip(w.layers, cache.layers, strict=True):
+            x = self._decode_layer(layer, x, rope, kv, cfg, pos, cache.start, length)
+        x = rms_norm(x, w.top["final_norm"].to(cfg.dtype), cfg.args.rms_eps)
+        return F.linear(x, w.top["lm_head"].to(cfg.dtype))[:, -1]
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
@@ -461,6 +476,40 @@ class RealModel:
                 if bool(done.all()):
                     return
             logits = self.forward(nxt[:, None], cache)[:, -1]
+
+
+class CUDAGraphDecoder:
+    """Decode steps of a :class:`RealModel` replayed from one CUDA graph (removes per-op launch overhead).
+
+    Captures :meth:`RealModel.decode_step` on static token/position buffers for one cache (its tensors stay in
+    place); the warm-up before capture compiles/autotunes the kernels and writes a throw-away K/V at position
+    ``cache.seen``, which the first real step overwrites before reading it.
+    """
+
+    def __init__(self, model: RealModel, cache: KVCache) -> None:
+        dev = model.device
+        self.model, self.cache = model, cache
+        self.tok = torch.zeros(cache.batch, 1, dtype=torch.long, device=dev)
+        self.pos = torch.full((1,), cache.seen, dtype=torch.long, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):
+                model.decode_step(self.tok, self.pos, cache)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.out = model.decode_step(self.tok, self.pos, cache)
+
+    def step(self, tok: Tensor) -> Tensor:  # (B,) -> (B, vocab), valid until the next step
+        """Append ``tok`` at the next position and return the next-token logits."""
+        if self.cache.seen >= self.cache.max_len:
+            raise ValueError("KV cache is full")
+        self.tok.copy_(tok[:, None])
+        self.pos.fill_(self.cache.seen)
+        self.graph.replay()
+        self.cache.seen += 1
+        return self.out
 
 
 def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None) -> Tensor:

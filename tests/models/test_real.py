@@ -114,3 +114,14 @@ def test_window_nlls(pair) -> None:
     want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), x[:, 1:].reshape(-1),
                                              reduction="none").view(2, -1).mean(1)
     torch.testing.assert_close(window_nlls(real, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_capturable_decode_step_equals_forward(pair) -> None:
+    _, real = pair
+    x = tokens(2, 9, seed=8)
+    c1, c2 = real.new_cache(2, 12), real.new_cache(2, 12)
+    real(x[:, :8], c1)
+    real(x[:, :8], c2)
+    want = real(x[:, 8:9], c1)[:, -1]
+    got = real.decode_step(x[:, 8:9], torch.tensor([8]), c2)
+    torch.testing.assert_close(got, want)
