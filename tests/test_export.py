@@ -73,15 +73,19 @@ def test_real_logits_match_fake(args, tmp_path: Path) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_fake_fallback_for_w4a16(tmp_path: Path) -> None:
-    w, flats = _calibrated()
-    q = bits_preset("w4a16")
-    flats16 = calibrate(w, tokens(4, 16), q, FLATQUANT, CFG)
-    export_checkpoint(w, flats16, q, FLATQUANT, tmp_path / "ck")
-    assert read_config(tmp_path / "ck")["backend"] == "fake"
-    x = tokens(1, 10, seed=2)
-    torch.testing.assert_close(load_checkpoint(tmp_path / "ck")(x), forward(reparameterize(w, flats16, q, FLATQUANT),
-                                                                            x, q), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("preset,backend", [("w4a8kv4", "real"), ("w8a8", "real"), ("w4a16", "fake")])
+def test_other_bit_settings_prefill_and_decode(preset: str, backend: str, tmp_path: Path) -> None:
+    w = tiny_model()
+    q = bits_preset(preset)
+    flats = calibrate(w, tokens(4, 16), q, FLATQUANT, CFG)
+    export_checkpoint(w, flats, q, FLATQUANT, tmp_path / "ck")
+    assert read_config(tmp_path / "ck")["backend"] == backend
+    x = tokens(2, 10, seed=2)
+    want = forward(reparameterize(w, flats, q, FLATQUANT), x, q)
+    model = load_checkpoint(tmp_path / "ck")
+    cache = model.new_cache(2, 10)
+    got = torch.cat([model(x[:, :6], cache)] + [model(x[:, i:i + 1], cache) for i in range(6, 10)], 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def _copy(src: Path, dst: Path) -> Path:
