@@ -366,7 +366,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     gen = torch.Generator(device=dev).manual_seed(a.seed)
     out: list[int] = []
     shown = ""
-    sys.stdout.write(a.prompt)
+    sys.stdout.write(a.prompt + ("\n" if a.chat else ""))
     sys.stdout.flush()
     t0 = time.time()
     for nxt in model.generate(ids, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
