@@ -85,7 +85,6 @@ class FlatQuantForCausalLM(PreTrainedModel, GenerationMixin):
 
     config_class = LlamaConfig
     base_model_prefix = "flatquant"
-    _supports_cache_class = True
 
     def __init__(self, config: LlamaConfig, real: RealModel | FakeModel) -> None:
         super().__init__(config)

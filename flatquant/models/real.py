@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -160,13 +160,12 @@ def layer_from_tensors(t: Params, cfg: RealConfig) -> RealLayer:
         clip = t.get(f"{n}.a_clip", _ones_clip(dev)).float()
         bias = fl(f"{n}.bias")
         if cfg.real_linears:
-            k = args.linear_shapes[n][1]
             n1 = left.shape[0] if left is not None else 1
             linears[n] = QLinearParams(
                 weight=t[f"{n}.qweight"], w_scale=t[f"{n}.w_scale"].float(), bias=bias,
                 weight_halves=(torch.ops.flatquant.int4_halves_layout(t[f"{n}.qweight"])
                                if (cfg.qcfg.a.bits, cfg.qcfg.w.bits) == (8, 4) else None),
-                left=left, right=right, n1=n1 if k % n1 == 0 else 1, clip=clip,
+                left=left, right=right, n1=n1, clip=clip,
                 a_bits=cfg.qcfg.a.bits, w_bits=cfg.qcfg.w.bits)
         else:
             linears[n] = FakeLinear(weight=t[f"{n}.weight"].to(dt), bias=bias, clip=clip, spec=cfg.qcfg.a,
@@ -209,7 +208,6 @@ class KVCache:
     padded: bool = False
     k_packed: bool = True
     v_packed: bool = True
-    extra: dict = field(default_factory=dict)
     is_compileable: ClassVar[bool] = False  # transformers' cache protocol: generate() must not auto-compile
 
     @property
@@ -336,8 +334,7 @@ def attention_step(
         q = head_transform(q, layer.k_trans_inv_t)
     if qc.q.enabled:
         q = fake_quant(q, qc.q, clip_lo=layer.q_clip[0], clip_hi=layer.q_clip[1])
-    k_trans = layer.k_trans if layer.k_trans is not None else None
-    _write_kv(k, k_trans, layer.k_clip, qc.k, k_packed, kv.k, kv.k_scale, kv.k_zero, idx)
+    _write_kv(k, layer.k_trans, layer.k_clip, qc.k, k_packed, kv.k, kv.k_scale, kv.k_zero, idx)
     _write_kv(v, None, layer.v_clip, qc.v, v_packed, kv.v, kv.v_scale, kv.v_zero, idx)
     scale = 1.0 / math.sqrt(a.head_dim)
     if decode and k_packed and v_packed:
