@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -61,7 +61,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 def _add_calib(p: argparse.ArgumentParser, *, nsamples: int = 128, seqlen: int = 2048, epochs: int = 15) -> None:
     g = p.add_argument_group("calibration")
-    g.add_argument("--data", default=DEFAULT_CORPUS, help="calibration corpus (train split), same choices as --eval-data")
+    g.add_argument("--data", default=DEFAULT_CORPUS, help="calibration corpus (train split); same choices as --eval-data")
     g.add_argument("--nsamples", type=int, default=nsamples, help=f"calibration windows (default {nsamples})")
     g.add_argument("--seqlen", type=int, default=seqlen, help=f"calibration window length (default {seqlen})")
     g.add_argument("--epochs", type=int, default=epochs, help=f"epochs per layer (default {epochs})")
@@ -238,9 +238,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         qm = from_transforms(weights, flats, qcfg, tcfg, meta["method"])
     else:
         qcfg = quant_config_from_args(a)
-        from .calib.config import CalibConfig as _C
-
-        qm = quantize_model(weights, method=a.method, qcfg=qcfg, ccfg=_C(), calib_tokens=None, device=device)
+        qm = quantize_model(weights, method=a.method, qcfg=qcfg, ccfg=CalibConfig(), calib_tokens=None, device=device)
     windows = eval_windows(tokenize_corpus(a.eval_data, "test", tok, bos_token_id=weights.args.bos_token_id),
                            a.eval_seqlen, a.eval_windows)
     t0 = time.time()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 from torch import Tensor
 
 
-@lru_cache(maxsize=None)
+@cache
 def decompose_dim(n: int) -> tuple[int, int]:
     """Factor pair ``(n1, n2)`` of ``n`` closest to square, ``n1 <= n2`` (a prime gives ``(1, n)``).
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
 
 from .args import LINEARS, SUPPORTED_ARCHITECTURES, ModelArgs
 from .model import ModelWeights
@@ -198,7 +197,3 @@ def load(source: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, use
             log.warning("could not write the model cache %s: %s", cdir, e)
     return w.to(dtype=dtype), tok
 
-
-def layer_tensors_on(p: dict[str, Tensor], device: torch.device | str, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """Copy one layer dict to a device/dtype."""
-    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in p.items()}

@@ -146,7 +146,7 @@ def _ones_clip(device: torch.device) -> Tensor:
 
 def layer_from_tensors(t: Params, cfg: RealConfig) -> RealLayer:
     """Build a :class:`RealLayer` from its checkpoint tensors (see the module docstring), cast to ``cfg.dtype``."""
-    args, dt = cfg.args, cfg.dtype
+    dt = cfg.dtype
     dev = t["input_norm"].device
 
     def fl(k: str) -> Tensor | None:

@@ -19,6 +19,7 @@ from torch import Tensor
 from . import reference as ref
 from ._launch import cpu_kernel, next_pow2, on_cpu, round_to_bf16_f32
 
+
 @triton.jit
 def _kron_quant_kernel(
     x_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr,

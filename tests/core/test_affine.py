@@ -3,8 +3,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flatquant.core.affine import (cayley, hadamard, init_factor, materialize_factor, random_hadamard,
-                                   random_orthogonal, smooth_scale)
+from flatquant.core.affine import (
+    cayley,
+    hadamard,
+    init_factor,
+    materialize_factor,
+    random_hadamard,
+    random_orthogonal,
+    smooth_scale,
+)
 
 
 def _gen(seed=0):

@@ -67,7 +67,9 @@ def test_reference_equals_core(case: dict) -> None:
 @given(case=activations())
 def test_triton_matches_reference(device: str, case: dict) -> None:
     x, left, right, clip, n1 = case["x"], case["left"], case["right"], case["clip"], case["n1"]
-    to = (lambda t: None if t is None else t.to(device))
+    def to(t):
+        return None if t is None else t.to(device)
+
     for bits, pack in ((4, True), (8, False)):
         codes, scale = kron_quant_triton(x.to(device), to(left), to(right), clip.to(device), n1, bits, pack)
         want, want_scale = ref.kron_quant_ref(x, left, right, clip[0], clip[1], n1, bits, pack)

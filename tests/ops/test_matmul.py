@@ -55,7 +55,9 @@ def test_triton_matches_reference(device: str, swap_ab: bool, m: int, n: int, k:
     """All three GEMMs, both operand orders, bit-equal to the reference (edges and K tails included)."""
     o = _operands(m, n, k, seed, bias, dtype)
     b = None if o["bias"] is None else o["bias"].to(dtype)
-    d = (lambda t: None if t is None else t.to(device))
+    def d(t):
+        return None if t is None else t.to(device)
+
     cfg = {"SWAP_AB": swap_ab}
     cases = [
         (MODE_W4A4, ref.pack_int4_ref(o["a4"]), ref.pack_int4_ref(o["w4"]), o["a4"], o["w4"]),
