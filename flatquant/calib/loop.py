@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..core.spec import QuantConfig, TransformConfig
 from ..models.flat import fold_layer, init_flat_params, is_clip_key
-from ..models.layer import Rope, layer_forward, site_absmax
+from ..models.layer import Rope, fp_forward_with_absmax, layer_forward
 from ..models.model import ModelWeights, embed, rope_for
 from .config import CalibConfig
 from .optim import adamw_init, adamw_update, group_lrs
@@ -93,10 +93,13 @@ def fp_layer_pass(frozen: Params, inps: Tensor, rope: Rope, args, batch: int, *,
     stats: dict[str, Tensor] = {}
     for s in range(0, inps.shape[0], batch):
         xb = inps[s:s + batch].float()
-        outs[s:s + batch] = layer_forward(frozen, xb, rope, args, QuantConfig()).to(outs.dtype)
         if want_stats:
-            for k, v in site_absmax(frozen, xb, rope, args).items():
+            out, batch_stats = fp_forward_with_absmax(frozen, xb, rope, args)
+            for k, v in batch_stats.items():
                 stats[k] = torch.maximum(stats[k], v) if k in stats else v
+        else:
+            out = layer_forward(frozen, xb, rope, args, QuantConfig())
+        outs[s:s + batch] = out.to(outs.dtype)
     return outs, stats
 
 

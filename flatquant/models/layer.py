@@ -145,20 +145,25 @@ def layer_forward(
     return x + linear_fn(p, "down_proj", m, qcfg.a)
 
 
-def site_absmax(p: Params, x: Tensor, rope: Rope, args: ModelArgs) -> dict[str, Tensor]:
-    """Per-channel max |activation| of an FP layer at the three diag-scale sites.
+SITE_INPUTS = {"q_proj": "ln_trans", "up_proj": "up_gate_trans", "down_proj": "down_trans"}
 
-    Returns ``{"ln_trans": (hidden,), "up_gate_trans": (hidden,), "down_trans": (intermediate,)}``.
+
+def fp_forward_with_absmax(
+    p: Params, x: Tensor, rope: Rope, args: ModelArgs
+) -> tuple[Tensor, dict[str, Tensor]]:  # x: (B, T, hidden)
+    """FP layer output and the per-channel max |activation| at the three diag-scale sites, in one forward.
+
+    The sites are the inputs of q_proj (shared by q/k/v), up_proj (shared with gate) and down_proj.
+
+    Returns:
+        ``(out, {"ln_trans": (hidden,), "up_gate_trans": (hidden,), "down_trans": (intermediate,)})``.
     """
-    fp = QuantConfig()
-    h = rms_norm(x, p["input_norm"], args.rms_eps)
-    o = attention(p, h, rope, args, fp)
-    x2 = x + linear(p, "o_proj", o, fp.a)
-    h2 = rms_norm(x2, p["post_norm"], args.rms_eps)
-    m = mlp_input(p, h2, args, fp)
-    red = tuple(range(x.dim() - 1))
-    return {
-        "ln_trans": h.abs().amax(dim=red).float(),
-        "up_gate_trans": h2.abs().amax(dim=red).float(),
-        "down_trans": m.abs().amax(dim=red).float(),
-    }
+    stats: dict[str, Tensor] = {}
+
+    def recording_linear(pp: Params, name: str, xin: Tensor, spec: QuantSpec) -> Tensor:
+        if name in SITE_INPUTS:
+            stats[SITE_INPUTS[name]] = xin.abs().amax(dim=tuple(range(xin.dim() - 1))).float()
+        return linear(pp, name, xin, spec)
+
+    out = layer_forward(p, x, rope, args, QuantConfig(), linear_fn=recording_linear)
+    return out, stats

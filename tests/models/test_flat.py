@@ -8,7 +8,7 @@ import torch
 from flatquant.core.spec import QuantConfig, TransformConfig
 from flatquant.models.args import ModelArgs
 from flatquant.models.flat import fold_layer, init_flat_params
-from flatquant.models.layer import layer_forward, make_rope, site_absmax
+from flatquant.models.layer import fp_forward_with_absmax, layer_forward, make_rope
 from flatquant.models.random import random_weights
 from flatquant.presets import bits_preset
 
@@ -46,7 +46,9 @@ def test_transforms_are_equivalences_before_and_after_fold(shape, kind):
     rope = make_rope(w.top["rope.inv_freq"], torch.arange(6), dtype=torch.float64)
     ref = layer_forward(frozen, x, rope, args, NOQUANT)
     tcfg = TransformConfig(kind=kind, lwc=False, lac=False, trainable=kind != "hadamard")
-    stats = site_absmax(frozen, x, rope, args)
+    out_fp, stats = fp_forward_with_absmax(frozen, x, rope, args)
+    torch.testing.assert_close(out_fp, ref, rtol=0, atol=0)
+    assert stats["down_trans"].shape == (args.intermediate,)
     trainable, fixed = init_flat_params(frozen, args, bits_preset("w4a4kv4"), tcfg, absmax=stats,
                                         generator=torch.Generator().manual_seed(1))
     flat = {k: v.double() for k, v in {**fixed, **trainable}.items()}
