@@ -136,6 +136,17 @@ def calib_config_from_args(a: argparse.Namespace) -> CalibConfig:
                        weight_quantizer=a.weight_quant, amp_dtype=a.amp, shuffle=a.shuffle, seed=a.seed)
 
 
+def _test_windows(a: argparse.Namespace, tok, bos: int | None):
+    """Held-out evaluation windows selected by the --eval-* flags."""
+    return eval_windows(tokenize_corpus(a.eval_data, "test", tok, bos_token_id=bos), a.eval_seqlen, a.eval_windows)
+
+
+def _calib_windows(a: argparse.Namespace, tok, bos: int | None, ccfg: CalibConfig):
+    """Calibration windows from the train split of --data."""
+    return calibration_windows(tokenize_corpus(a.data, "train", tok, bos_token_id=bos), ccfg.nsamples, ccfg.seqlen,
+                               seed=ccfg.seed)
+
+
 def _table(rows: list[dict]) -> str:
     head = f"{'method':<12} {'bits':<10} {'PPL':>10} {'calib s':>9} {'eval s':>8}"
     lines = [head, "-" * len(head)]
@@ -156,8 +167,7 @@ def _run_matrix(a: argparse.Namespace, methods: list[str], presets: list[str]) -
     device = resolve_device(a.device)
     weights, tok = load(a.model)
     bos = weights.args.bos_token_id
-    windows = eval_windows(tokenize_corpus(a.eval_data, "test", tok, bos_token_id=bos), a.eval_seqlen,
-                           a.eval_windows)
+    windows = _test_windows(a, tok, bos)
     ccfg = calib_config_from_args(a)
     calib = None
     out: Path = a.out
@@ -181,8 +191,7 @@ def _run_matrix(a: argparse.Namespace, methods: list[str], presets: list[str]) -
                 log.info("%s %s: reusing result from %s", method, bits, out / "results.json")
                 continue
             if calib is None and method in ("smoothquant", "flatquant"):
-                calib = calibration_windows(tokenize_corpus(a.data, "train", tok, bos_token_id=bos), ccfg.nsamples,
-                                            ccfg.seqlen, seed=ccfg.seed)
+                calib = _calib_windows(a, tok, bos, ccfg)
             log.info("%s %s: quantizing", method, bits)
             qm = quantize_model(weights, method=method, qcfg=qcfg, ccfg=ccfg, calib_tokens=calib, device=device,
                                 workdir=out / f"{method}-{preset}")
@@ -207,8 +216,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     ccfg = calib_config_from_args(a)
     weights, tok = load(a.model)
     bos = weights.args.bos_token_id
-    calib = calibration_windows(tokenize_corpus(a.data, "train", tok, bos_token_id=bos), ccfg.nsamples, ccfg.seqlen,
-                                seed=ccfg.seed)
+    calib = _calib_windows(a, tok, bos, ccfg)
     qm = quantize_model(weights, method=a.method, qcfg=qcfg, ccfg=ccfg, calib_tokens=calib, device=device,
                         workdir=a.out)
     path = save_transforms(a.out, qm.flats, args=weights.args, qcfg=qcfg, tcfg=qm.tcfg, ccfg=ccfg, method=a.method,
@@ -217,8 +225,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     row = {"method": a.method, "bits": qcfg.tag, "ppl": float("nan"), "calib_seconds": qm.calib_seconds,
            "eval_seconds": 0.0, "key": ""}
     if a.eval:
-        windows = eval_windows(tokenize_corpus(a.eval_data, "test", tok, bos_token_id=bos), a.eval_seqlen,
-                               a.eval_windows)
+        windows = _test_windows(a, tok, bos)
         t0 = time.time()
         row["ppl"] = perplexity(qm.weights, windows, qcfg, device=device)
         row["eval_seconds"] = time.time() - t0
@@ -239,8 +246,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     else:
         qcfg = quant_config_from_args(a)
         qm = quantize_model(weights, method=a.method, qcfg=qcfg, ccfg=CalibConfig(), calib_tokens=None, device=device)
-    windows = eval_windows(tokenize_corpus(a.eval_data, "test", tok, bos_token_id=weights.args.bos_token_id),
-                           a.eval_seqlen, a.eval_windows)
+    windows = _test_windows(a, tok, weights.args.bos_token_id)
     t0 = time.time()
     ppl = perplexity(qm.weights, windows, qm.qcfg, device=device)
     row = {"method": qm.method, "bits": "fp" if qm.method == "fp" else qm.qcfg.tag, "ppl": ppl,
@@ -392,8 +398,7 @@ def cmd_eval_real(a: argparse.Namespace) -> int:
     if a.checkpoint is None:
         raise ValueError("--real needs --checkpoint (a folder written by `flatquant export`)")
     model, tok, _ = _load_real(a.checkpoint, a.device)
-    windows = eval_windows(tokenize_corpus(a.eval_data, "test", tok, bos_token_id=model.cfg.args.bos_token_id),
-                           a.eval_seqlen, a.eval_windows)
+    windows = _test_windows(a, tok, model.cfg.args.bos_token_id)
     t0 = time.time()
     ppl = math.exp(window_nlls(model, windows).mean().item())
     row = {"method": "real", "bits": model.cfg.qcfg.tag, "ppl": ppl, "calib_seconds": 0.0,
