@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..core.quant import fake_quant_with, qparams
 from ..core.spec import QuantConfig, QuantSpec
+from ..models.flat import cast_folded
 from ..models.layer import Params, layer_forward, quant_act
 from ..models.model import ModelWeights, embed, rope_for
 from .config import CalibConfig
@@ -114,5 +115,5 @@ def gptq_model(
             outs[s:s + bs] = layer_forward(p, inps[s:s + bs], rope, args, qcfg)
         inps = outs
         dt = folded.layers[i]["input_norm"].dtype
-        layers.append({k: v.to(dt).cpu() if not k.endswith((".lo", ".hi")) else v.cpu() for k, v in p.items()})
+        layers.append(cast_folded(p, dt, "cpu"))
     return folded.with_layers(layers)

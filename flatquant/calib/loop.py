@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..core.spec import QuantConfig, TransformConfig
-from ..models.flat import fold_layer, init_flat_params, is_clip_key
+from ..models.flat import cast_folded, fold_layer, init_flat_params, is_clip_key
 from ..models.layer import Rope, fp_forward_with_absmax, layer_forward
 from ..models.model import ModelWeights, embed, rope_for
 from .config import CalibConfig
@@ -253,6 +253,5 @@ def reparameterize(
         f64 = {k: v.to(torch.float64) for k, v in frozen.items()}
         folded = fold_layer({k: v.to(torch.float64) for k, v in flat.items()}, f64, weights.args, qcfg, tcfg.kind,
                             quantize_weights=quantize_weights)
-        layers.append({k: v.to(frozen["input_norm"].dtype) if not (k.endswith((".lo", ".hi"))) else v.float()
-                       for k, v in folded.items()})
+        layers.append(cast_folded(folded, frozen["input_norm"].dtype))
     return weights.with_layers(layers)

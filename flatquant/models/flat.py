@@ -42,6 +42,11 @@ def has_layer_transforms(qcfg: QuantConfig, tcfg: TransformConfig) -> bool:
     return tcfg.has_kron and (qcfg.w.enabled or qcfg.a.enabled)
 
 
+def is_lac_key(key: str) -> bool:
+    """True for activation-clip (LAC) logits, ``{quantizer}.lac.lo|hi``."""
+    return key.split(".")[-2:-1] == ["lac"]
+
+
 def is_clip_key(key: str) -> bool:
     """True for LWC/LAC logits (they get the larger learning rate)."""
     parts = key.split(".")
@@ -194,5 +199,11 @@ def fold_layer(
         out["o_trans"] = mats["o_trans"][0].to(dt)
     if "k_trans" in mats:
         out["k_trans"], out["k_trans_inv_t"] = (m.to(dt) for m in mats["k_trans"])
-    out.update({k: v for k, v in flat.items() if k.split(".")[-2:-1] == ["lac"]})
+    out.update({k: v for k, v in flat.items() if is_lac_key(k)})
     return out
+
+
+def cast_folded(p: Params, dtype: torch.dtype, device: torch.device | str | None = None) -> Params:
+    """A folded layer dict in the model's dtype; the LAC clip logits stay fp32."""
+    return {k: v.to(device=device, dtype=torch.float32 if is_lac_key(k) else dtype)
+            for k, v in p.items()}
