@@ -23,10 +23,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
     fp = next((r["ppl"] for r in rows if r["method"] == "fp"), None)
     out = [f"Model `{meta.get('model')}`, eval `{meta.get('eval_data')}` first {meta.get('eval_windows')} windows × "
            f"{meta.get('eval_seqlen')} tokens; calibration {json.dumps(meta.get('calib'))}", "",
-           "| method | bits | PPL | × FP | calib s |", "|---|---|---|---|---|"]
+           "| method | bits | weights | PPL | × FP | calib s |", "|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['ppl'] / fp:.3f}" if fp else "-"
-        out.append(f"| {r['method']} | {r['bits']} | {r['ppl']:.3f} | {ratio} | {r['calib_seconds']:.0f} |")
+        out.append(f"| {r['method']} | {r['bits']} | {r.get('weights', '-')} | {r['ppl']:.3f} | {ratio} | "
+                   f"{r['calib_seconds']:.0f} |")
     return "\n".join(out) + "\n"
 
 
@@ -36,6 +37,7 @@ def main() -> int:
     ap.add_argument("--methods", default="fp,rtn,smoothquant,quarot,flatquant")
     ap.add_argument("--presets", default="w4a4kv4,w4a16")
     ap.add_argument("--epochs", default="15")
+    ap.add_argument("--weight-quants", default="rtn,gptq", help="weight quantizers (rows share calibrations)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--work", default="runs/accuracy", help="work directory (resumable)")
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
@@ -43,6 +45,7 @@ def main() -> int:
     a = ap.parse_args()
     work = Path(a.work) / a.name
     rc = cli_main(["compare", "--methods", a.methods, "--presets", a.presets, "--epochs", a.epochs,
+                   "--weight-quants", a.weight_quants,
                    "--device", a.device, "--out", str(work), *a.extra])
     if rc:
         return rc

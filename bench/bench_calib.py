@@ -43,6 +43,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--amp", default="auto")
     ap.add_argument("--preset", default="w4a4kv4")
+    ap.add_argument("--compile", default="off", choices=("auto", "on", "off"))
+    ap.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off"))
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = ap.parse_args()
@@ -50,7 +53,7 @@ def main() -> int:
     one = SHAPES[a.shape].__class__(**{**SHAPES[a.shape].to_dict(), "n_layers": 1, "vocab_size": 16})
     w = random_weights(one, generator=torch.Generator().manual_seed(0), outlier_channels=8)
     ccfg = CalibConfig(nsamples=a.nsamples, seqlen=a.seqlen, epochs=a.epochs, batch_size=a.batch_size,
-                       amp_dtype=a.amp)
+                       amp_dtype=a.amp, compile=a.compile, cuda_graph=a.cuda_graph)
     amp = resolve_amp(ccfg, dev)
     q, t = bits_preset(a.preset), method_config("flatquant")
     frozen = {k: v.to(dev) for k, v in w.layers[0].items()}
@@ -85,7 +88,7 @@ def main() -> int:
           f"{(res['peak_alloc_gib'] or 0):>16.2f}{(res['peak_reserved_gib'] or 0):>10.2f}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"calib_{a.shape}_{a.epochs}ep.json").write_text(json.dumps(res, indent=1))
+    (out / f"calib_{a.shape}_{a.epochs}ep{a.tag}.json").write_text(json.dumps(res, indent=1))
     return 0
 
 

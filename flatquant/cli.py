@@ -4,12 +4,13 @@ The only argparse user."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -71,6 +72,10 @@ def _add_calib(p: argparse.ArgumentParser, *, nsamples: int = 128, seqlen: int =
     g.add_argument("--amp", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="training-forward dtype (auto: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--shuffle", action="store_true", help="shuffle calibration batches each epoch")
+    g.add_argument("--compile", choices=("auto", "on", "off"), default="off",
+                   help="torch.compile the calibration step (auto: on CUDA; default off)")
+    g.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+                   help="replay the calibration step as a CUDA graph (auto: on CUDA, checked against eager first)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--methods", default="fp,rtn,smoothquant,quarot,flatquant",
                    help="comma-separated: fp and any of " + ", ".join(METHODS))
     m.add_argument("--presets", default="w4a4kv4,w4a16", help="comma-separated bit presets")
+    m.add_argument("--weight-quants", default=None,
+                   help="comma-separated weight quantizers, e.g. rtn,gptq: a row per quantizer, sharing each "
+                        "method's calibration (default: --weight-quant)")
     _add_calib(m)
     _add_eval(m)
     m.add_argument("--out", required=True, type=Path, help="output directory")
@@ -133,7 +141,8 @@ def quant_config_from_args(a: argparse.Namespace):
 def calib_config_from_args(a: argparse.Namespace) -> CalibConfig:
     """CalibConfig from the calibration flags."""
     return CalibConfig(nsamples=a.nsamples, seqlen=a.seqlen, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                       weight_quantizer=a.weight_quant, amp_dtype=a.amp, shuffle=a.shuffle, seed=a.seed)
+                       weight_quantizer=a.weight_quant, amp_dtype=a.amp, shuffle=a.shuffle, seed=a.seed,
+                       compile=a.compile, cuda_graph=a.cuda_graph)
 
 
 def _test_windows(a: argparse.Namespace, tok, bos: int | None):
@@ -148,11 +157,11 @@ def _calib_windows(a: argparse.Namespace, tok, bos: int | None, ccfg: CalibConfi
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'method':<12} {'bits':<10} {'PPL':>10} {'calib s':>9} {'eval s':>8}"
+    head = f"{'method':<12} {'bits':<10} {'weights':<8} {'PPL':>10} {'calib s':>9} {'eval s':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['method']:<12} {r['bits']:<10} {r['ppl']:>10.3f} {r['calib_seconds']:>9.1f} "
-                     f"{r['eval_seconds']:>8.1f}")
+        lines.append(f"{r['method']:<12} {r['bits']:<10} {r.get('weights', '-'):<8} {r['ppl']:>10.3f} "
+                     f"{r['calib_seconds']:>9.1f} {r['eval_seconds']:>8.1f}")
     return "\n".join(lines)
 
 
@@ -174,37 +183,45 @@ def _run_matrix(a: argparse.Namespace, methods: list[str], presets: list[str]) -
     prev = {}
     if (out / "results.json").is_file():
         prev = {(r["method"], r["bits"], r["key"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
+    wqs = [w.strip() for w in (getattr(a, "weight_quants", None) or a.weight_quant).split(",") if w.strip()]
+    for wq in wqs:
+        if wq not in ("rtn", "gptq"):
+            raise ValueError(f"unknown weight quantizer {wq!r}; choose rtn or gptq")
     rows = []
     meta = {"model": a.model, "eval_data": a.eval_data, "eval_windows": int(windows.shape[0]),
             "eval_seqlen": a.eval_seqlen, "device": str(device), "calib": ccfg.to_dict(),
             "command": " ".join(sys.argv), "torch": torch.__version__}
     log.info("evaluating on %d windows × %d tokens of %s", windows.shape[0], a.eval_seqlen, a.eval_data)
-    for preset in presets:
+    for preset, wq, method in itertools.product(presets, wqs, methods):
         qcfg = bits_preset(preset)
-        for method in methods:
-            if method == "fp" and preset != presets[0]:
-                continue
-            bits = "fp" if method == "fp" else qcfg.tag
-            key = json.dumps([asdict(qcfg), ccfg.to_dict(), windows.shape[0], a.eval_data], default=str)
-            if (method, bits, key) in prev:
-                rows.append(prev[(method, bits, key)])
-                log.info("%s %s: reusing result from %s", method, bits, out / "results.json")
-                continue
-            if calib is None and method in ("smoothquant", "flatquant"):
-                calib = _calib_windows(a, tok, bos, ccfg)
-            log.info("%s %s: quantizing", method, bits)
-            qm = quantize_model(weights, method=method, qcfg=qcfg, ccfg=ccfg, calib_tokens=calib, device=device,
-                                workdir=out / f"{method}-{preset}")
-            if qm.flats:
-                save_transforms(out / f"{method}-{preset}", qm.flats, args=weights.args, qcfg=qcfg, tcfg=qm.tcfg,
-                                ccfg=ccfg, method=method)
-            t0 = time.time()
-            ppl = perplexity(qm.weights, windows, qm.qcfg, device=device, desc=f"PPL {method} {bits}")
-            row = {"method": method, "bits": bits, "ppl": ppl, "calib_seconds": qm.calib_seconds,
-                   "eval_seconds": time.time() - t0, "key": key}
-            rows.append(row)
-            log.info("%s %s: PPL %.3f", method, bits, ppl)
-            _write_results(out, rows + [r for r in prev.values() if r not in rows], meta)
+        if method == "fp" and (preset, wq) != (presets[0], wqs[0]):
+            continue
+        if wq == "gptq" and not qcfg.w.enabled and wqs != ["gptq"]:
+            continue  # weights stay in full precision: the GPTQ row would repeat the RTN row
+        ccfg = replace(ccfg, weight_quantizer=wq)
+        bits = "fp" if method == "fp" else qcfg.tag
+        weights_col = "-" if method == "fp" or not qcfg.w.enabled else wq
+        key = json.dumps([asdict(qcfg), ccfg.to_dict(), windows.shape[0], a.eval_data], default=str)
+        if (method, bits, key) in prev:
+            rows.append(prev[(method, bits, key)])
+            log.info("%s %s: reusing result from %s", method, bits, out / "results.json")
+            continue
+        if calib is None and (method in ("smoothquant", "flatquant") or (wq == "gptq" and qcfg.w.enabled)):
+            calib = _calib_windows(a, tok, bos, ccfg)
+        log.info("%s %s: quantizing", method, bits)
+        qm = quantize_model(weights, method=method, qcfg=qcfg, ccfg=ccfg, calib_tokens=calib, device=device,
+                            workdir=out / f"{method}-{preset}")
+        if qm.flats:
+            save_transforms(out / f"{method}-{preset}", qm.flats, args=weights.args, qcfg=qcfg, tcfg=qm.tcfg,
+                            ccfg=ccfg, method=method)
+        t0 = time.time()
+        ppl = perplexity(qm.weights, windows, qm.qcfg, device=device, desc=f"PPL {method} {bits}")
+        row = {"method": method, "bits": bits, "weights": weights_col, "ppl": ppl,
+               "calib_seconds": qm.calib_seconds,
+               "eval_seconds": time.time() - t0, "key": key}
+        rows.append(row)
+        log.info("%s %s: PPL %.3f", method, bits, ppl)
+        _write_results(out, rows + [r for r in prev.values() if r not in rows], meta)
     _write_results(out, rows, meta)
     return rows
 

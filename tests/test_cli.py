@@ -168,3 +168,20 @@ def test_export_generate_eval_real_and_lm_eval(tiny, tmp_path, monkeypatch, caps
     assert main(["generate", "--checkpoint", str(ck), "--prompt", "x", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("flatquant: error:") and "truncated" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compare_gptq_rows_share_the_calibration(tiny):
+    root, folder, data = tiny
+    out = root / "cmp_gptq"
+    r = _run("compare", "--model", str(folder), "--device", "cpu", "--methods", "rtn,flatquant", "--presets",
+             "w4a4kv4,w4a16", "--weight-quants", "rtn,gptq", "--data", str(data), "--nsamples", "4", "--seqlen", "32",
+             "--epochs", "1", "--eval-data", str(data), "--eval-seqlen", "64", "--out", str(out), "-v",
+             env_cache=root / "c")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    got = [(x["method"], x["bits"], x["weights"]) for x in rows]
+    assert got == [("rtn", "w4a4kv4", "rtn"), ("flatquant", "w4a4kv4", "rtn"), ("rtn", "w4a4kv4", "gptq"),
+                   ("flatquant", "w4a4kv4", "gptq"), ("rtn", "w4a16", "rtn"), ("flatquant", "w4a16", "rtn"),
+                   ("rtn", "w4a16", "gptq"), ("flatquant", "w4a16", "gptq")]
+    assert r.stderr.count("resumed from") == 4  # GPTQ rows reuse both layers of the RTN rows' calibrations
+    assert rows[2]["ppl"] != rows[0]["ppl"]

@@ -21,7 +21,9 @@ class CalibConfig:
         normalize_loss: divide the MSE by its detached value (gradient of log-MSE), as the official code.
         shuffle: visit batches in a random order each epoch (the official code does not).
         amp_dtype: matmul dtype of the training forward: ``auto`` is bfloat16 on CUDA, float32 on CPU.
-        compile: ``torch.compile`` the gradient step (``auto``: on CUDA only; fewer kernel launches).
+        compile: ``torch.compile`` the gradient step (``auto``: on CUDA only; fused elementwise kernels).
+        cuda_graph: capture the whole step (gradient + AdamW) as a CUDA graph after the first eager step
+            and replay it (``auto``: on CUDA, single process); checked against the eager step first.
         weight_quantizer: ``rtn`` or ``gptq`` after reparameterisation.
         gptq_percdamp, gptq_blocksize, gptq_act_order: GPTQ settings (spec §5.2).
         seed: seeds the calibration windows and every layer's initial transforms.
@@ -43,6 +45,7 @@ class CalibConfig:
     shuffle: bool = False
     amp_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: Literal["auto", "on", "off"] = "off"
+    cuda_graph: Literal["auto", "on", "off"] = "auto"
     weight_quantizer: Literal["rtn", "gptq"] = "rtn"
     gptq_percdamp: float = 0.01
     gptq_blocksize: int = 128
@@ -59,6 +62,9 @@ class CalibConfig:
             raise ValueError(f"nsamples ({self.nsamples}) must be a multiple of batch_size ({self.batch_size})")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
+        for name in ("compile", "cuda_graph"):
+            if getattr(self, name) not in ("auto", "on", "off"):
+                raise ValueError(f"{name} must be 'auto', 'on' or 'off', not {getattr(self, name)!r}")
         if self.weight_quantizer not in ("rtn", "gptq"):
             raise ValueError(f"weight_quantizer must be 'rtn' or 'gptq', not {self.weight_quantizer!r}")
 

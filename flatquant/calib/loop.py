@@ -27,7 +27,8 @@ from ..models.flat import cast_folded, fold_layer, init_flat_params, is_clip_key
 from ..models.layer import Rope, fp_forward_with_absmax, layer_forward
 from ..models.model import ModelWeights, embed, rope_for
 from .config import CalibConfig
-from .optim import adamw_init, adamw_update, group_lrs
+from .graph import try_capture
+from .optim import adamw_apply, schedule
 
 log = logging.getLogger(__name__)
 Params = dict[str, Tensor]
@@ -48,12 +49,22 @@ def fingerprint(weights: ModelWeights, tokens: Tensor | None, qcfg: QuantConfig,
                 ccfg: CalibConfig) -> str:
     """Hash of everything that determines the calibration result."""
     h = hashlib.sha256()
-    h.update(json.dumps([weights.args.to_dict(), asdict(qcfg), asdict(tcfg), ccfg.to_dict()],
+    h.update(json.dumps([weights.args.to_dict(), asdict(qcfg), asdict(tcfg), calibration_settings(ccfg)],
                         sort_keys=True, default=str).encode())
     if tokens is not None:
         h.update(tokens.to(torch.int64).cpu().numpy().tobytes())
     h.update(weights.layers[0]["q_proj.weight"].float().flatten()[:4096].cpu().numpy().tobytes())
     return h.hexdigest()[:24]
+
+
+#: settings that do not change the learned transforms (the weight quantizer runs after calibration)
+POST_CALIBRATION_FIELDS = ("weight_quantizer", "gptq_percdamp", "gptq_blocksize", "gptq_act_order", "compile",
+                           "cuda_graph")
+
+
+def calibration_settings(ccfg: CalibConfig) -> dict[str, object]:
+    """The settings that determine the learned transforms (RTN and GPTQ rows share one calibration)."""
+    return {k: v for k, v in ccfg.to_dict().items() if k not in POST_CALIBRATION_FIELDS}
 
 
 def resolve_amp(ccfg: CalibConfig, device: torch.device) -> torch.dtype:
@@ -79,7 +90,8 @@ def layer_loss(
     GradScaler), else ``loss = mse``.
     """
     folded = fold_layer({**fixed, **trainable}, frozen, args, qcfg, kind)
-    ctx = (torch.autocast(x.device.type, dtype=amp) if amp != torch.float32 else contextlib.nullcontext())
+    ctx = (torch.autocast(x.device.type, dtype=amp, cache_enabled=False) if amp != torch.float32
+           else contextlib.nullcontext())
     with ctx:
         out = layer_forward(folded, x, rope, args, qcfg)
     mse = F.mse_loss(out.float(), y.float())
@@ -112,36 +124,63 @@ def train_layer(
 
     ``grad_reduce(grads, mse)`` (data parallel) combines the un-normalised gradients and MSE of
     all processes; they are then normalised by the global MSE before the optimizer step.
+    On CUDA the step is captured as a CUDA graph after the first (eager) step (``ccfg.cuda_graph``).
     """
     grad_fn = torch.func.grad_and_value(layer_loss, has_aux=True)
     if ccfg.compile == "on" or (ccfg.compile == "auto" and inps.device.type == "cuda"):
         grad_fn = torch.compile(grad_fn, dynamic=False)
-    state = adamw_init(trainable)
-    total = ccfg.epochs * ccfg.steps_per_epoch
-    keys = list(trainable)
+    clip = {k: is_clip_key(k) for k in trainable}
+    def step(p: Params, m: Params, v: Params, x: Tensor, y: Tensor, sc: Tensor):
+        grads, (_, mse) = grad_fn(p, fixed, frozen, x, y, rope, args, qcfg, tcfg.kind, amp, ccfg.normalize_loss)
+        if grad_reduce is not None:
+            # un-normalise locally, average raw gradients and MSE, normalise by the global MSE
+            raw = {k: g * mse for k, g in grads.items()} if ccfg.normalize_loss else grads
+            grads, mse = grad_reduce(raw, mse)
+            if ccfg.normalize_loss:
+                grads = {k: g / mse for k, g in grads.items()}
+        lrs = {k: sc[1] if clip[k] else sc[0] for k in p}
+        p, m, v = adamw_apply(p, grads, m, v, lrs, sc[2], sc[3], ccfg)  # sc: (lr, clip lr, 1-β1^t, 1-β2^t)
+        return p, m, v, mse
+
+    use_graph = _use_cuda_graph(ccfg, inps.device, grad_reduce)
+    sched = schedule(ccfg.epochs * ccfg.steps_per_epoch, ccfg, inps.device)
+    m = {k: torch.zeros_like(t) for k, t in trainable.items()}
+    v = {k: torch.zeros_like(t) for k, t in trainable.items()}
+    captured = None
     losses = []
-    step = 0
+    step_i = 0
     for epoch in tqdm(range(ccfg.epochs), desc=desc, leave=False, disable=None):
         order = (torch.randperm(ccfg.steps_per_epoch, generator=generator) if ccfg.shuffle
                  else torch.arange(ccfg.steps_per_epoch))
-        tot = 0.0
+        tot = torch.zeros((), device=inps.device)
         for j in order.tolist():
             sl = slice(j * ccfg.batch_size, (j + 1) * ccfg.batch_size)
-            grads, (_, mse) = grad_fn(trainable, fixed, frozen, inps[sl].float(), targets[sl], rope,
-                                      args, qcfg, tcfg.kind, amp, ccfg.normalize_loss)
-            if grad_reduce is not None:
-                # un-normalise locally, average raw gradients and MSE, normalise by the global MSE
-                raw = {k: g * mse for k, g in grads.items()} if ccfg.normalize_loss else grads
-                grads, mse = grad_reduce(raw, mse)
-                if ccfg.normalize_loss:
-                    grads = {k: g / mse for k, g in grads.items()}
-            lrs = group_lrs(keys, is_clip_key, step, total, ccfg)
-            trainable, state = adamw_update(trainable, grads, state, lrs, ccfg)
-            step += 1
-            tot += float(mse)
-        losses.append(tot / ccfg.steps_per_epoch)
+            if captured is not None:
+                tot = tot + captured.run(inps[sl], targets[sl], sched[step_i])
+            else:
+                x = inps[sl].float()
+                before = (trainable, m, v)
+                trainable, m, v, mse = step(trainable, m, v, x, targets[sl], sched[step_i])
+                tot = tot + mse
+                if use_graph and step_i == 0:
+                    captured = try_capture(step, before, (trainable, m, v), x, targets[sl], sched[step_i])
+            step_i += 1
+        losses.append(float(tot) / ccfg.steps_per_epoch)
         log.debug("%s epoch %d mse %.6g", desc, epoch, losses[-1])
+    if captured is not None:
+        trainable = {k: t.clone() for k, t in captured.params.items()}
     return trainable, losses
+
+
+def _use_cuda_graph(ccfg: CalibConfig, device: torch.device, grad_reduce: GradReduce | None) -> bool:
+    """Whether to capture the step: ``auto`` on CUDA without a cross-process gradient reduction."""
+    if ccfg.cuda_graph == "off" or ccfg.steps_per_epoch * ccfg.epochs < 2:
+        return False
+    if device.type != "cuda":
+        if ccfg.cuda_graph == "on":
+            raise ValueError("cuda_graph='on' needs a CUDA device; use 'auto' or 'off'")
+        return False
+    return grad_reduce is None
 
 
 def _ckpt(workdir: Path, i: int) -> Path:

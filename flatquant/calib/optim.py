@@ -48,21 +48,47 @@ def group_lrs(keys: list[str], is_clip: callable, step: int, total: int, cfg: Ca
     return {k: clip if is_clip(k) else base for k in keys}
 
 
+def schedule(total: int, cfg: CalibConfig, device: torch.device | str = "cpu") -> Tensor:
+    """Per-step scalars of the whole run, ``(total, 4)`` float32: transform lr, clip lr, ``1-β1^t``, ``1-β2^t``.
+
+    Kept on the device so a step reads its row without a host round trip (and a captured CUDA graph
+    can replay every step with the same kernels).
+    """
+    floor = cfg.lr * cfg.eta_min_ratio
+    clip_floor = floor if cfg.shared_eta_min else floor * cfg.clip_lr_mult
+    b1, b2 = cfg.betas
+    rows = [(cosine_lr(t, total, cfg.lr, floor, cfg.warmup_steps),
+             cosine_lr(t, total, cfg.lr * cfg.clip_lr_mult, clip_floor, cfg.warmup_steps),
+             1 - b1 ** (t + 1), 1 - b2 ** (t + 1)) for t in range(total)]
+    return torch.tensor(rows, dtype=torch.float64).reshape(total, 4).to(device, torch.float32)
+
+
 @torch.no_grad()
+def adamw_apply(
+    params: Params, grads: Params, m: Params, v: Params, lrs: dict[str, Tensor | float],
+    bc1: Tensor | float, bc2: Tensor | float, cfg: CalibConfig,
+) -> tuple[Params, Params, Params]:
+    """One AdamW step (PyTorch's formulation, decoupled weight decay) as a pure function.
+
+    ``lrs``, ``bc1 = 1-β1^t`` and ``bc2 = 1-β2^t`` may be Python floats or 0-dim tensors; inputs are
+    never mutated. Returns new ``(params, m, v)``.
+    """
+    b1, b2 = cfg.betas
+    new_p, new_m, new_v = {}, {}, {}
+    for k, p in params.items():
+        g, lr = grads[k], lrs[k]
+        new_m[k] = m[k].mul(b1).add_(g, alpha=1 - b1)
+        new_v[k] = v[k].mul(b2).addcmul_(g, g, value=1 - b2)
+        denom = (new_v[k].sqrt() / bc2 ** 0.5).add_(cfg.eps)
+        new_p[k] = p * (1 - lr * cfg.weight_decay) - new_m[k] / denom * (lr / bc1)
+    return new_p, new_m, new_v
+
+
 def adamw_update(
     params: Params, grads: Params, state: AdamState, lrs: dict[str, float], cfg: CalibConfig
 ) -> tuple[Params, AdamState]:
-    """One AdamW step (PyTorch's formulation, decoupled weight decay); returns new params and state."""
+    """One AdamW step with the state's own step count; returns new params and state."""
     b1, b2 = cfg.betas
     t = state.step + 1
-    bc1, bc2 = 1 - b1**t, 1 - b2**t
-    new_p, new_m, new_v = {}, {}, {}
-    for k, p in params.items():
-        g = grads[k]
-        m = state.m[k].mul(b1).add_(g, alpha=1 - b1)
-        v = state.v[k].mul(b2).addcmul_(g, g, value=1 - b2)
-        lr = lrs[k]
-        denom = (v.sqrt() / math.sqrt(bc2)).add_(cfg.eps)
-        new_p[k] = (p * (1 - lr * cfg.weight_decay)).addcdiv_(m, denom, value=-lr / bc1)
-        new_m[k], new_v[k] = m, v
+    new_p, new_m, new_v = adamw_apply(params, grads, state.m, state.v, lrs, 1 - b1**t, 1 - b2**t, cfg)
     return new_p, AdamState(t, new_m, new_v)

@@ -20,7 +20,7 @@ def cayley(raw: Tensor) -> Tensor:  # (n, n) -> (n, n) orthogonal
     low = torch.tril(raw, -1)
     a = low - low.mT
     eye = torch.eye(raw.shape[-1], dtype=raw.dtype, device=raw.device)
-    return torch.linalg.solve(eye - a / 2, eye + a / 2)
+    return torch.linalg.solve_ex(eye - a / 2, eye + a / 2)[0]  # _ex: no host sync (CUDA-graph safe)
 
 
 def random_orthogonal(n: int, *, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -80,7 +80,7 @@ def materialize_factor(kind: str, p: dict[str, Tensor]) -> tuple[Tensor, Tensor]
         return (u * s) @ v.mT, (u / s) @ v.mT
     if kind == "inv":
         m = p["m"]
-        return m, torch.linalg.inv(m.double()).mT.to(m.dtype)
+        return m, torch.linalg.inv_ex(m.double())[0].mT.to(m.dtype)
     if kind in ("hadamard", "orthogonal", "identity"):
         return p["m"], p["m"]  # orthogonal: P^{-T} = P
     raise ValueError(f"unknown transform kind {kind!r}")

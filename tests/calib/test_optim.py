@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from flatquant.calib.config import CalibConfig
-from flatquant.calib.optim import adamw_init, adamw_update, cosine_lr, group_lrs
+from flatquant.calib.optim import adamw_apply, adamw_init, adamw_update, cosine_lr, group_lrs, schedule
 
 
 def test_adamw_matches_torch():
@@ -40,3 +40,26 @@ def test_clip_group_gets_ten_times_lr_and_shared_floor():
     assert abs(lrs["c"] - 10 * lrs["t"]) < 1e-12
     end = group_lrs(["t", "c"], lambda k: k == "c", 10, 10, cfg)
     assert abs(end["c"] - end["t"]) < 1e-12 and abs(end["t"] - 5e-6) < 1e-12
+
+
+def test_schedule_rows_match_python_schedule():
+    cfg = CalibConfig(lr=5e-3, epochs=2, nsamples=8, batch_size=4)
+    total = cfg.epochs * cfg.steps_per_epoch
+    table = schedule(total, cfg)
+    for t in range(total):
+        lrs = group_lrs(["t", "c"], lambda k: k == "c", t, total, cfg)
+        torch.testing.assert_close(table[t], torch.tensor([lrs["t"], lrs["c"], 1 - 0.9 ** (t + 1),
+                                                           1 - 0.999 ** (t + 1)]))
+
+
+def test_tensor_scalars_give_the_float_update():
+    cfg = CalibConfig(lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    p = {"a": torch.randn(4, 3, generator=g)}
+    grads = {"a": torch.randn(4, 3, generator=g)}
+    m, v = {"a": torch.zeros(4, 3)}, {"a": torch.zeros(4, 3)}
+    f = adamw_apply(p, grads, m, v, {"a": 1e-2}, 0.1, 0.001, cfg)
+    t = adamw_apply(p, grads, m, v, {"a": torch.tensor(1e-2)}, torch.tensor(0.1), torch.tensor(0.001), cfg)
+    for a, b in zip(f, t):
+        torch.testing.assert_close(a["a"], b["a"])
+    assert not torch.equal(f[0]["a"], p["a"])
