@@ -70,7 +70,9 @@ def main() -> int:
     tr = {k: v.to(dev) for k, v in tr.items()}
     fx = {k: v.to(dev) for k, v in fx.items()}
     t1 = time.perf_counter()
-    _, losses = train_layer(tr, fx, frozen, inps, outs, rope, one, q, t, ccfg, generator=g, amp=amp)
+    captured: list[bool] = []
+    _, losses = train_layer(tr, fx, frozen, inps, outs, rope, one, q, t, ccfg, generator=g, amp=amp,
+                            on_capture=captured.append)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()
@@ -80,12 +82,15 @@ def main() -> int:
         "fp_pass_s": t1 - t0, "train_s": t2 - t1, "layer_s": t2 - t0, "step_ms": 1000 * (t2 - t1) / max(steps, 1),
         "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if dev.type == "cuda" else None,
+        "cuda_graph_captured": bool(captured and captured[0]),
         "loss_first_epoch": losses[0] if losses else None, "loss_last_epoch": losses[-1] if losses else None,
         "env": environment(),
     }
-    print(f"{'shape':<14}{'epochs':>7}{'steps':>7}{'layer s':>9}{'step ms':>9}{'peak alloc GiB':>16}{'reserved':>10}")
+    print(f"{'shape':<14}{'epochs':>7}{'steps':>7}{'layer s':>9}{'step ms':>9}{'peak alloc GiB':>16}{'reserved':>10}"
+          f"{'graph':>7}")
     print(f"{a.shape:<14}{a.epochs:>7}{steps:>7}{res['layer_s']:>9.1f}{res['step_ms']:>9.1f}"
-          f"{(res['peak_alloc_gib'] or 0):>16.2f}{(res['peak_reserved_gib'] or 0):>10.2f}")
+          f"{(res['peak_alloc_gib'] or 0):>16.2f}{(res['peak_reserved_gib'] or 0):>10.2f}"
+          f"{str(res['cuda_graph_captured']):>7}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"calib_{a.shape}_{a.epochs}ep{a.tag}.json").write_text(json.dumps(res, indent=1))

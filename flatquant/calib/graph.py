@@ -10,8 +10,9 @@ capture fails) the caller keeps stepping eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -19,6 +20,25 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 Params = dict[str, Tensor]
 Step = Callable[[Params, Params, Params, Tensor, Tensor, Tensor], tuple[Params, Params, Params, Tensor]]
+
+
+@contextlib.contextmanager
+def capturable_linalg(device: torch.device) -> Iterator[None]:
+    """Route CUDA LU solves (the Cayley maps) to cuSOLVER/cuBLAS for the duration, then restore the setting.
+
+    PyTorch's default heuristic sends batched solves of matrices above 16×16 to MAGMA, which
+    synchronises with the host and so cannot be captured in a CUDA graph (it also costs a host
+    round trip per step when stepping eagerly).
+    """
+    if device.type != "cuda":
+        yield
+        return
+    prev = torch.backends.cuda.preferred_linalg_library()
+    torch.backends.cuda.preferred_linalg_library("cusolver")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_linalg_library(prev)
 
 
 class CapturedStep:
@@ -88,7 +108,10 @@ def try_capture(
         cap.run(x, y, scalars)
         torch.cuda.synchronize()
     except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # capture refused an op: step eagerly
-        log.warning("CUDA-graph capture of the calibration step failed (%s); stepping eagerly", err)
+        log.warning("CUDA-graph capture of the calibration step failed (%s); stepping eagerly",
+                    str(err).splitlines()[0])
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         return None
     if not _close(cap.params, after[0], before[0], rtol):
         log.warning("captured calibration step differs from the eager step; stepping eagerly")

@@ -27,7 +27,7 @@ from ..models.flat import cast_folded, fold_layer, init_flat_params, is_clip_key
 from ..models.layer import Rope, fp_forward_with_absmax, layer_forward
 from ..models.model import ModelWeights, embed, rope_for
 from .config import CalibConfig
-from .graph import try_capture
+from .graph import capturable_linalg, try_capture
 from .optim import adamw_apply, schedule
 
 log = logging.getLogger(__name__)
@@ -119,13 +119,22 @@ def train_layer(
     trainable: Params, fixed: Params, frozen: Params, inps: Tensor, targets: Tensor, rope: Rope,
     args, qcfg: QuantConfig, tcfg: TransformConfig, ccfg: CalibConfig, *, generator: torch.Generator,
     amp: torch.dtype, desc: str = "", grad_reduce: GradReduce | None = None,
+    on_capture: Callable[[bool], None] | None = None,
 ) -> tuple[Params, list[float]]:
     """Optimise one layer's trainable parameters; returns them and the mean MSE of each epoch.
 
     ``grad_reduce(grads, mse)`` (data parallel) combines the un-normalised gradients and MSE of
     all processes; they are then normalised by the global MSE before the optimizer step.
-    On CUDA the step is captured as a CUDA graph after the first (eager) step (``ccfg.cuda_graph``).
+    On CUDA the step is captured as a CUDA graph after the first (eager) step (``ccfg.cuda_graph``);
+    ``on_capture(ok)`` hears whether the capture was used (a caller stops retrying after a failure).
     """
+    with capturable_linalg(inps.device):
+        return _train_layer(trainable, fixed, frozen, inps, targets, rope, args, qcfg, tcfg, ccfg,
+                            generator=generator, amp=amp, desc=desc, grad_reduce=grad_reduce, on_capture=on_capture)
+
+
+def _train_layer(trainable, fixed, frozen, inps, targets, rope, args, qcfg, tcfg, ccfg, *, generator, amp, desc,
+                 grad_reduce, on_capture):
     grad_fn = torch.func.grad_and_value(layer_loss, has_aux=True)
     if ccfg.compile == "on" or (ccfg.compile == "auto" and inps.device.type == "cuda"):
         grad_fn = torch.compile(grad_fn, dynamic=False)
@@ -164,6 +173,8 @@ def train_layer(
                 tot = tot + mse
                 if use_graph and step_i == 0:
                     captured = try_capture(step, before, (trainable, m, v), x, targets[sl], sched[step_i])
+                    if on_capture is not None:
+                        on_capture(captured is not None)
             step_i += 1
         losses.append(float(tot) / ccfg.steps_per_epoch)
         log.debug("%s epoch %d mse %.6g", desc, epoch, losses[-1])
@@ -241,6 +252,7 @@ def calibrate(
                           for s in range(0, calib_tokens.shape[0], 8)])
     rope = rope_for(weights, calib_tokens.shape[1], device)
     results: list[Params] = []
+    captures: list[bool] = []
     bar = tqdm(range(args.n_layers), desc="calibrating layers", disable=None)
     for i in bar:
         frozen = {k: v.to(device=device, dtype=torch.float32) for k, v in weights.layers[i].items()}
@@ -263,8 +275,11 @@ def calibrate(
             if trainable and ccfg.epochs > 0:
                 local = ccfg if batch_size is None else replace(ccfg, batch_size=batch_size,
                                                                  nsamples=inps.shape[0])
+                if False in captures:  # a failed capture leaks its memory pool: do not retry on later layers
+                    local = replace(local, cuda_graph="off")
                 trainable, losses = train_layer(trainable, fixed, frozen, inps, outs, rope, args, qcfg, tcfg, local,
-                                                generator=gen, amp=amp, desc=f"layer {i}", grad_reduce=grad_reduce)
+                                                generator=gen, amp=amp, desc=f"layer {i}", grad_reduce=grad_reduce,
+                                                on_capture=captures.append)
             flat = {k: v.detach().float().cpu().contiguous() for k, v in {**trainable, **fixed}.items()}
             if ck is not None:
                 ck.parent.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,8 @@ def _kron_quant_kernel(
     QMAX: tl.constexpr, PACK: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     # One program = one token: X (n1, n2) -> Y = Lᵀ (X R) -> LAC -> sym per-token codes (-> packed nibbles).
-    # F32_DOT (interpreter only, whose dot mishandles bf16): exact fp32 products, the same function as a
-    # 16-bit tensor-core dot with fp32 accumulation.
+    # F32_DOT (the interpreter, whose dot mishandles bf16, and fp32 inputs, which must not drop to TF32):
+    # exact fp32 products, the same function as a 16-bit tensor-core dot with fp32 accumulation.
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, N1P)
     j = tl.arange(0, N2P)
@@ -133,7 +133,7 @@ def kron_quant_triton(
         x, left if left is not None else x, right if right is not None else x, clip.float().contiguous(),
         codes, scale, n1, n2, x.stride(0), codes.stride(0),
         N1P=n1p, N2P=n2p, HAS_LEFT=left is not None, HAS_RIGHT=right is not None,
-        QMAX=2 ** (bits - 1) - 1, PACK=pack, F32_DOT=cpu, **extra,
+        QMAX=2 ** (bits - 1) - 1, PACK=pack, F32_DOT=cpu or x.dtype == torch.float32, **extra,
     )
     return codes, scale
 

