@@ -74,8 +74,9 @@ def _add_calib(p: argparse.ArgumentParser, *, nsamples: int = 128, seqlen: int =
     g.add_argument("--shuffle", action="store_true", help="shuffle calibration batches each epoch")
     g.add_argument("--compile", choices=("auto", "on", "off"), default="off",
                    help="torch.compile the calibration step (auto: on CUDA; default off)")
-    g.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
-                   help="replay the calibration step as a CUDA graph (auto: on CUDA, checked against eager first)")
+    g.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="off",
+                   help="replay the calibration step as a CUDA graph (auto: on CUDA, checked against eager first; "
+                        "default off)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,8 @@ class CalibConfig:
         amp_dtype: matmul dtype of the training forward: ``auto`` is bfloat16 on CUDA, float32 on CPU.
         compile: ``torch.compile`` the gradient step (``auto``: on CUDA only; fused elementwise kernels).
         cuda_graph: capture the whole step (gradient + AdamW) as a CUDA graph after the first eager step
-            and replay it (``auto``: on CUDA, single process); checked against the eager step first.
+            and replay it (``auto``: on CUDA, single process); checked against the eager step first, and
+            off by default until measured on real models (see bench/README.md).
         weight_quantizer: ``rtn`` or ``gptq`` after reparameterisation.
         gptq_percdamp, gptq_blocksize, gptq_act_order: GPTQ settings (spec §5.2).
         seed: seeds the calibration windows and every layer's initial transforms.
@@ -45,7 +46,7 @@ class CalibConfig:
     shuffle: bool = False
     amp_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: Literal["auto", "on", "off"] = "off"
-    cuda_graph: Literal["auto", "on", "off"] = "auto"
+    cuda_graph: Literal["auto", "on", "off"] = "off"
     weight_quantizer: Literal["rtn", "gptq"] = "rtn"
     gptq_percdamp: float = 0.01
     gptq_blocksize: int = 128

@@ -15,12 +15,18 @@ import torch
 from torch import Tensor
 
 
-def cayley(raw: Tensor) -> Tensor:  # (n, n) -> (n, n) orthogonal
-    """Cayley map of the skew part of ``tril(raw)``: ``(I - A/2)^{-1} (I + A/2)``."""
+def cayley(raw: Tensor) -> Tensor:  # (..., n, n) -> (..., n, n) orthogonal
+    """Cayley map of the skew part of ``tril(raw)``: ``(I - A/2)^{-1} (I + A/2)``.
+
+    Computed as an explicit inverse times ``I + A/2``: ``I - A/2`` with ``A`` skew-symmetric has
+    singular values ``≥ 1``, so the inverse is as accurate as a solve, and neither ``inv_ex`` nor its
+    backward (two matmuls) checks errors on the host. ``linalg.solve``'s backward does, which costs a
+    device sync per step and makes the step impossible to capture in a CUDA graph.
+    """
     low = torch.tril(raw, -1)
     a = low - low.mT
     eye = torch.eye(raw.shape[-1], dtype=raw.dtype, device=raw.device)
-    return torch.linalg.solve_ex(eye - a / 2, eye + a / 2)[0]  # _ex: no host sync (CUDA-graph safe)
+    return torch.linalg.inv_ex(eye - a / 2)[0] @ (eye + a / 2)
 
 
 def random_orthogonal(n: int, *, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:

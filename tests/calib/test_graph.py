@@ -43,10 +43,11 @@ def test_graph_replay_equals_eager(amp):
 
 
 def test_cpu_never_captures_and_on_is_refused():
-    assert not _use_cuda_graph(CFG, torch.device("cpu"), None)
-    assert not _use_cuda_graph(replace(CFG, cuda_graph="off"), torch.device("cuda"), None)
-    assert _use_cuda_graph(CFG, torch.device("cuda"), None)
-    assert not _use_cuda_graph(CFG, torch.device("cuda"), lambda g, m: (g, m))  # data parallel: eager
+    auto = replace(CFG, cuda_graph="auto")
+    assert not _use_cuda_graph(auto, torch.device("cpu"), None)
+    assert not _use_cuda_graph(CFG, torch.device("cuda"), None)  # default off
+    assert _use_cuda_graph(auto, torch.device("cuda"), None)
+    assert not _use_cuda_graph(auto, torch.device("cuda"), lambda g, m: (g, m))  # data parallel: eager
     with pytest.raises(ValueError, match="needs a CUDA device"):
         _use_cuda_graph(replace(CFG, cuda_graph="on"), torch.device("cpu"), None)
     with pytest.raises(ValueError, match="cuda_graph"):
@@ -61,5 +62,5 @@ def test_capture_check_compares_against_update_size():
 
 
 def test_cpu_training_still_learns():
-    trained, losses = _train("cpu", "auto", torch.float32)
+    _, losses = _train("cpu", "auto", torch.float32)
     assert losses[-1] < losses[0]
