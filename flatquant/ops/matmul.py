@@ -271,7 +271,8 @@ def w4a4_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Te
     """
     k = a.shape[1] * 2
     _check(a, a_scale, w, w_scale, k, k // 2)
-    return ref.int_matmul_ref(ref.unpack_int4_ref(a), ref.unpack_int4_ref(w), a_scale, w_scale, bias, out_dtype)
+    return ref.int_matmul_ref(ref.unpack_int4_ref(a), ref.unpack_int4_ref(w), a_scale, w_scale, bias, out_dtype,
+                              a_bits=4, w_bits=4)
 
 
 @w4a4_matmul.register_kernel("cuda")
@@ -296,7 +297,7 @@ def w4a8_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Te
     """int8 activations ``(M, K)`` × int4 weights in the ``halves`` layout ``(N, Kp/2)`` uint8, fp32 epilogue."""
     k = a.shape[1]
     _check(a, a_scale, w, w_scale, k, _halves_cols(k))
-    return ref.int_matmul_ref(a, ref.halves_to_codes_ref(w)[:, :k], a_scale, w_scale, bias, out_dtype)
+    return ref.int_matmul_ref(a, ref.halves_to_codes_ref(w)[:, :k], a_scale, w_scale, bias, out_dtype, w_bits=4)
 
 
 @w4a8_matmul.register_kernel("cuda")

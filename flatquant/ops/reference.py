@@ -34,12 +34,15 @@ def pack_int4_ref(codes: Tensor) -> Tensor:  # (..., n) int8 -> (..., n // 2) ui
 
 def unpack_int4_ref(packed: Tensor, signed: bool = True) -> Tensor:  # (..., n/2) uint8 -> (..., n) int8
     """Inverse of :func:`pack_int4_ref`; ``signed`` sign-extends the nibbles (two's complement)."""
-    p = packed.to(torch.int16)
-    lo, hi = p & 0xF, (p >> 4) & 0xF
-    if signed:
-        lo = lo - ((lo & 0x8) << 1)
-        hi = hi - ((hi & 0x8) << 1)
-    return torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2).to(torch.int8)
+    out = packed.new_empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=torch.int8)
+    if signed:  # shift the nibble to the top of an int8, then an arithmetic shift sign-extends it
+        b = packed.view(torch.int8)
+        out[..., 0::2] = torch.bitwise_left_shift(b, 4) >> 4
+        out[..., 1::2] = b >> 4
+    else:
+        out[..., 0::2] = packed & 0xF
+        out[..., 1::2] = packed >> 4
+    return out
 
 
 def halves_layout_ref(w_packed: Tensor, block_k: int = W4A8_BLOCK_K) -> Tensor:  # (N, K/2) -> (N, Kp/2) uint8
@@ -133,9 +136,17 @@ def int_matmul_ref(
     w_scale: Tensor,  # (N,) fp32
     bias: Tensor | None,  # (N,)
     out_dtype: torch.dtype,
+    a_bits: int = 8,
+    w_bits: int = 8,
 ) -> Tensor:  # (M, N)
-    """Exact integer GEMM (fp64 on integer values, exact below 2^53) with the fp32 epilogue."""
-    acc = (a.double() @ w.double().mT).to(torch.int32)
+    """Exact integer GEMM with the fp32 epilogue; ``a_bits``/``w_bits`` bound the codes' magnitudes.
+
+    The codes are multiplied in fp32 when no partial sum can reach 2^24 (int4 × int4 up to K = 2^18),
+    otherwise in fp64 (exact below 2^53): both are exact; fp32 is many times faster on CPU.
+    """
+    bound = a.shape[-1] * 2 ** (a_bits - 1) * 2 ** (w_bits - 1)
+    dt = torch.float32 if bound < 2**24 else torch.float64
+    acc = (a.to(dt) @ w.to(dt).mT).to(torch.int32)
     out = acc.float() * a_scale.float()[:, None] * w_scale.float()[None, :]
     if bias is not None:
         out = out + bias.float()

@@ -91,3 +91,17 @@ def test_cuda_autotuned(m: int, k: int, n: int) -> None:
     assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=1e-6)
     got = w8a8_matmul(o["a8"], o["sa"], o["w8"], o["sw"], None, torch.float32)
     assert torch.equal(got, ref.int_matmul_ref(o["a8"], o["w8"], o["sa"], o["sw"], None, torch.float32))
+
+
+@pytest.mark.parametrize("k", [1024, 16384])
+def test_reference_fp32_path_is_exact_at_the_extremes(k: int) -> None:
+    """int4 × int4 runs in fp32 (partial sums < 2^24); all-(-8) codes plus a ±1 pattern hit the largest sums."""
+    g = torch.Generator().manual_seed(k)
+    a = torch.full((3, k), -8, dtype=torch.int8)
+    w = torch.full((5, k), -8, dtype=torch.int8)
+    a[1] = torch.randint(-8, 8, (k,), generator=g, dtype=torch.int8)
+    w[2, ::2] = 7
+    ones = torch.ones(3), torch.ones(5)
+    got = ref.int_matmul_ref(a, w, *ones, None, torch.float32, a_bits=4, w_bits=4)
+    assert torch.equal(got, (a.long() @ w.long().T).float())
+    assert got[0, 0] == 64 * k

@@ -53,3 +53,14 @@ def test_triton_matches_reference(device: str, signed: bool) -> None:
     packed = pack_int4_triton(codes.to(device)).cpu()
     assert torch.equal(packed, ref.pack_int4_ref(codes))
     assert torch.equal(unpack_int4_triton(packed.to(device), signed).cpu(), codes)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_reference_unpack_every_byte(signed: bool) -> None:
+    packed = torch.arange(256, dtype=torch.int32).to(torch.uint8)[None]
+    lo, hi = packed.long() & 0xF, packed.long() >> 4
+    if signed:
+        lo, hi = lo - 16 * (lo >= 8), hi - 16 * (hi >= 8)
+    got = ref.unpack_int4_ref(packed, signed=signed)
+    assert got.dtype == torch.int8 and got.shape == (1, 512)
+    assert torch.equal(got[0, 0::2].long(), lo[0]) and torch.equal(got[0, 1::2].long(), hi[0])
