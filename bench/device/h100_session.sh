@@ -3,7 +3,8 @@
 #   setup:    first half of the GGUF (.model1/part) and the wheels (.whl) -> /root/fq, /tmp/site
 #   probe:    GPU re-run of the CUDA tests fixed this session; calibration speed/memory of one LLaMA-3-8B layer
 #   accuracy: second GGUF half (.model2), resume the accuracy runs carried in .accprog/acc.tgz
-#   bench:    kernel benchmark (all shapes), end-to-end benchmark, real-path generation on the GPU
+#   bench-ops: kernel benchmark (all shapes);  bench-e2e: end-to-end benchmark and real-path generation on the GPU
+#   (each its own call: a call returns at most 8 files and runs at most 10 minutes)
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 FQ=/root/fq
@@ -39,13 +40,15 @@ collect)
   tar czf $OUT/transforms_15ep.tgz -C $FQ/acc smollm2_w4a4kv4_15ep/flatquant-w4a4kv4/transforms.json \
     smollm2_w4a4kv4_15ep/flatquant-w4a4kv4/transforms.safetensors 2>/dev/null
   tar czf $OUT/logs.tgz -C $FQ logs ;;
-bench)
+bench-ops)
   while pgrep -f bench/accuracy.py > /dev/null; do sleep 5; done  # quiet GPU for timings
-  python3 bench/bench_ops.py --out $OUT/ops_h100_all.json 2>&1 | tee $OUT/ops_h100_all.log | tail -60
-  timeout 330 python3 bench/bench_e2e.py --out $OUT/e2e_h100.json \
-    --ppl-transforms bench/results/transforms_smollm2_w4a4kv4_4ep --ppl-model $FQ/smollm2.gguf 2>&1 \
+  python3 bench/bench_ops.py --out $OUT/ops_h100_all.json 2>&1 | tee $OUT/ops_h100_all.log | tail -60 ;;
+bench-e2e)
+  while pgrep -f bench/accuracy.py > /dev/null; do sleep 5; done
+  python3 bench/bench_e2e.py --out $OUT/e2e_h100.json \
+    --ppl-transforms bench/results/transforms_smollm2_w4a4kv4_15ep --ppl-model $FQ/smollm2.gguf 2>&1 \
     | tee $OUT/e2e_h100.log | tail -40
-  python3 -m flatquant.cli export --transforms bench/results/transforms_smollm2_w4a4kv4_4ep --model $FQ/smollm2.gguf \
+  python3 -m flatquant.cli export --transforms bench/results/transforms_smollm2_w4a4kv4_15ep --model $FQ/smollm2.gguf \
     --out $FQ/ckpt > /dev/null 2>&1 && python3 -m flatquant.cli generate --checkpoint $FQ/ckpt --chat --device cuda \
     --prompt "What is the capital of France?" --max-new-tokens 40 2>&1 | tee $OUT/generate_h100.txt | tail -5 ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;

@@ -81,15 +81,16 @@ def layer_generator(seed: int, layer: int) -> torch.Generator:
 
 def layer_loss(
     trainable: Params, fixed: Params, frozen: Params, x: Tensor, y: Tensor, rope: Rope,
-    args, qcfg: QuantConfig, kind: str, amp: torch.dtype, normalize: bool = True,
+    args, qcfg: QuantConfig, kind: str, amp: torch.dtype, normalize: bool = True, recompute: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Calibration loss of one batch: MSE between the fake-quant layer and the FP target.
 
     Returns ``(loss, mse.detach())`` with ``loss = mse / mse.detach()`` when ``normalize`` (the
     official normalisation: the gradient of log-MSE, which keeps fp16 gradients in range without a
-    GradScaler), else ``loss = mse``.
+    GradScaler), else ``loss = mse``. ``recompute`` refolds each weight in backward instead of keeping its
+    weight-sized intermediates (see :func:`fold_layer`).
     """
-    folded = fold_layer({**fixed, **trainable}, frozen, args, qcfg, kind)
+    folded = fold_layer({**fixed, **trainable}, frozen, args, qcfg, kind, recompute=recompute)
     ctx = (torch.autocast(x.device.type, dtype=amp, cache_enabled=False) if amp != torch.float32
            else contextlib.nullcontext())
     with ctx:
@@ -128,17 +129,11 @@ def train_layer(
     On CUDA the step is captured as a CUDA graph after the first (eager) step (``ccfg.cuda_graph``);
     ``on_capture(ok)`` hears whether the capture was used (a caller stops retrying after a failure).
     """
-    with capturable_linalg(inps.device):
-        return _train_layer(trainable, fixed, frozen, inps, targets, rope, args, qcfg, tcfg, ccfg,
-                            generator=generator, amp=amp, desc=desc, grad_reduce=grad_reduce, on_capture=on_capture)
-
-
-def _train_layer(trainable, fixed, frozen, inps, targets, rope, args, qcfg, tcfg, ccfg, *, generator, amp, desc,
-                 grad_reduce, on_capture):
     grad_fn = torch.func.grad_and_value(layer_loss, has_aux=True)
     if ccfg.compile == "on" or (ccfg.compile == "auto" and inps.device.type == "cuda"):
         grad_fn = torch.compile(grad_fn, dynamic=False)
     clip = {k: is_clip_key(k) for k in trainable}
+
     def step(p: Params, m: Params, v: Params, x: Tensor, y: Tensor, sc: Tensor):
         grads, (_, mse) = grad_fn(p, fixed, frozen, x, y, rope, args, qcfg, tcfg.kind, amp, ccfg.normalize_loss)
         if grad_reduce is not None:
@@ -158,26 +153,27 @@ def _train_layer(trainable, fixed, frozen, inps, targets, rope, args, qcfg, tcfg
     captured = None
     losses = []
     step_i = 0
-    for epoch in tqdm(range(ccfg.epochs), desc=desc, leave=False, disable=None):
-        order = (torch.randperm(ccfg.steps_per_epoch, generator=generator) if ccfg.shuffle
-                 else torch.arange(ccfg.steps_per_epoch))
-        tot = torch.zeros((), device=inps.device)
-        for j in order.tolist():
-            sl = slice(j * ccfg.batch_size, (j + 1) * ccfg.batch_size)
-            if captured is not None:
-                tot = tot + captured.run(inps[sl], targets[sl], sched[step_i])
-            else:
-                x = inps[sl].float()
-                before = (trainable, m, v)
-                trainable, m, v, mse = step(trainable, m, v, x, targets[sl], sched[step_i])
-                tot = tot + mse
-                if use_graph and step_i == 0:
-                    captured = try_capture(step, before, (trainable, m, v), x, targets[sl], sched[step_i])
-                    if on_capture is not None:
-                        on_capture(captured is not None)
-            step_i += 1
-        losses.append(float(tot) / ccfg.steps_per_epoch)
-        log.debug("%s epoch %d mse %.6g", desc, epoch, losses[-1])
+    with capturable_linalg(inps.device):  # cuSOLVER LU: no host syncs (and capturable)
+        for epoch in tqdm(range(ccfg.epochs), desc=desc, leave=False, disable=None):
+            order = (torch.randperm(ccfg.steps_per_epoch, generator=generator) if ccfg.shuffle
+                     else torch.arange(ccfg.steps_per_epoch))
+            tot = torch.zeros((), device=inps.device)
+            for j in order.tolist():
+                sl = slice(j * ccfg.batch_size, (j + 1) * ccfg.batch_size)
+                if captured is not None:
+                    tot = tot + captured.run(inps[sl], targets[sl], sched[step_i])
+                else:
+                    x = inps[sl].float()
+                    before = (trainable, m, v)
+                    trainable, m, v, mse = step(trainable, m, v, x, targets[sl], sched[step_i])
+                    tot = tot + mse
+                    if use_graph and step_i == 0:
+                        captured = try_capture(step, before, (trainable, m, v), x, targets[sl], sched[step_i])
+                        if on_capture is not None:
+                            on_capture(captured is not None)
+                step_i += 1
+            losses.append(float(tot) / ccfg.steps_per_epoch)
+            log.debug("%s epoch %d mse %.6g", desc, epoch, losses[-1])
     if captured is not None:
         trainable = {k: t.clone() for k, t in captured.params.items()}
     return trainable, losses

@@ -21,7 +21,8 @@ from ..core.affine import cayley, init_factor, materialize_factor, smooth_scale
 from ..core.clip import clip_weight
 from ..core.kron import decompose_dim, kron_transform
 from ..core.quant import fake_quant
-from ..core.spec import QuantConfig, TransformConfig
+from ..core.recompute import recompute_in_backward
+from ..core.spec import QuantConfig, QuantSpec, TransformConfig
 from .args import LINEARS, ModelArgs
 
 Params = dict[str, Tensor]
@@ -139,6 +140,26 @@ def materialize(flat: Params, kind: str) -> dict[str, tuple[Tensor, Tensor]]:
     return out
 
 
+def _weight_chain(present: tuple[str, ...], args: ModelArgs, wspec: QuantSpec | None):
+    """The per-linear weight fold as a pure function of ``(W, *tensors named by present)``."""
+
+    def chain(w: Tensor, *ts: Tensor) -> Tensor:  # (out, in) -> (out, in)
+        t = dict(zip(present, ts, strict=True))
+        if "diag" in t:
+            w = w / t["diag"]
+        if "left" in t:
+            w = kron_transform(w, t["left"], t["right"])
+        if "lwc_lo" in t:
+            w = clip_weight(w, t["lwc_lo"], t["lwc_hi"])
+        if "vmix" in t:
+            w = (t["vmix"].mT @ w.reshape(args.n_kv_heads, args.head_dim, -1)).reshape(w.shape)
+        if "row_scale" in t:
+            w = w * t["row_scale"].unsqueeze(1)
+        return w if wspec is None else fake_quant(w, wspec)
+
+    return chain
+
+
 def fold_layer(
     flat: Params,
     frozen: Params,
@@ -147,6 +168,7 @@ def fold_layer(
     kind: str,
     *,
     quantize_weights: bool = True,
+    recompute: bool = False,
 ) -> Params:
     """Merge transforms, diag scales and LWC into the weights; return the folded layer dict.
 
@@ -154,6 +176,8 @@ def fold_layer(
     up_proj: rows × the down diag) → fake weight quantization (unless ``quantize_weights=False``,
     e.g. before GPTQ). Online matrices (P, not P^{-T}) and LAC logits are carried over.
     Computation happens in the dtype of ``frozen`` (use float64 for the final reparameterisation).
+    ``recompute`` (training): each weight's chain is recomputed in backward instead of keeping its
+    weight-sized intermediates alive (same gradients, several weight copies less memory).
     """
     mats = materialize(flat, kind)
     dt = frozen["input_norm"].dtype
@@ -165,30 +189,29 @@ def fold_layer(
     site_of = {n: s for s, ns in SITE_CONSUMERS.items() for n in ns}
     v_mat = mats.get("v_trans")
     for n in LINEARS:
-        w = frozen[f"{n}.weight"]
         bias = frozen.get(f"{n}.bias")
         site = site_of.get(n)
+        t: Params = {}
         if site is not None:
             if site in diag:
-                w = w / diag[site]
+                t["diag"] = diag[site]
             if f"{site}.left" in mats:
-                w = kron_transform(w, mats[f"{site}.left"][1].to(dt), mats[f"{site}.right"][1].to(dt))
+                t["left"], t["right"] = mats[f"{site}.left"][1].to(dt), mats[f"{site}.right"][1].to(dt)
         elif n == "o_proj" and "o_trans" in mats and v_mat is not None:
-            w = kron_transform(w, mats["o_trans"][1].to(dt), v_mat[1].to(dt))
+            t["left"], t["right"] = mats["o_trans"][1].to(dt), v_mat[1].to(dt)
         if f"{n}.lwc.lo" in flat:
-            w = clip_weight(w, flat[f"{n}.lwc.lo"], flat[f"{n}.lwc.hi"])
+            t["lwc_lo"], t["lwc_hi"] = flat[f"{n}.lwc.lo"], flat[f"{n}.lwc.hi"]
         if n == "v_proj" and v_mat is not None:
-            vm = v_mat[0].to(dt)
-            w = (vm.mT @ w.reshape(args.n_kv_heads, args.head_dim, -1)).reshape(w.shape)
+            t["vmix"] = v_mat[0].to(dt)
             if bias is not None:
-                bias = (bias.reshape(args.n_kv_heads, args.head_dim) @ vm).reshape(bias.shape)
+                bias = (bias.reshape(args.n_kv_heads, args.head_dim) @ t["vmix"]).reshape(bias.shape)
         if n == "up_proj" and "down_trans" in diag:
-            w = w * diag["down_trans"].unsqueeze(1)
+            t["row_scale"] = diag["down_trans"]
             if bias is not None:
                 bias = bias * diag["down_trans"]
-        if quantize_weights:
-            w = fake_quant(w, qcfg.w)
-        out[f"{n}.weight"] = w
+        chain = _weight_chain(tuple(t), args, qcfg.w if quantize_weights else None)
+        w = frozen[f"{n}.weight"]
+        out[f"{n}.weight"] = recompute_in_backward(chain, w, *t.values()) if recompute else chain(w, *t.values())
         if bias is not None:
             out[f"{n}.bias"] = bias
     for site in KRON_SITES:
