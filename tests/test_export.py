@@ -93,7 +93,9 @@ def test_other_bit_settings_prefill_and_decode(preset: str, backend: str, tmp_pa
     model = load_checkpoint(tmp_path / "ck")
     cache = model.new_cache(2, 10)
     got = torch.cat([model(x[:, :6], cache)] + [model(x[:, i:i + 1], cache) for i in range(6, 10)], 1)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the real path transforms activations in another summation order: a code at a rounding tie can flip
+    # (8-bit grids have 16× more ties than 4-bit ones), moving a few logits by ~1e-5
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5)
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -130,12 +130,15 @@ def train_layer(
     ``on_capture(ok)`` hears whether the capture was used (a caller stops retrying after a failure).
     """
     grad_fn = torch.func.grad_and_value(layer_loss, has_aux=True)
-    if ccfg.compile == "on" or (ccfg.compile == "auto" and inps.device.type == "cuda"):
+    compiled = ccfg.compile == "on" or (ccfg.compile == "auto" and inps.device.type == "cuda")
+    if compiled:
         grad_fn = torch.compile(grad_fn, dynamic=False)
     clip = {k: is_clip_key(k) for k in trainable}
 
     def step(p: Params, m: Params, v: Params, x: Tensor, y: Tensor, sc: Tensor):
-        grads, (_, mse) = grad_fn(p, fixed, frozen, x, y, rope, args, qcfg, tcfg.kind, amp, ccfg.normalize_loss)
+        # compiled: inductor chooses what to keep for backward itself (and mis-traces the recompute function)
+        grads, (_, mse) = grad_fn(p, fixed, frozen, x, y, rope, args, qcfg, tcfg.kind, amp, ccfg.normalize_loss,
+                                  not compiled)
         if grad_reduce is not None:
             # un-normalise locally, average raw gradients and MSE, normalise by the global MSE
             raw = {k: g * mse for k, g in grads.items()} if ccfg.normalize_loss else grads
