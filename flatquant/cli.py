@@ -173,7 +173,17 @@ def _write_results(out: Path, rows: list[dict], extra: dict) -> None:
     tmp.replace(out / "results.json")
 
 
+def _weight_quants(a: argparse.Namespace) -> list[str]:
+    """The weight quantizers of a compare run (``--weight-quants``, else ``--weight-quant``), validated."""
+    wqs = [w.strip() for w in (getattr(a, "weight_quants", None) or a.weight_quant).split(",") if w.strip()]
+    for wq in wqs:
+        if wq not in ("rtn", "gptq"):
+            raise ValueError(f"unknown weight quantizer {wq!r} in --weight-quants; choose rtn and/or gptq")
+    return wqs
+
+
 def _run_matrix(a: argparse.Namespace, methods: list[str], presets: list[str]) -> list[dict]:
+    _weight_quants(a)  # bad input fails before the model loads
     device = resolve_device(a.device)
     weights, tok = load(a.model)
     bos = weights.args.bos_token_id
@@ -184,20 +194,19 @@ def _run_matrix(a: argparse.Namespace, methods: list[str], presets: list[str]) -
     prev = {}
     if (out / "results.json").is_file():
         prev = {(r["method"], r["bits"], r["key"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
-    wqs = [w.strip() for w in (getattr(a, "weight_quants", None) or a.weight_quant).split(",") if w.strip()]
-    for wq in wqs:
-        if wq not in ("rtn", "gptq"):
-            raise ValueError(f"unknown weight quantizer {wq!r}; choose rtn or gptq")
+    wqs = _weight_quants(a)
     rows = []
     meta = {"model": a.model, "eval_data": a.eval_data, "eval_windows": int(windows.shape[0]),
-            "eval_seqlen": a.eval_seqlen, "device": str(device), "calib": ccfg.to_dict(),
+            "eval_seqlen": a.eval_seqlen, "device": str(device), "calib": ccfg.to_dict(), "weight_quants": wqs,
             "command": " ".join(sys.argv), "torch": torch.__version__}
     log.info("evaluating on %d windows × %d tokens of %s", windows.shape[0], a.eval_seqlen, a.eval_data)
     for preset, wq, method in itertools.product(presets, wqs, methods):
         qcfg = bits_preset(preset)
-        if method == "fp" and (preset, wq) != (presets[0], wqs[0]):
-            continue
-        if wq == "gptq" and not qcfg.w.enabled and wqs != ["gptq"]:
+        if method == "fp":
+            if (preset, wq) != (presets[0], wqs[0]):
+                continue
+            wq = "rtn"  # nothing is quantized: no GPTQ data needed
+        elif wq == "gptq" and not qcfg.w.enabled and wqs != ["gptq"]:
             continue  # weights stay in full precision: the GPTQ row would repeat the RTN row
         ccfg = replace(ccfg, weight_quantizer=wq)
         bits = "fp" if method == "fp" else qcfg.tag

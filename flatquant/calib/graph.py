@@ -24,11 +24,11 @@ Step = Callable[[Params, Params, Params, Tensor, Tensor, Tensor], tuple[Params, 
 
 @contextlib.contextmanager
 def capturable_linalg(device: torch.device) -> Iterator[None]:
-    """Route CUDA LU solves (the Cayley maps) to cuSOLVER/cuBLAS for the duration, then restore the setting.
+    """Route CUDA LU factorisations (the Cayley maps) to cuSOLVER/cuBLAS for the duration, then restore the setting.
 
-    PyTorch's default heuristic sends batched solves of matrices above 16×16 to MAGMA, which
-    synchronises with the host and so cannot be captured in a CUDA graph (it also costs a host
-    round trip per step when stepping eagerly).
+    PyTorch's default heuristic sends batched LU of matrices above 16×16 to MAGMA, whose host-side
+    control flow is not known to be capture-safe; the cuSOLVER/cuBLAS paths are stream-ordered. (The
+    host sync that did break capture on the H100 was ``linalg.solve``'s backward; see ``core.affine.cayley``.)
     """
     if device.type != "cuda":
         yield
@@ -55,6 +55,7 @@ class CapturedStep:
         self.m = {k: t.clone() for k, t in m.items()}
         self.v = {k: t.clone() for k, t in v.items()}
         self.x, self.y, self.scalars = x.clone(), y.clone(), scalars.clone()
+        torch.cuda.empty_cache()  # the graph's private pool cannot reuse blocks cached by the eager step
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -107,13 +108,14 @@ def try_capture(
         cap.load(*before)
         cap.run(x, y, scalars)
         torch.cuda.synchronize()
-    except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # capture refused an op: step eagerly
+    except RuntimeError as err:  # capture refused an op (or ran out of memory): step eagerly
         log.warning("CUDA-graph capture of the calibration step failed (%s); stepping eagerly",
                     str(err).splitlines()[0])
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+        with contextlib.suppress(RuntimeError):  # a sticky CUDA error would re-raise here
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
         return None
-    if not _close(cap.params, after[0], before[0], rtol):
+    if not all(_close(c, a, b, rtol) for c, a, b in zip((cap.params, cap.m, cap.v), after, before)):
         log.warning("captured calibration step differs from the eager step; stepping eagerly")
         return None
     cap.load(*after)

@@ -135,10 +135,11 @@ def train_layer(
         grad_fn = torch.compile(grad_fn, dynamic=False)
     clip = {k: is_clip_key(k) for k in trainable}
 
-    def step(p: Params, m: Params, v: Params, x: Tensor, y: Tensor, sc: Tensor):
+    def step(p: Params, m: Params, v: Params, x: Tensor, y: Tensor, sc: Tensor,
+             ) -> tuple[Params, Params, Params, Tensor]:
         # compiled: inductor chooses what to keep for backward itself (and mis-traces the recompute function)
         grads, (_, mse) = grad_fn(p, fixed, frozen, x, y, rope, args, qcfg, tcfg.kind, amp, ccfg.normalize_loss,
-                                  not compiled)
+                                  recompute=not compiled)
         if grad_reduce is not None:
             # un-normalise locally, average raw gradients and MSE, normalise by the global MSE
             raw = {k: g * mse for k, g in grads.items()} if ccfg.normalize_loss else grads
@@ -190,7 +191,11 @@ def _use_cuda_graph(ccfg: CalibConfig, device: torch.device, grad_reduce: GradRe
         if ccfg.cuda_graph == "on":
             raise ValueError("cuda_graph='on' needs a CUDA device; use 'auto' or 'off'")
         return False
-    return grad_reduce is None
+    if grad_reduce is not None:
+        if ccfg.cuda_graph == "on":
+            raise ValueError("cuda_graph='on' cannot capture a cross-process gradient reduction; use 'auto' or 'off'")
+        return False
+    return True
 
 
 def _ckpt(workdir: Path, i: int) -> Path:

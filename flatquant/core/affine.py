@@ -86,7 +86,7 @@ def materialize_factor(kind: str, p: dict[str, Tensor]) -> tuple[Tensor, Tensor]
         return (u * s) @ v.mT, (u / s) @ v.mT
     if kind == "inv":
         m = p["m"]
-        return m, torch.linalg.inv_ex(m.double())[0].mT.to(m.dtype)
+        return m, torch.linalg.inv(m.double()).mT.to(m.dtype)
     if kind in ("hadamard", "orthogonal", "identity"):
         return p["m"], p["m"]  # orthogonal: P^{-T} = P
     raise ValueError(f"unknown transform kind {kind!r}")

@@ -9,6 +9,7 @@ of ``fn`` itself (the same ops run again on the same inputs).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,15 +21,27 @@ class _Recompute(torch.autograd.Function):
         return fn(*xs)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         ctx.fn = inputs[0]
         ctx.save_for_backward(*inputs[1:])
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         xs = ctx.saved_tensors
-        _, vjp_fn = torch.func.vjp(ctx.fn, *xs)
-        return (None, *(g if need else None for g, need in zip(vjp_fn(grad), ctx.needs_input_grad[1:])))
+        need = ctx.needs_input_grad[1:]
+        idx = [i for i, n in enumerate(need) if n]
+        if not idx:
+            return (None,) * (len(xs) + 1)
+
+        def of_needed(*ys: Tensor) -> Tensor:  # inputs without a gradient (the frozen weight) stay constants
+            full = list(xs)
+            for i, y in zip(idx, ys):
+                full[i] = y
+            return ctx.fn(*full)
+
+        _, vjp_fn = torch.func.vjp(of_needed, *(xs[i] for i in idx))
+        grads = dict(zip(idx, vjp_fn(grad)))
+        return (None, *(grads.get(i) for i in range(len(xs))))
 
 
 def recompute_in_backward(fn: Callable[..., Tensor], *xs: Tensor) -> Tensor:

@@ -14,6 +14,8 @@ fold, so the calibrated function and the deployed (merged) function are the same
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -140,7 +142,7 @@ def materialize(flat: Params, kind: str) -> dict[str, tuple[Tensor, Tensor]]:
     return out
 
 
-def _weight_chain(present: tuple[str, ...], args: ModelArgs, wspec: QuantSpec | None):
+def _weight_chain(present: tuple[str, ...], args: ModelArgs, wspec: QuantSpec | None) -> Callable[..., Tensor]:
     """The per-linear weight fold as a pure function of ``(W, *tensors named by present)``."""
 
     def chain(w: Tensor, *ts: Tensor) -> Tensor:  # (out, in) -> (out, in)

@@ -40,8 +40,9 @@ def unpack_int4_ref(packed: Tensor, signed: bool = True) -> Tensor:  # (..., n/2
         out[..., 0::2] = torch.bitwise_left_shift(b, 4) >> 4
         out[..., 1::2] = b >> 4
     else:
-        out[..., 0::2] = packed & 0xF
-        out[..., 1::2] = packed >> 4
+        b = packed.view(torch.uint8)
+        out[..., 0::2] = b & 0xF
+        out[..., 1::2] = b >> 4
     return out
 
 
@@ -141,11 +142,12 @@ def int_matmul_ref(
 ) -> Tensor:  # (M, N)
     """Exact integer GEMM with the fp32 epilogue; ``a_bits``/``w_bits`` bound the codes' magnitudes.
 
-    The codes are multiplied in fp32 when no partial sum can reach 2^24 (int4 × int4 up to K = 2^18),
-    otherwise in fp64 (exact below 2^53): both are exact; fp32 is many times faster on CPU.
+    On CPU the codes are multiplied in fp32 when no partial sum can reach 2^24 (int4 × int4 up to
+    K = 2^18), otherwise (and on GPUs) in fp64, exact below 2^53: both are exact; fp32 is many times faster.
     """
     bound = a.shape[-1] * 2 ** (a_bits - 1) * 2 ** (w_bits - 1)
-    dt = torch.float32 if bound < 2**24 else torch.float64
+    # fp32 only on CPU: a GPU fp32 matmul may run in TF32 (10-bit mantissa), which is not exact
+    dt = torch.float32 if bound < 2**24 and a.device.type == "cpu" else torch.float64
     acc = (a.to(dt) @ w.to(dt).mT).to(torch.int32)
     out = acc.float() * a_scale.float()[:, None] * w_scale.float()[None, :]
     if bias is not None:

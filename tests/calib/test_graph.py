@@ -18,7 +18,7 @@ from tests.helpers import TINY, tiny_model, tokens
 CFG = CalibConfig(nsamples=4, seqlen=16, batch_size=2, epochs=3, lr=5e-3)
 
 
-def _train(device: str, cuda_graph: str, amp: torch.dtype):
+def _train(device: str, cuda_graph: str, amp: torch.dtype, captures: list[bool] | None = None):
     w = tiny_model(TINY)
     q, t = bits_preset("w4a4kv4"), method_config("flatquant")
     x = embed(w, tokens(4, 16)).to(device)
@@ -29,14 +29,16 @@ def _train(device: str, cuda_graph: str, amp: torch.dtype):
     tr = {k: v.to(device) for k, v in tr.items()}
     fx = {k: v.to(device) for k, v in fx.items()}
     return train_layer(tr, fx, frozen, x, outs, rope, TINY, q, t, replace(CFG, cuda_graph=cuda_graph),
-                       generator=torch.Generator(), amp=amp)
+                       generator=torch.Generator(), amp=amp, on_capture=None if captures is None else captures.append)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("amp", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_graph_replay_equals_eager(amp):
     eager, l_eager = _train("cuda", "off", amp)
-    graph, l_graph = _train("cuda", "on", amp)
+    captures: list[bool] = []
+    graph, l_graph = _train("cuda", "on", amp, captures)
+    assert captures == [True]  # the graph really replayed (a fallback would compare eager with eager)
     assert l_graph == pytest.approx(l_eager, rel=1e-3)
     for k in eager:
         torch.testing.assert_close(graph[k], eager[k], rtol=1e-3, atol=1e-5)
@@ -61,6 +63,12 @@ def test_capture_check_compares_against_update_size():
     assert not _close({"a": after["a"] + 1e-3}, after, ref, 1e-2)
 
 
-def test_cpu_training_still_learns():
-    _, losses = _train("cpu", "auto", torch.float32)
-    assert losses[-1] < losses[0]
+def test_cpu_auto_never_attempts_a_capture():
+    captures: list[bool] = []
+    _, losses = _train("cpu", "auto", torch.float32, captures)
+    assert captures == [] and losses[-1] < losses[0]
+
+
+def test_graph_refused_with_data_parallel_on():
+    with pytest.raises(ValueError, match="cross-process"):
+        _use_cuda_graph(replace(CFG, cuda_graph="on"), torch.device("cuda"), lambda g, m: (g, m))

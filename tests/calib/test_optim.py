@@ -58,8 +58,10 @@ def test_tensor_scalars_give_the_float_update():
     p = {"a": torch.randn(4, 3, generator=g)}
     grads = {"a": torch.randn(4, 3, generator=g)}
     m, v = {"a": torch.zeros(4, 3)}, {"a": torch.zeros(4, 3)}
+    snapshot = [d["a"].clone() for d in (p, grads, m, v)]
     f = adamw_apply(p, grads, m, v, {"a": 1e-2}, 0.1, 0.001, cfg)
     t = adamw_apply(p, grads, m, v, {"a": torch.tensor(1e-2)}, torch.tensor(0.1), torch.tensor(0.001), cfg)
     for a, b in zip(f, t):
         torch.testing.assert_close(a["a"], b["a"])
     assert not torch.equal(f[0]["a"], p["a"])
+    assert all(torch.equal(s, d["a"]) for s, d in zip(snapshot, (p, grads, m, v)))  # inputs not mutated
