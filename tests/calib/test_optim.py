@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from flatquant.calib.config import CalibConfig
@@ -42,8 +43,9 @@ def test_clip_group_gets_ten_times_lr_and_shared_floor():
     assert abs(end["c"] - end["t"]) < 1e-12 and abs(end["t"] - 5e-6) < 1e-12
 
 
-def test_schedule_rows_match_python_schedule():
-    cfg = CalibConfig(lr=5e-3, epochs=2, nsamples=8, batch_size=4)
+@pytest.mark.parametrize("warmup,shared", [(0, True), (3, False)])
+def test_schedule_rows_match_python_schedule(warmup: int, shared: bool):
+    cfg = CalibConfig(lr=5e-3, epochs=4, nsamples=8, batch_size=4, warmup_steps=warmup, shared_eta_min=shared)
     total = cfg.epochs * cfg.steps_per_epoch
     table = schedule(total, cfg)
     for t in range(total):
