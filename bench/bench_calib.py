@@ -45,6 +45,8 @@ def main() -> int:
     ap.add_argument("--preset", default="w4a4kv4")
     ap.add_argument("--compile", default="off", choices=("auto", "on", "off"))
     ap.add_argument("--cuda-graph", default="off", choices=("auto", "on", "off"))
+    ap.add_argument("--no-recompute", dest="recompute", action="store_false",
+                    help="keep quantizer intermediates for backward (CalibConfig.recompute=False)")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -53,7 +55,7 @@ def main() -> int:
     one = SHAPES[a.shape].__class__(**{**SHAPES[a.shape].to_dict(), "n_layers": 1, "vocab_size": 16})
     w = random_weights(one, generator=torch.Generator().manual_seed(0), outlier_channels=8)
     ccfg = CalibConfig(nsamples=a.nsamples, seqlen=a.seqlen, epochs=a.epochs, batch_size=a.batch_size,
-                       amp_dtype=a.amp, compile=a.compile, cuda_graph=a.cuda_graph)
+                       amp_dtype=a.amp, compile=a.compile, cuda_graph=a.cuda_graph, recompute=a.recompute)
     amp = resolve_amp(ccfg, dev)
     q, t = bits_preset(a.preset), method_config("flatquant")
     frozen = {k: v.to(dev) for k, v in w.layers[0].items()}

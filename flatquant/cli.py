@@ -74,6 +74,8 @@ def _add_calib(p: argparse.ArgumentParser, *, nsamples: int = 128, seqlen: int =
     g.add_argument("--shuffle", action="store_true", help="shuffle calibration batches each epoch")
     g.add_argument("--compile", choices=("auto", "on", "off"), default="off",
                    help="torch.compile the calibration step (auto: on CUDA; default off)")
+    g.add_argument("--no-recompute", dest="recompute", action="store_false",
+                   help="keep quantizer intermediates for backward instead of recomputing them (faster, more memory)")
     g.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="off",
                    help="replay the calibration step as a CUDA graph (auto: on CUDA, checked against eager first; "
                         "default off)")
@@ -143,7 +145,7 @@ def calib_config_from_args(a: argparse.Namespace) -> CalibConfig:
     """CalibConfig from the calibration flags."""
     return CalibConfig(nsamples=a.nsamples, seqlen=a.seqlen, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                        weight_quantizer=a.weight_quant, amp_dtype=a.amp, shuffle=a.shuffle, seed=a.seed,
-                       compile=a.compile, cuda_graph=a.cuda_graph)
+                       compile=a.compile, cuda_graph=a.cuda_graph, recompute=a.recompute)
 
 
 def _test_windows(a: argparse.Namespace, tok, bos: int | None):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stages of one H100 session through the device tool (see bench/README.md). Each stage writes under $OUT.
 #   setup:    first half of the GGUF (.model1/part) and the wheels (.whl) -> /root/fq, /tmp/site
-#   probe:    GPU re-run of the CUDA tests fixed this session; calibration speed/memory of one LLaMA-3-8B layer
+#   probe:    CUDA tests of the ops and the graph step; calibration speed/memory of one LLaMA-3-8B layer (variants)
 #   accuracy: second GGUF half (.model2), resume the accuracy runs carried in .accprog/acc.tgz
 #   bench-ops: kernel benchmark (all shapes);  bench-e2e: end-to-end benchmark and real-path generation on the GPU
 #   (each its own call: a call returns at most 8 files and runs at most 10 minutes)
@@ -16,9 +16,13 @@ setup)
 probe)
   python3 -m pytest -q -m cuda -p no:cacheprovider tests/ops/test_kron_quant.py tests/ops/test_kv_attention.py \
     tests/calib/test_graph.py 2>&1 | tee $OUT/pytest_cuda_h100_rerun.log | tail -5
-  python3 bench/bench_calib.py --shape smollm2-135m --epochs 1 --out $OUT --tag _graph 2>&1 | grep -v Warn | tail -3
-  timeout 300 python3 bench/bench_calib.py --shape llama3-8b --epochs 15 --out $OUT 2>&1 | tail -3
-  timeout 100 python3 bench/profile_calib.py --shape llama3-8b --steps 4 > $OUT/profile_llama3-8b.txt 2>&1 ;;
+  # one JSON per variant (bench_calib --tag); the 15-epoch row is the paper-settings figure
+  python3 bench/bench_calib.py --shape smollm2-135m --epochs 2 --cuda-graph on --out $OUT --tag _graph 2>&1 | tail -1
+  timeout 150 python3 bench/bench_calib.py --shape llama3-8b --epochs 15 --out $OUT 2>&1 | tail -1
+  for v in "--no-recompute" "--cuda-graph on" "--compile on"; do
+    timeout 120 python3 bench/bench_calib.py --shape llama3-8b --epochs 2 $v --out $OUT --tag "_$(echo $v | tr -d ' -')" \
+      2>&1 | tail -1
+  done ;;
 accuracy)
   cat $FQ/part1 .model2/part > $FQ/smollm2.gguf
   echo "$(cat .model2/sha)  $FQ/smollm2.gguf" | sha256sum -c - || exit 3

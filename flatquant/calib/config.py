@@ -25,6 +25,8 @@ class CalibConfig:
         cuda_graph: capture the whole step (gradient + AdamW) as a CUDA graph after the first eager step
             and replay it (``auto``: on CUDA, single process); checked against the eager step first, and
             off by default until measured on real models (see bench/README.md).
+        recompute: re-run each weight fold and activation quantizer in backward instead of keeping their
+            intermediates (8B step: 13.1 -> 4.8 GiB saved for backward; more compute). Ignored when compiled.
         weight_quantizer: ``rtn`` or ``gptq`` after reparameterisation.
         gptq_percdamp, gptq_blocksize, gptq_act_order: GPTQ settings (spec §5.2).
         seed: seeds the calibration windows and every layer's initial transforms.
@@ -47,6 +49,7 @@ class CalibConfig:
     amp_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: Literal["auto", "on", "off"] = "off"
     cuda_graph: Literal["auto", "on", "off"] = "off"
+    recompute: bool = True
     weight_quantizer: Literal["rtn", "gptq"] = "rtn"
     gptq_percdamp: float = 0.01
     gptq_blocksize: int = 128

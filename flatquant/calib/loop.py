@@ -59,7 +59,7 @@ def fingerprint(weights: ModelWeights, tokens: Tensor | None, qcfg: QuantConfig,
 
 #: settings that do not change the learned transforms (the weight quantizer runs after calibration)
 POST_CALIBRATION_FIELDS = ("weight_quantizer", "gptq_percdamp", "gptq_blocksize", "gptq_act_order", "compile",
-                           "cuda_graph")
+                           "cuda_graph", "recompute")
 
 
 def calibration_settings(ccfg: CalibConfig) -> dict[str, object]:
@@ -87,14 +87,14 @@ def layer_loss(
 
     Returns ``(loss, mse.detach())`` with ``loss = mse / mse.detach()`` when ``normalize`` (the
     official normalisation: the gradient of log-MSE, which keeps fp16 gradients in range without a
-    GradScaler), else ``loss = mse``. ``recompute`` refolds each weight in backward instead of keeping its
-    weight-sized intermediates (see :func:`fold_layer`).
+    GradScaler), else ``loss = mse``. ``recompute`` refolds each weight and re-runs each activation
+    quantizer in backward instead of keeping their intermediates (see :func:`fold_layer`, :func:`quant_act`).
     """
     folded = fold_layer({**fixed, **trainable}, frozen, args, qcfg, kind, recompute=recompute)
     ctx = (torch.autocast(x.device.type, dtype=amp, cache_enabled=False) if amp != torch.float32
            else contextlib.nullcontext())
     with ctx:
-        out = layer_forward(folded, x, rope, args, qcfg)
+        out = layer_forward(folded, x, rope, args, qcfg, recompute=recompute)
     mse = F.mse_loss(out.float(), y.float())
     return (mse / mse.detach() if normalize else mse), mse.detach()
 
@@ -139,7 +139,7 @@ def train_layer(
              ) -> tuple[Params, Params, Params, Tensor]:
         # compiled: inductor chooses what to keep for backward itself (and mis-traces the recompute function)
         grads, (_, mse) = grad_fn(p, fixed, frozen, x, y, rope, args, qcfg, tcfg.kind, amp, ccfg.normalize_loss,
-                                  recompute=not compiled)
+                                  recompute=ccfg.recompute and not compiled)
         if grad_reduce is not None:
             # un-normalise locally, average raw gradients and MSE, normalise by the global MSE
             raw = {k: g * mse for k, g in grads.items()} if ccfg.normalize_loss else grads

@@ -14,6 +14,8 @@ model: which transforms run online is decided by which keys the dict holds, and 
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from torch import Tensor
 from ..core.clip import clip_factor
 from ..core.kron import head_mix, head_transform, kron_transform
 from ..core.quant import fake_quant
+from ..core.recompute import recompute_in_backward
 from ..core.spec import QuantConfig, QuantSpec
 from .args import ModelArgs
 
@@ -64,21 +67,26 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (y * weight.to(ct)).to(x.dtype)
 
 
-def quant_act(p: Params, prefix: str, x: Tensor, spec: QuantSpec) -> Tensor:
-    """Per-token fake quantization of ``x`` with the clip logits stored under ``prefix.lac``."""
+def quant_act(p: Params, prefix: str, x: Tensor, spec: QuantSpec, *, recompute: bool = False) -> Tensor:
+    """Per-token fake quantization of ``x`` with the clip logits stored under ``prefix.lac``.
+
+    ``recompute`` (training) keeps only ``x`` and the logits for backward and recomputes the
+    quantizer's intermediates there (same gradients, less activation memory).
+    """
     if not spec.enabled:
         return x
-    return fake_quant(
-        x,
-        spec,
-        clip_lo=clip_factor(p.get(f"{prefix}.lac.lo")),
-        clip_hi=clip_factor(p.get(f"{prefix}.lac.hi")),
-    )
+    logits = {k: p[f"{prefix}.lac.{k}"] for k in ("lo", "hi") if f"{prefix}.lac.{k}" in p}
+
+    def chain(xx: Tensor, *ls: Tensor) -> Tensor:
+        c = {k: clip_factor(v) for k, v in zip(logits, ls, strict=True)}
+        return fake_quant(xx, spec, clip_lo=c.get("lo"), clip_hi=c.get("hi"))
+
+    return recompute_in_backward(chain, x, *logits.values()) if recompute else chain(x, *logits.values())
 
 
-def linear(p: Params, name: str, x: Tensor, a_spec: QuantSpec) -> Tensor:
+def linear(p: Params, name: str, x: Tensor, a_spec: QuantSpec, *, recompute: bool = False) -> Tensor:
     """Input fake-quant (with this linear's LAC) followed by ``x Wᵀ + b``."""
-    x = quant_act(p, name, x, a_spec)
+    x = quant_act(p, name, x, a_spec, recompute=recompute)
     return F.linear(x, p[f"{name}.weight"].to(x.dtype), p.get(f"{name}.bias"))
 
 
@@ -90,7 +98,8 @@ def _kron(p: Params, site: str, x: Tensor) -> Tensor:
 
 
 def attention(
-    p: Params, x: Tensor, rope: Rope, args: ModelArgs, qcfg: QuantConfig, linear_fn: LinearFn = linear
+    p: Params, x: Tensor, rope: Rope, args: ModelArgs, qcfg: QuantConfig, linear_fn: LinearFn = linear,
+    *, recompute: bool = False,
 ) -> Tensor:  # x: (B, T, hidden) normalised input -> (B, T, H*d) attention output before o_proj
     """Q/K/V projections, RoPE, K transform, Q/K/V quantization, causal softmax attention."""
     b, t, _ = x.shape
@@ -101,9 +110,9 @@ def attention(
     if "k_trans" in p:
         q = head_transform(q, p["k_trans_inv_t"])
         k = head_transform(k, p["k_trans"])
-    q = quant_act(p, "q_quant", q, qcfg.q)
-    k = quant_act(p, "k_cache", k, qcfg.k)
-    v = quant_act(p, "v_cache", v, qcfg.v)
+    q = quant_act(p, "q_quant", q, qcfg.q, recompute=recompute)
+    k = quant_act(p, "k_cache", k, qcfg.k, recompute=recompute)
+    v = quant_act(p, "v_cache", v, qcfg.v, recompute=recompute)
     rep = args.n_heads // args.n_kv_heads
     if rep > 1:
         k = k.repeat_interleave(rep, dim=1)
@@ -127,16 +136,20 @@ def layer_forward(
     args: ModelArgs,
     qcfg: QuantConfig,
     *,
-    linear_fn: LinearFn = linear,
+    linear_fn: LinearFn | None = None,
+    recompute: bool = False,
 ) -> Tensor:  # (B, T, hidden)
     """One decoder layer: pre-norm attention and pre-norm SwiGLU MLP with residuals.
 
     ``linear_fn(p, name, x, a_spec)`` computes each of the seven linears (default: fake-quant input,
-    then ``F.linear``); GPTQ passes one that also records the quantized inputs.
+    then ``F.linear``); GPTQ passes one that also records the quantized inputs. ``recompute``
+    (training) recomputes every activation quantizer in backward (see :func:`quant_act`).
     """
+    if linear_fn is None:
+        linear_fn = functools.partial(linear, recompute=recompute)
     h = rms_norm(x, p["input_norm"], args.rms_eps)
     h = _kron(p, "ln_trans", h)
-    o = attention(p, h, rope, args, qcfg, linear_fn)
+    o = attention(p, h, rope, args, qcfg, linear_fn, recompute=recompute)
     if "o_trans" in p:
         o = head_mix(o, p["o_trans"])
     x = x + linear_fn(p, "o_proj", o, qcfg.a)

@@ -95,7 +95,7 @@ def test_no_transforms_without_low_bits():
                       "v_cache.lac.lo", "v_cache.lac.hi"}
 
 
-def test_recomputed_fold_gives_the_same_gradients():
+def test_recomputed_fold_and_activation_quantizers_give_the_same_gradients():
     from flatquant.models.model import embed, rope_for
     from flatquant.presets import method_config
     from tests.helpers import TINY, tiny_model, tokens
@@ -109,7 +109,7 @@ def test_recomputed_fold_gives_the_same_gradients():
 
     def loss(p, recompute):
         folded = fold_layer({**fx, **p}, w.layers[0], TINY, q, t.kind, recompute=recompute)
-        return layer_forward(folded, x, rope, TINY, q).sub(y).pow(2).mean()
+        return layer_forward(folded, x, rope, TINY, q, recompute=recompute).sub(y).pow(2).mean()
 
     got, want = torch.func.grad(loss)(tr, True), torch.func.grad(loss)(tr, False)
     assert got.keys() == want.keys()
