@@ -45,8 +45,8 @@ def main() -> int:
     ap.add_argument("--preset", default="w4a4kv4")
     ap.add_argument("--compile", default="off", choices=("auto", "on", "off"))
     ap.add_argument("--cuda-graph", default="off", choices=("auto", "on", "off"))
-    ap.add_argument("--no-recompute", dest="recompute", action="store_false",
-                    help="keep quantizer intermediates for backward (CalibConfig.recompute=False)")
+    ap.add_argument("--recompute", default="auto", choices=("auto", "on", "off"),
+                    help="CalibConfig.recompute (auto: on CUDA)")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))

@@ -74,8 +74,8 @@ def _add_calib(p: argparse.ArgumentParser, *, nsamples: int = 128, seqlen: int =
     g.add_argument("--shuffle", action="store_true", help="shuffle calibration batches each epoch")
     g.add_argument("--compile", choices=("auto", "on", "off"), default="off",
                    help="torch.compile the calibration step (auto: on CUDA; default off)")
-    g.add_argument("--no-recompute", dest="recompute", action="store_false",
-                   help="keep quantizer intermediates for backward instead of recomputing them (faster, more memory)")
+    g.add_argument("--recompute", choices=("auto", "on", "off"), default="auto",
+                   help="recompute quantizer intermediates in backward: less memory, more compute (auto: on CUDA)")
     g.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="off",
                    help="replay the calibration step as a CUDA graph (auto: on CUDA, checked against eager first; "
                         "default off)")

@@ -19,7 +19,7 @@ probe)
   # one JSON per variant (bench_calib --tag); the 15-epoch row is the paper-settings figure
   python3 bench/bench_calib.py --shape smollm2-135m --epochs 2 --cuda-graph on --out $OUT --tag _graph 2>&1 | tail -1
   timeout 150 python3 bench/bench_calib.py --shape llama3-8b --epochs 15 --out $OUT 2>&1 | tail -1
-  for v in "--no-recompute" "--cuda-graph on" "--compile on"; do
+  for v in "--recompute off" "--cuda-graph on" "--compile on"; do
     timeout 120 python3 bench/bench_calib.py --shape llama3-8b --epochs 2 $v --out $OUT --tag "_$(echo $v | tr -d ' -')" \
       2>&1 | tail -1
   done ;;

@@ -26,7 +26,8 @@ class CalibConfig:
             and replay it (``auto``: on CUDA, single process); checked against the eager step first, and
             off by default until measured on real models (see bench/README.md).
         recompute: re-run each weight fold and activation quantizer in backward instead of keeping their
-            intermediates (8B step: 13.1 -> 4.8 GiB saved for backward; more compute). Ignored when compiled.
+            intermediates (8B step: 13.1 -> 4.8 GiB saved for backward; more compute). ``auto``: on CUDA
+            only (GPU memory is the limit there; on CPU the extra compute is not worth it). Ignored when compiled.
         weight_quantizer: ``rtn`` or ``gptq`` after reparameterisation.
         gptq_percdamp, gptq_blocksize, gptq_act_order: GPTQ settings (spec §5.2).
         seed: seeds the calibration windows and every layer's initial transforms.
@@ -49,7 +50,7 @@ class CalibConfig:
     amp_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: Literal["auto", "on", "off"] = "off"
     cuda_graph: Literal["auto", "on", "off"] = "off"
-    recompute: bool = True
+    recompute: Literal["auto", "on", "off"] = "auto"
     weight_quantizer: Literal["rtn", "gptq"] = "rtn"
     gptq_percdamp: float = 0.01
     gptq_blocksize: int = 128
@@ -66,7 +67,7 @@ class CalibConfig:
             raise ValueError(f"nsamples ({self.nsamples}) must be a multiple of batch_size ({self.batch_size})")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
-        for name in ("compile", "cuda_graph"):
+        for name in ("compile", "cuda_graph", "recompute"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ValueError(f"{name} must be 'auto', 'on' or 'off', not {getattr(self, name)!r}")
         if self.weight_quantizer not in ("rtn", "gptq"):

@@ -130,7 +130,9 @@ def train_layer(
     ``on_capture(ok)`` hears whether the capture was used (a caller stops retrying after a failure).
     """
     grad_fn = torch.func.grad_and_value(layer_loss, has_aux=True)
-    compiled = ccfg.compile == "on" or (ccfg.compile == "auto" and inps.device.type == "cuda")
+    cuda = inps.device.type == "cuda"
+    compiled = ccfg.compile == "on" or (ccfg.compile == "auto" and cuda)
+    recompute = not compiled and (ccfg.recompute == "on" or (ccfg.recompute == "auto" and cuda))
     if compiled:
         grad_fn = torch.compile(grad_fn, dynamic=False)
     clip = {k: is_clip_key(k) for k in trainable}
@@ -139,7 +141,7 @@ def train_layer(
              ) -> tuple[Params, Params, Params, Tensor]:
         # compiled: inductor chooses what to keep for backward itself (and mis-traces the recompute function)
         grads, (_, mse) = grad_fn(p, fixed, frozen, x, y, rope, args, qcfg, tcfg.kind, amp, ccfg.normalize_loss,
-                                  recompute=ccfg.recompute and not compiled)
+                                  recompute=recompute)
         if grad_reduce is not None:
             # un-normalise locally, average raw gradients and MSE, normalise by the global MSE
             raw = {k: g * mse for k, g in grads.items()} if ccfg.normalize_loss else grads
