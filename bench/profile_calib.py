@@ -56,27 +56,25 @@ def main() -> int:
         with torch.no_grad():
             return layer_loss(tr, fx, frozen, x, y, rope, one, q, t.kind, amp)
 
-    linalg = capturable_linalg(dev)  # the LU backend the calibration loop uses
-    linalg.__enter__()
-    for name, fn in (("fwd_only", fwd_only), ("torch.func", step_func), ("autograd", step_autograd)):
-        for _ in range(2):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(a.steps):
-            fn()
-        torch.cuda.synchronize()
-        print(f"{name:<12} {1000 * (time.perf_counter() - t0) / a.steps:8.1f} ms/step", flush=True)
-    from torch.profiler import ProfilerActivity, profile
+    with capturable_linalg(dev):  # the LU backend the calibration loop uses
+        for name, fn in (("fwd_only", fwd_only), ("torch.func", step_func), ("autograd", step_autograd)):
+            for _ in range(2):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                fn()
+            torch.cuda.synchronize()
+            print(f"{name:<12} {1000 * (time.perf_counter() - t0) / a.steps:8.1f} ms/step", flush=True)
+        from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step_func()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
-    print(f"peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    linalg.__exit__(None, None, None)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step_func()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+        print(f"peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     return 0
 
 

@@ -185,7 +185,7 @@ def _weight_quants(a: argparse.Namespace) -> list[str]:
 
 
 def _run_matrix(a: argparse.Namespace, methods: list[str], presets: list[str]) -> list[dict]:
-    _weight_quants(a)  # bad input fails before the model loads
+    wqs = _weight_quants(a)  # bad input fails before the model loads
     device = resolve_device(a.device)
     weights, tok = load(a.model)
     bos = weights.args.bos_token_id
@@ -196,7 +196,6 @@ def _run_matrix(a: argparse.Namespace, methods: list[str], presets: list[str]) -
     prev = {}
     if (out / "results.json").is_file():
         prev = {(r["method"], r["bits"], r["key"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
-    wqs = _weight_quants(a)
     rows = []
     meta = {"model": a.model, "eval_data": a.eval_data, "eval_windows": int(windows.shape[0]),
             "eval_seqlen": a.eval_seqlen, "device": str(device), "calib": ccfg.to_dict(), "weight_quants": wqs,

@@ -104,8 +104,7 @@ def try_capture(
     step); on failure it returns ``None`` and logs why.
     """
     try:
-        cap = CapturedStep(step, *before, x, y, scalars)
-        cap.load(*before)
+        cap = CapturedStep(step, *before, x, y, scalars)  # statics hold ``before``: capture runs no kernels
         cap.run(x, y, scalars)
         torch.cuda.synchronize()
     except RuntimeError as err:  # capture refused an op (or ran out of memory): step eagerly

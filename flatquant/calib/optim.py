@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -11,21 +10,6 @@ from torch import Tensor
 from .config import CalibConfig
 
 Params = dict[str, Tensor]
-
-
-@dataclass(frozen=True)
-class AdamState:
-    """Optimizer state: step count and first/second moments per parameter."""
-
-    step: int
-    m: Params
-    v: Params
-
-
-def adamw_init(params: Params) -> AdamState:
-    """Zero moments for every parameter."""
-    return AdamState(0, {k: torch.zeros_like(p) for k, p in params.items()},
-                     {k: torch.zeros_like(p) for k, p in params.items()})
 
 
 def cosine_lr(step: int, total: int, base: float, eta_min: float, warmup_steps: int = 0) -> float:
@@ -37,15 +21,6 @@ def cosine_lr(step: int, total: int, base: float, eta_min: float, warmup_steps: 
     if warmup_steps and step < warmup_steps:
         lr *= 0.01 + 0.99 * step / warmup_steps
     return lr
-
-
-def group_lrs(keys: list[str], is_clip: callable, step: int, total: int, cfg: CalibConfig) -> dict[str, float]:
-    """Per-parameter learning rate: ``lr`` for transforms/diag, ``lr·clip_lr_mult`` for clip logits."""
-    floor = cfg.lr * cfg.eta_min_ratio
-    base = cosine_lr(step, total, cfg.lr, floor, cfg.warmup_steps)
-    clip_floor = floor if cfg.shared_eta_min else floor * cfg.clip_lr_mult
-    clip = cosine_lr(step, total, cfg.lr * cfg.clip_lr_mult, clip_floor, cfg.warmup_steps)
-    return {k: clip if is_clip(k) else base for k in keys}
 
 
 def schedule(total: int, cfg: CalibConfig, device: torch.device | str = "cpu") -> Tensor:
@@ -82,13 +57,3 @@ def adamw_apply(
         denom = (new_v[k].sqrt() / bc2 ** 0.5).add_(cfg.eps)
         new_p[k] = p * (1 - lr * cfg.weight_decay) - new_m[k] / denom * (lr / bc1)
     return new_p, new_m, new_v
-
-
-def adamw_update(
-    params: Params, grads: Params, state: AdamState, lrs: dict[str, float], cfg: CalibConfig
-) -> tuple[Params, AdamState]:
-    """One AdamW step with the state's own step count; returns new params and state."""
-    b1, b2 = cfg.betas
-    t = state.step + 1
-    new_p, new_m, new_v = adamw_apply(params, grads, state.m, state.v, lrs, 1 - b1**t, 1 - b2**t, cfg)
-    return new_p, AdamState(t, new_m, new_v)

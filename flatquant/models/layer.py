@@ -15,7 +15,6 @@ model: which transforms run online is decided by which keys the dict holds, and 
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Callable
 from dataclasses import dataclass
 
