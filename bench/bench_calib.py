@@ -73,14 +73,19 @@ def main() -> int:
     fx = {k: v.to(dev) for k, v in fx.items()}
     t1 = time.perf_counter()
     captured: list[bool] = []
+    epoch_end: list[float] = []
     _, losses = train_layer(tr, fx, frozen, inps, outs, rope, one, q, t, ccfg, generator=g, amp=amp,
-                            on_capture=captured.append)
+                            on_capture=captured.append, on_epoch=lambda *_: epoch_end.append(time.perf_counter()))
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()
     steps = ccfg.epochs * ccfg.steps_per_epoch
     res = {
         "shape": a.shape, "settings": ccfg.to_dict(), "amp": str(amp), "preset": a.preset,
+        # steady state: the epochs after the first (which holds compilation, autotuning and graph capture)
+        "steady_step_ms": (1000 * (epoch_end[-1] - epoch_end[0]) / ((len(epoch_end) - 1) * ccfg.steps_per_epoch)
+                           if len(epoch_end) > 1 else None),
+        "first_epoch_s": epoch_end[0] - t1 if epoch_end else None,
         "fp_pass_s": t1 - t0, "train_s": t2 - t1, "layer_s": t2 - t0, "step_ms": 1000 * (t2 - t1) / max(steps, 1),
         "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if dev.type == "cuda" else None,
@@ -89,10 +94,10 @@ def main() -> int:
         "env": environment(),
     }
     print(f"{'shape':<14}{'epochs':>7}{'steps':>7}{'layer s':>9}{'step ms':>9}{'peak alloc GiB':>16}{'reserved':>10}"
-          f"{'graph':>7}")
+          f"{'graph':>7}{'steady ms':>11}")
     print(f"{a.shape:<14}{a.epochs:>7}{steps:>7}{res['layer_s']:>9.1f}{res['step_ms']:>9.1f}"
           f"{(res['peak_alloc_gib'] or 0):>16.2f}{(res['peak_reserved_gib'] or 0):>10.2f}"
-          f"{str(res['cuda_graph_captured']):>7}")
+          f"{str(res['cuda_graph_captured']):>7}{(res['steady_step_ms'] or 0):>11.1f}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"calib_{a.shape}_{a.epochs}ep{a.tag}.json").write_text(json.dumps(res, indent=1))

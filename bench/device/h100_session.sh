@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stages of one H100 session through the device tool (see bench/README.md). Each stage writes under $OUT.
 #   setup:    first half of the GGUF (.model1/part) and the wheels (.whl) -> /root/fq, /tmp/site
-#   probe:    CUDA tests of the ops and the graph step; calibration speed/memory of one LLaMA-3-8B layer (variants)
+#   probe:    calibration step variants on one LLaMA-3-8B layer (2 epochs); GEMM tile/operand probe
+#   calib15:  paper-settings calibration speed/memory of one LLaMA-3-8B layer (compiled, graph, eager)
 #   accuracy: second GGUF half (.model2), resume the accuracy runs carried in .accprog/acc.tgz
 #   bench-ops: kernel benchmark (all shapes);  bench-e2e: end-to-end benchmark and real-path generation on the GPU
 #   (each its own call: a call returns at most 8 files and runs at most 10 minutes)
@@ -14,13 +15,16 @@ setup)
   mkdir -p $FQ && cp .model1/part $FQ/part1
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl ;;
 probe)
-  python3 -m pytest -q -m cuda -p no:cacheprovider tests/ops/test_kron_quant.py tests/ops/test_kv_attention.py \
-    tests/calib/test_graph.py 2>&1 | tee $OUT/pytest_cuda_h100_rerun.log | tail -5
-  # one JSON per variant (bench_calib --tag); the 15-epoch row is the paper-settings figure
-  python3 bench/bench_calib.py --shape smollm2-135m --epochs 2 --cuda-graph on --out $OUT --tag _graph 2>&1 | tail -1
-  timeout 150 python3 bench/bench_calib.py --shape llama3-8b --epochs 15 --out $OUT 2>&1 | tail -1
-  for v in "--recompute off" "--cuda-graph on" "--compile on"; do
-    timeout 120 python3 bench/bench_calib.py --shape llama3-8b --epochs 2 $v --out $OUT --tag "_$(echo $v | tr -d ' -')" \
+  # calibration step variants on one LLaMA-3-8B layer (2 epochs: ms/step and peak memory), then the GEMM probe
+  for v in "" "--compile on" "--cuda-graph on" "--recompute off" "--compile on --cuda-graph on"; do
+    timeout 110 python3 bench/bench_calib.py --shape llama3-8b --epochs 2 $v --out $OUT --tag "_$(echo $v | tr -d ' -')" \
+      2>&1 | tail -1
+  done
+  timeout 240 python3 bench/probe_gemm.py --out $OUT/probe_gemm_h100.json 2>&1 | tee $OUT/probe_gemm_h100.log ;;
+calib15)
+  # paper settings (15 epochs) on one LLaMA-3-8B layer: compiled step, compiled + CUDA graph, eager
+  for v in "--compile on" "--compile on --cuda-graph on" "--compile off --recompute off"; do
+    timeout 200 python3 bench/bench_calib.py --shape llama3-8b --epochs 15 $v --out $OUT --tag "_$(echo $v | tr -d ' -')" \
       2>&1 | tail -1
   done ;;
 accuracy)

@@ -121,13 +121,15 @@ def train_layer(
     args, qcfg: QuantConfig, tcfg: TransformConfig, ccfg: CalibConfig, *, generator: torch.Generator,
     amp: torch.dtype, desc: str = "", grad_reduce: GradReduce | None = None,
     on_capture: Callable[[bool], None] | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> tuple[Params, list[float]]:
     """Optimise one layer's trainable parameters; returns them and the mean MSE of each epoch.
 
     ``grad_reduce(grads, mse)`` (data parallel) combines the un-normalised gradients and MSE of
     all processes; they are then normalised by the global MSE before the optimizer step.
     On CUDA the step is captured as a CUDA graph after the first (eager) step (``ccfg.cuda_graph``);
-    ``on_capture(ok)`` hears whether the capture was used (a caller stops retrying after a failure).
+    ``on_capture(ok)`` hears whether the capture was used (a caller stops retrying after a failure);
+    ``on_epoch(epoch, mean_mse)`` is called after each epoch (the device is synchronised then, so it can time it).
     """
     grad_fn = torch.func.grad_and_value(layer_loss, has_aux=True)
     cuda = inps.device.type == "cuda"
@@ -179,6 +181,8 @@ def train_layer(
                             on_capture(captured is not None)
                 step_i += 1
             losses.append(float(tot) / ccfg.steps_per_epoch)
+            if on_epoch is not None:
+                on_epoch(epoch, losses[-1])
             log.debug("%s epoch %d mse %.6g", desc, epoch, losses[-1])
     if captured is not None:
         trainable = {k: t.clone() for k, t in captured.params.items()}
