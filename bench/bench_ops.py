@@ -25,7 +25,7 @@ from triton.testing import do_bench_cudagraph
 from flatquant.core.kron import decompose_dim
 from flatquant.ops import kron_quant, make_qlinear, qlinear, w4a4_matmul, w4a8_matmul, w8a8_matmul
 from flatquant.ops import reference as ref
-from flatquant.ops.matmul import _qmatmul_tuned
+from flatquant.ops.matmul import MODE_W4A4, _qmatmul_tuned, qmatmul_triton
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 11008), (11008, 4096)]  # (K, N)
 MS = [1, 16, 64, 256, 2048, 8192, 16384]
@@ -99,6 +99,9 @@ def bench_shape(k: int, n: int, ms: list[int], dev: torch.device) -> list[dict]:
                                        for wh in w_h4s])
         r["ours_w4a4"] = _time_all([lambda wq=wq: w4a4_matmul(a4, sa, wq, sw, None, torch.bfloat16)
                                        for wq in w_i4s])
+        # the fused-unpack W4A4 kernel alone (the op switches to unpack + W8A8 at M >= UNPACK_MIN_M)
+        r["ours_w4a4_fused"] = _time_all([lambda wq=wq: qmatmul_triton(a4, sa, wq, sw, None, k, MODE_W4A4,
+                                                                       torch.bfloat16) for wq in w_i4s])
         ps = [make_like(p4, wq) for wq in w_i4s]
         r["ours_qlinear"] = _time_all([lambda pp=pp: qlinear(x, pp, "real") for pp in ps])
         r["kron_quant"] = _time(lambda: kron_quant(x, p4.left, p4.right, p4.clip, n1, 4, True))
@@ -180,13 +183,15 @@ def main() -> None:
         json.dump(info, f, indent=1)
 
     print(f"# {info['gpu']}  torch {info['torch']}  triton {info['triton']}  copy {bw * 1e-9:.0f} GB/s")
-    print("# times in us (median); x = speed-up of ours over the baseline (>1 is faster)")
+    print("# times in us (median); x = speed-up of ours over the baseline (>1 is faster); w4a4 = the op "
+          "(unpack + W8A8 kernel at M >= UNPACK_MIN_M), fused = the fused-unpack W4A4 kernel")
     hdr = (f"{'K':>6} {'N':>6} {'M':>6} | {'bf16':>8} {'int_mm':>8} {'fp8':>8} | {'w8a8':>8} {'w4a8':>8} {'w4a4':>8}"
-           f" {'qlin':>8} | {'w4a4/bf16':>9} {'w4a4/i8':>8} {'qlin/bf16':>9} {'kq%':>5} {'TOPS':>6}")
+           f" {'fused':>8} {'qlin':>8} | {'w4a4/bf16':>9} {'w4a4/i8':>8} {'qlin/bf16':>9} {'kq%':>5} {'TOPS':>6}")
     print(hdr)
     for r in rows:
         print(f"{r['K']:>6} {r['N']:>6} {r['M']:>6} | {r['bf16']:8.1f} {r['int_mm']:8.1f} {r['fp8']:8.1f} | "
-              f"{r['ours_w8a8']:8.1f} {r['ours_w4a8']:8.1f} {r['ours_w4a4']:8.1f} {r['ours_qlinear']:8.1f} | "
+              f"{r['ours_w8a8']:8.1f} {r['ours_w4a8']:8.1f} {r['ours_w4a4']:8.1f} {r['ours_w4a4_fused']:8.1f} "
+              f"{r['ours_qlinear']:8.1f} | "
               f"{r['bf16'] / r['ours_w4a4']:9.2f} {r['int_mm'] / r['ours_w4a4']:8.2f} "
               f"{r['bf16'] / r['ours_qlinear']:9.2f} {100 * r['kron_quant'] / r['ours_qlinear']:5.1f} "
               f"{r['tops_w4a4']:6.0f}")

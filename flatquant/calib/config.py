@@ -21,13 +21,16 @@ class CalibConfig:
         normalize_loss: divide the MSE by its detached value (gradient of log-MSE), as the official code.
         shuffle: visit batches in a random order each epoch (the official code does not).
         amp_dtype: matmul dtype of the training forward: ``auto`` is bfloat16 on CUDA, float32 on CPU.
-        compile: ``torch.compile`` the gradient step (``auto``: on CUDA only; fused elementwise kernels).
+        compile: ``torch.compile`` the gradient step (``auto``: on CUDA only). It fuses the quantizers'
+            elementwise chains: one LLaMA-3-8B layer on the H100 goes from 138 to 44 ms per step and from 35.0 to
+            13.1 GiB peak. Compilation runs once per model (about 80 s cold, cached by inductor afterwards).
         cuda_graph: capture the whole step (gradient + AdamW) as a CUDA graph after the first eager step
             and replay it (``auto``: on CUDA, single process); checked against the eager step first, and
             off by default until measured on real models (see bench/README.md).
         recompute: re-run each weight fold and activation quantizer in backward instead of keeping their
-            intermediates (8B step: 13.1 -> 4.8 GiB saved for backward; more compute). ``auto``: on CUDA
-            only (GPU memory is the limit there; on CPU the extra compute is not worth it). Ignored when compiled.
+            intermediates, for the eager step (8B step: 13.1 -> 4.8 GiB saved for backward). ``auto`` is off: on
+            the H100 the eager step got slower (213 -> 286 ms over 2 epochs) and its peak did not drop (35.0 ->
+            38.7 GiB), and the compiled step is both faster and smaller. Ignored when compiled.
         weight_quantizer: ``rtn`` or ``gptq`` after reparameterisation.
         gptq_percdamp, gptq_blocksize, gptq_act_order: GPTQ settings (spec §5.2).
         seed: seeds the calibration windows and every layer's initial transforms.
@@ -48,7 +51,7 @@ class CalibConfig:
     normalize_loss: bool = True
     shuffle: bool = False
     amp_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    compile: Literal["auto", "on", "off"] = "off"
+    compile: Literal["auto", "on", "off"] = "auto"
     cuda_graph: Literal["auto", "on", "off"] = "off"
     recompute: Literal["auto", "on", "off"] = "auto"
     weight_quantizer: Literal["rtn", "gptq"] = "rtn"

@@ -13,6 +13,13 @@ Layouts (no nibble shuffling in the inner loop, only two shifts per byte):
   (:func:`flatquant.ops.pack.int4_halves_layout`, K-tile ``W4A8_BLOCK_K``): byte j of a tile holds elements j and
   j + BLOCK_K/2.
 * W8A8: plain int8 (N, K) weights.
+
+Dispatch on CUDA (``w4a4_matmul`` / ``w4a8_matmul``): at ``M >= UNPACK_MIN_M`` tokens the GEMM is compute-bound
+and the in-loop unpack costs more than it saves (measured on the H100, ``bench/results/probe_gemm_h100.log``: the
+W8A8 loop reaches ~1100 TOPS, the W4A4 loop ~400 and W4A8 ~650 whichever operand sits in registers). So the packed
+operands are first unpacked to int8 codes by a bandwidth-bound kernel into transient buffers (the weights stay
+4-bit at rest; one layer's largest weight is 58 MB of scratch at 14336 x 4096) and the W8A8 kernel runs on them.
+The integer codes, and so the results, are identical bit for bit.
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ from torch import Tensor
 
 from . import reference as ref
 from ._launch import cpu_kernel, nibble_hi, nibble_lo, on_cpu, round_to_bf16_f32
+from .pack import unpack_int4_triton
 
 MODE_W8A8, MODE_W4A4, MODE_W4A8 = 0, 1, 2
+UNPACK_MIN_M = 128  # tokens from which 4-bit operands are unpacked to int8 before the GEMM (module docstring)
 
 
 def _configs() -> list[triton.Config]:
@@ -243,6 +252,46 @@ def qmatmul_triton(
     return out
 
 
+def w4a4_triton(
+    a: Tensor,  # (M, K/2) uint8 interleaved
+    a_scale: Tensor,  # (M,) fp32
+    w: Tensor,  # (N, K/2) uint8 interleaved
+    w_scale: Tensor,  # (N,) fp32
+    bias: Tensor | None,  # (N,)
+    out_dtype: torch.dtype,
+    unpack_min_m: int = UNPACK_MIN_M,
+) -> Tensor:  # (M, N)
+    """W4A4 on Triton: the fused-unpack kernel below ``unpack_min_m`` tokens, else unpack to int8 + W8A8 kernel."""
+    k = a.shape[1] * 2
+    if a.shape[0] >= unpack_min_m:
+        return qmatmul_triton(unpack_int4_triton(a), a_scale, unpack_int4_triton(w), w_scale, bias, k, MODE_W8A8,
+                              out_dtype)
+    return qmatmul_triton(a, a_scale, w, w_scale, bias, k, MODE_W4A4, out_dtype)
+
+
+def halves_to_codes_triton(w: Tensor, k: int) -> Tensor:  # (N, Kp/2) uint8 halves -> (N, K) int8
+    """Unpack the W4A8 ``halves`` layout to int8 codes (Triton unpack, then the tile-half interleave undone)."""
+    n, hb = w.shape[0], ref.W4A8_BLOCK_K // 2
+    codes = unpack_int4_triton(w.reshape(n, -1, hb)).view(n, -1, hb, 2).transpose(-1, -2).reshape(n, -1)
+    return codes[:, :k]
+
+
+def w4a8_triton(
+    a: Tensor,  # (M, K) int8
+    a_scale: Tensor,  # (M,) fp32
+    w: Tensor,  # (N, Kp/2) uint8 halves
+    w_scale: Tensor,  # (N,) fp32
+    bias: Tensor | None,  # (N,)
+    out_dtype: torch.dtype,
+    unpack_min_m: int = UNPACK_MIN_M,
+) -> Tensor:  # (M, N)
+    """W4A8 on Triton: the fused-unpack kernel below ``unpack_min_m`` tokens, else unpack to int8 + W8A8 kernel."""
+    k = a.shape[1]
+    if a.shape[0] >= unpack_min_m:
+        return qmatmul_triton(a, a_scale, halves_to_codes_triton(w, k), w_scale, bias, k, MODE_W8A8, out_dtype)
+    return qmatmul_triton(a, a_scale, w, w_scale, bias, k, MODE_W4A8, out_dtype)
+
+
 def _check(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, k: int, kw: int) -> None:
     if a.dim() != 2 or w.dim() != 2:
         raise ValueError(f"a and w must be 2-D, got {tuple(a.shape)} and {tuple(w.shape)}")
@@ -279,7 +328,7 @@ def w4a4_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Te
 def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     k = a.shape[1] * 2
     _check(a, a_scale, w, w_scale, k, k // 2)
-    return qmatmul_triton(a, a_scale, w, w_scale, bias, k, MODE_W4A4, out_dtype)
+    return w4a4_triton(a, a_scale, w, w_scale, bias, out_dtype)
 
 
 @w4a4_matmul.register_fake
@@ -304,7 +353,7 @@ def w4a8_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Te
 def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     k = a.shape[1]
     _check(a, a_scale, w, w_scale, k, _halves_cols(k))
-    return qmatmul_triton(a, a_scale, w, w_scale, bias, k, MODE_W4A8, out_dtype)
+    return w4a8_triton(a, a_scale, w, w_scale, bias, out_dtype)
 
 
 @w4a8_matmul.register_fake

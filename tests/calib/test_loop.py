@@ -68,7 +68,7 @@ def test_config_validation():
 
 
 def test_compiled_step_matches_eager():
-    """``compile="on"`` (inductor) trains to the same parameters as eager stepping (which recomputes the fold)."""
+    """``compile="on"`` (inductor) trains to the same parameters as eager stepping."""
     from dataclasses import replace
 
     w = tiny_model()
@@ -83,3 +83,19 @@ def test_compiled_step_matches_eager():
     assert res["on"][1] == pytest.approx(res["off"][1], rel=1e-4)
     for k in tr:
         torch.testing.assert_close(res["on"][0][k], res["off"][0][k], rtol=1e-4, atol=1e-5)
+
+
+def test_layers_share_one_compiled_step(monkeypatch):
+    """calibrate() compiles the gradient step once per model: later layers reuse it without recompiling."""
+    import functools
+
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
+    torch._dynamo.reset()
+    w = tiny_model()
+    cfg = CalibConfig(nsamples=4, seqlen=16, batch_size=2, epochs=1, compile="on")
+    calibrate(w, tokens(4, 16), bits_preset("w4a4kv4"), method_config("flatquant"), cfg)
+    assert TINY.n_layers >= 2
+    assert counter.frame_count == 1  # one graph for every layer (a per-layer guard failure would recompile)

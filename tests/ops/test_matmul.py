@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from flatquant.ops import int4_halves_layout, w4a4_matmul, w4a8_matmul, w8a8_matmul
 from flatquant.ops import reference as ref
-from flatquant.ops.matmul import MODE_W4A4, MODE_W4A8, MODE_W8A8, qmatmul_triton
+from flatquant.ops.matmul import MODE_W4A4, MODE_W4A8, MODE_W8A8, qmatmul_triton, w4a4_triton, w4a8_triton
 
 from ._util import KERNEL_DEVICES
 
@@ -72,6 +72,21 @@ def test_triton_matches_reference(device: str, swap_ab: bool, m: int, n: int, k:
         assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=1e-6), f"mode {mode}"
         if b is None:
             assert torch.equal(got, want), f"mode {mode}"
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("unpack_min_m", [0, 10**9])
+@pytest.mark.parametrize("k", [128, 200, 384])
+def test_dispatch_paths_are_identical(device: str, unpack_min_m: int, k: int) -> None:
+    """Unpack-to-int8 + W8A8 (large M) and the fused-unpack kernels give the reference's exact output."""
+    o = _operands(19, 23, k, k, False, torch.bfloat16)
+    d = {key: (v.to(device) if isinstance(v, torch.Tensor) else v) for key, v in o.items()}
+    got4 = w4a4_triton(ref.pack_int4_ref(o["a4"]).to(device), d["sa"], ref.pack_int4_ref(o["w4"]).to(device),
+                       d["sw"], None, torch.bfloat16, unpack_min_m=unpack_min_m)
+    assert torch.equal(got4.cpu(), ref.int_matmul_ref(o["a4"], o["w4"], o["sa"], o["sw"], None, torch.bfloat16))
+    halves = ref.halves_layout_ref(ref.pack_int4_ref(o["w4"])).to(device)
+    got8 = w4a8_triton(d["a8"], d["sa"], halves, d["sw"], None, torch.float32, unpack_min_m=unpack_min_m)
+    assert torch.equal(got8.cpu(), ref.int_matmul_ref(o["a8"], o["w4"], o["sa"], o["sw"], None, torch.float32))
 
 
 @pytest.mark.cuda
