@@ -5,6 +5,7 @@
 #   calib15:  paper-settings calibration speed/memory of LLaMA-3-8B layers (default = compiled step)
 #   accuracy: second GGUF half (.model2), resume the accuracy runs carried in .accprog/acc.tgz
 #   bench-ops: kernel benchmark (all shapes);  bench-e2e: end-to-end benchmark and real-path generation on the GPU
+#   cuda-tests: the whole `pytest -m cuda` suite
 #   (each its own call: a call returns at most 8 files and runs at most 10 minutes)
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -49,9 +50,11 @@ collect)
 bench-ops)
   while pgrep -f bench/accuracy.py > /dev/null; do sleep 5; done  # quiet GPU for timings
   python3 bench/bench_ops.py --out $OUT/ops_h100_all.json 2>&1 | tee $OUT/ops_h100_all.log | tail -60 ;;
+cuda-tests)
+  python3 -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee $OUT/pytest_cuda_h100.log | tail -15 ;;
 bench-e2e)
   while pgrep -f bench/accuracy.py > /dev/null; do sleep 5; done
-  python3 bench/bench_e2e.py --out $OUT/e2e_h100.json \
+  python3 bench/bench_e2e.py --out $OUT/e2e_h100.json --engines real-w4a4kv4,ours-bf16,hf-bf16-sdpa \
     --ppl-transforms bench/results/transforms_smollm2_w4a4kv4_15ep --ppl-model $FQ/smollm2.gguf 2>&1 \
     | tee $OUT/e2e_h100.log | tail -40
   python3 -m flatquant.cli export --transforms bench/results/transforms_smollm2_w4a4kv4_15ep --model $FQ/smollm2.gguf \

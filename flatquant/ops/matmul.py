@@ -14,7 +14,9 @@ Layouts (no nibble shuffling in the inner loop, only two shifts per byte):
   j + BLOCK_K/2.
 * W8A8: plain int8 (N, K) weights.
 
-Dispatch on CUDA (``w4a4_matmul`` / ``w4a8_matmul``): at ``M >= UNPACK_MIN_M`` tokens the GEMM is compute-bound
+Dispatch on CUDA (``w4a4_matmul`` / ``w4a8_matmul``): at ``M <= GEMV_MAX_M`` tokens (decode) the GEMM is bound by
+the weight bytes and runs the split-K kernel of :mod:`flatquant.ops.gemv` (about 3x bf16 on the H100 at
+LLaMA-3-8B MLP shapes). At ``M >= UNPACK_MIN_M`` tokens the GEMM is compute-bound
 and the in-loop unpack costs more than it saves (measured on the H100, ``bench/results/probe_gemm_h100.log``: the
 W8A8 loop reaches ~1100 TOPS, the W4A4 loop ~400 and W4A8 ~650 whichever operand sits in registers). So the packed
 operands are first unpacked to int8 codes by a bandwidth-bound kernel into transient buffers (the weights stay
@@ -35,6 +37,7 @@ from .pack import unpack_int4_triton
 
 MODE_W8A8, MODE_W4A4, MODE_W4A8 = 0, 1, 2
 UNPACK_MIN_M = 128  # tokens from which 4-bit operands are unpacked to int8 before the GEMM (module docstring)
+GEMV_MAX_M = 16  # tokens up to which 4-bit weights go through the split-K kernel of flatquant.ops.gemv
 
 
 def _configs() -> list[triton.Config]:
@@ -252,6 +255,124 @@ def qmatmul_triton(
     return out
 
 
+@triton.jit
+def _w8a8_tma_kernel(
+    a_desc, w_desc, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_cm, M_BUCKET,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, STAGES: tl.constexpr, INTERPRET_BF16: tl.constexpr = False,
+):
+    # W8A8 with both int8 tiles fed by TMA (host descriptors; edges are zero-filled by the copy engine): the
+    # prefill path. Same grouped order and fp32 epilogue as _qmatmul_kernel.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
+        a = a_desc.load([off_m, k * BLOCK_K])
+        w = w_desc.load([off_n, k * BLOCK_K])
+        acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    sa = tl.load(sa_ptr + offs_m, mask=m_ok, other=0.0)
+    sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
+    out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if INTERPRET_BF16:
+        out = round_to_bf16_f32(out)
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# Tiles measured on the H100 (bench/results/probe_tma_h100.log): 256x128x128 with 4 stages was best or within 3%
+# on every prefill shape; 128x256 wins some.
+_TMA_TILES = [(256, 128, 128, 8, 4), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3)]
+
+
+def _set_tma_blocks(nargs: dict) -> None:
+    """Autotuner pre-hook: the descriptors' block shapes follow the tile being launched."""
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+_w8a8_tma_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "STAGES": st}, num_warps=w,
+                           pre_hook=_set_tma_blocks)
+             for bm, bn, bk, w, st in _TMA_TILES],
+    key=["M_BUCKET", "N", "K"],
+)(_w8a8_tma_kernel)
+
+
+def tma_usable(a: Tensor, w: Tensor) -> bool:
+    """Whether both int8 operands meet TMA's rules: 16-byte aligned base and row stride, unit inner stride."""
+    return all(t.stride(-1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, w))
+
+
+def w8a8_tma_triton(
+    a: Tensor,  # (M, K) int8, tma_usable
+    a_scale: Tensor,  # (M,) fp32
+    w: Tensor,  # (N, K) int8, tma_usable
+    w_scale: Tensor,  # (N,) fp32
+    bias: Tensor | None,  # (N,)
+    out_dtype: torch.dtype,
+    config: tuple[int, int, int, int, int] | None = None,
+) -> Tensor:  # (M, N)
+    """The TMA-fed W8A8 GEMM (autotuned on CUDA; ``config`` = (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) fixes
+    the tile, and CPU tensors run it through the interpreter)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = a.shape
+    n = w.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    sa, sw = a_scale.float().contiguous(), w_scale.float().contiguous()
+    b = bias.contiguous() if bias is not None else sa
+    cpu = on_cpu(a)
+    if cpu or config is not None:
+        bm, bn, bk, warps, stages = config or (32, 32, 64, 4, 2)
+        descs = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]))
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        kernel = cpu_kernel(_w8a8_tma_kernel) if cpu else _w8a8_tma_kernel
+        kernel[grid](*descs, sa, sw, b, out, m, n, k, out.stride(0), m_bucket(m), HAS_BIAS=bias is not None,
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, STAGES=stages,
+                     INTERPRET_BF16=cpu and out_dtype == torch.bfloat16, **({} if cpu else {"num_warps": warps}))
+        return out
+    bm, bn, bk = _TMA_TILES[0][:3]  # block shapes are reset per tile by the autotuner's pre-hook
+    a_desc, w_desc = TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk])
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _w8a8_tma_tuned[grid](a_desc, w_desc, sa, sw, b, out, m, n, k, out.stride(0), m_bucket(m),
+                          HAS_BIAS=bias is not None)
+    return out
+
+
+def int8_gemm_triton(
+    a: Tensor,  # (M, K) int8
+    a_scale: Tensor,  # (M,) fp32
+    w: Tensor,  # (N, K) int8
+    w_scale: Tensor,  # (N,) fp32
+    bias: Tensor | None,  # (N,)
+    out_dtype: torch.dtype,
+) -> Tensor:  # (M, N)
+    """W8A8 on CUDA: the TMA kernel where TMA's alignment rules hold, else the pointer kernel."""
+    a, w = a.contiguous(), w.contiguous()
+    if not on_cpu(a) and tma_usable(a, w):
+        return w8a8_tma_triton(a, a_scale, w, w_scale, bias, out_dtype)
+    return qmatmul_triton(a, a_scale, w, w_scale, bias, a.shape[1], MODE_W8A8, out_dtype)
+
+
 def w4a4_triton(
     a: Tensor,  # (M, K/2) uint8 interleaved
     a_scale: Tensor,  # (M,) fp32
@@ -261,11 +382,15 @@ def w4a4_triton(
     out_dtype: torch.dtype,
     unpack_min_m: int = UNPACK_MIN_M,
 ) -> Tensor:  # (M, N)
-    """W4A4 on Triton: the fused-unpack kernel below ``unpack_min_m`` tokens, else unpack to int8 + W8A8 kernel."""
+    """W4A4 on Triton: split-K kernel up to ``GEMV_MAX_M`` tokens, the fused-unpack kernel below ``unpack_min_m``,
+    else unpack to int8 + the W8A8 kernel."""
+    from .gemv import qgemv_triton  # gemv builds on this module's modes
+
     k = a.shape[1] * 2
+    if a.shape[0] <= GEMV_MAX_M:
+        return qgemv_triton(a, a_scale, w, w_scale, bias, k, MODE_W4A4, out_dtype)
     if a.shape[0] >= unpack_min_m:
-        return qmatmul_triton(unpack_int4_triton(a), a_scale, unpack_int4_triton(w), w_scale, bias, k, MODE_W8A8,
-                              out_dtype)
+        return int8_gemm_triton(unpack_int4_triton(a), a_scale, unpack_int4_triton(w), w_scale, bias, out_dtype)
     return qmatmul_triton(a, a_scale, w, w_scale, bias, k, MODE_W4A4, out_dtype)
 
 
@@ -285,10 +410,15 @@ def w4a8_triton(
     out_dtype: torch.dtype,
     unpack_min_m: int = UNPACK_MIN_M,
 ) -> Tensor:  # (M, N)
-    """W4A8 on Triton: the fused-unpack kernel below ``unpack_min_m`` tokens, else unpack to int8 + W8A8 kernel."""
+    """W4A8 on Triton: split-K kernel up to ``GEMV_MAX_M`` tokens, the fused-unpack kernel below ``unpack_min_m``,
+    else unpack to int8 + the W8A8 kernel."""
+    from .gemv import qgemv_triton  # gemv builds on this module's modes
+
     k = a.shape[1]
+    if a.shape[0] <= GEMV_MAX_M:
+        return qgemv_triton(a, a_scale, w, w_scale, bias, k, MODE_W4A8, out_dtype)
     if a.shape[0] >= unpack_min_m:
-        return qmatmul_triton(a, a_scale, halves_to_codes_triton(w, k), w_scale, bias, k, MODE_W8A8, out_dtype)
+        return int8_gemm_triton(a, a_scale, halves_to_codes_triton(w, k), w_scale, bias, out_dtype)
     return qmatmul_triton(a, a_scale, w, w_scale, bias, k, MODE_W4A8, out_dtype)
 
 
@@ -374,6 +504,8 @@ def w8a8_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Te
 def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     k = a.shape[1]
     _check(a, a_scale, w, w_scale, k, k)
+    if a.shape[0] >= UNPACK_MIN_M:
+        return int8_gemm_triton(a, a_scale, w, w_scale, bias, out_dtype)
     return qmatmul_triton(a, a_scale, w, w_scale, bias, k, MODE_W8A8, out_dtype)
 
 

@@ -7,7 +7,17 @@ from hypothesis import strategies as st
 
 from flatquant.ops import int4_halves_layout, w4a4_matmul, w4a8_matmul, w8a8_matmul
 from flatquant.ops import reference as ref
-from flatquant.ops.matmul import MODE_W4A4, MODE_W4A8, MODE_W8A8, qmatmul_triton, w4a4_triton, w4a8_triton
+from flatquant.ops.matmul import (
+    MODE_W4A4,
+    MODE_W4A8,
+    MODE_W8A8,
+    int8_gemm_triton,
+    qmatmul_triton,
+    tma_usable,
+    w4a4_triton,
+    w4a8_triton,
+    w8a8_tma_triton,
+)
 
 from ._util import KERNEL_DEVICES
 
@@ -75,11 +85,39 @@ def test_triton_matches_reference(device: str, swap_ab: bool, m: int, n: int, k:
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("m,k,n", [(1, 64, 5), (40, 256, 72), (130, 320, 33)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_tma_w8a8_matches_reference(device: str, m: int, k: int, n: int, dtype: torch.dtype) -> None:
+    """The TMA-fed W8A8 kernel (edges zero-filled by the descriptors) equals the reference, with and without bias."""
+    o = _operands(m, n, k, m * n, True, dtype)
+    d = {key: (v.to(device) if isinstance(v, torch.Tensor) else v) for key, v in o.items()}
+    assert tma_usable(d["a8"], d["w8"])
+    cfg = (32, 32, 64, 4, 2) if device == "cpu" else (64, 64, 64, 4, 2)
+    got = w8a8_tma_triton(d["a8"], d["sa"], d["w8"], d["sw"], None, dtype, config=cfg).cpu()
+    assert torch.equal(got, ref.int_matmul_ref(o["a8"], o["w8"], o["sa"], o["sw"], None, dtype))
+    b = o["bias"].to(dtype)
+    got = w8a8_tma_triton(d["a8"], d["sa"], d["w8"], d["sw"], b.to(device), dtype, config=cfg).cpu()
+    want = ref.int_matmul_ref(o["a8"], o["w8"], o["sa"], o["sw"], b, dtype)
+    assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=1e-6)
+    assert torch.equal(int8_gemm_triton(d["a8"], d["sa"], d["w8"], d["sw"], None, dtype).cpu(),
+                       ref.int_matmul_ref(o["a8"], o["w8"], o["sa"], o["sw"], None, dtype))
+
+
+def test_tma_rules() -> None:
+    a = torch.zeros(4, 40, dtype=torch.int8)
+    assert not tma_usable(a, a)  # 40-byte rows are not 16-byte multiples
+    assert tma_usable(torch.zeros(4, 48, dtype=torch.int8), torch.zeros(3, 48, dtype=torch.int8))
+    assert not tma_usable(torch.zeros(4, 48, dtype=torch.int8)[:, 1:33], torch.zeros(3, 32, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("unpack_min_m", [0, 10**9])
 @pytest.mark.parametrize("k", [128, 200, 384])
-def test_dispatch_paths_are_identical(device: str, unpack_min_m: int, k: int) -> None:
-    """Unpack-to-int8 + W8A8 (large M) and the fused-unpack kernels give the reference's exact output."""
-    o = _operands(19, 23, k, k, False, torch.bfloat16)
+@pytest.mark.parametrize("m", [3, 19])
+def test_dispatch_paths_are_identical(device: str, unpack_min_m: int, k: int, m: int) -> None:
+    """Split-K (decode), unpack-to-int8 + W8A8 (large M) and the fused-unpack kernels give the reference's exact
+    output."""
+    o = _operands(m, 23, k, k, False, torch.bfloat16)
     d = {key: (v.to(device) if isinstance(v, torch.Tensor) else v) for key, v in o.items()}
     got4 = w4a4_triton(ref.pack_int4_ref(o["a4"]).to(device), d["sa"], ref.pack_int4_ref(o["w4"]).to(device),
                        d["sw"], None, torch.bfloat16, unpack_min_m=unpack_min_m)

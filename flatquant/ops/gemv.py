@@ -1,0 +1,367 @@
+"""Split-K small-M integer GEMM (decode: a few tokens against a large weight), all three modes of ``matmul.py``.
+
+At M <= 16 the GEMM is bound by the weight bytes, and the tiled kernel of :mod:`flatquant.ops.matmul` launches only
+``N / BLOCK_N`` programs that each walk the whole K: too few to keep HBM busy. Here the grid is
+``(cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M))``; program ``(n-block, s)`` streams the weight tile rows
+``[n0, n0 + BLOCK_N)`` over its own K-range (a whole number of ``BLOCK_K`` tiles) for all M rows at once.
+
+Products run on int8 tensor cores with the operands swapped (``accᵀ (BLOCK_N, BLOCK_M) = W_tile · A_tileᵀ``, M
+padded to 16, the padding rows masked off), so the unpacked weight tile is the MMA's register operand (wgmma from
+registers at BLOCK_N >= 64) and the tiny token dimension is the MMA's N side. On CUDA the int4 nibbles are unpacked
+four bytes per 32-bit instruction (inline PTX, :func:`_lo` / :func:`_hi`); per-byte shifts in Triton were the
+bottleneck (W4A4 4096 x 4096 on the H100: 12.5 -> 7.4 us). Accumulation is exact int32. The result is
+deterministic and bit-identical to :func:`flatquant.ops.reference.int_matmul_ref`:
+
+* ``SPLIT_K == 1``: the program applies the fp32 epilogue ``(acc · s_a[m]) · s_w[n] (+ bias)`` itself.
+* ``reduce="kernel"`` (default): every program writes its int32 partial sums to a workspace ``(SPLIT_K, M, N)``
+  and a second small kernel sums them in int32 and applies the same epilogue.
+* ``reduce="last"``: one kernel; after writing its partial, each program bumps a per-tile arrival counter and the
+  last one to arrive sums the partials and applies the epilogue (integer sums, so the arrival order cannot change
+  the result). The counters live in a per-device buffer that the last program resets to zero, so calls must not
+  run concurrently on several streams of one device.
+
+Layouts are those of ``matmul.py``: W4A4 both operands interleaved packed int4 ``(M, K/2)`` / ``(N, K/2)``; W4A8
+int8 activations ``(M, K)`` and ``halves``-layout weights ``(N, Kp/2)`` (tile ``W4A8_BLOCK_K``, Kp padded to it);
+W8A8 int8 ``(M, K)`` / ``(N, K)``. The fp32 multiply-add of the epilogue is never contracted into an FMA
+(``enable_fp_fusion=False``), so the bias case is bit-exact too.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Literal
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import reference as ref
+from ._launch import cpu_kernel, next_pow2, nibble_hi, nibble_lo, on_cpu, round_to_bf16_f32
+from .matmul import MODE_W4A4, MODE_W4A8, MODE_W8A8
+
+Reduce = Literal["kernel", "last"]
+
+_CPU_SMS = 4
+"""Stand-in SM count for the default split on CPU tensors (the interpreter runs programs one after another)."""
+
+_MAX_BLOCK_M = 64
+
+
+@triton.jit
+def _lo(b, SWAR: tl.constexpr):
+    """Sign-extended low nibbles of int8 bytes; ``SWAR``: four bytes per 32-bit register op (PTX, CUDA only)."""
+    if SWAR:
+        # (x & 0x0F..) | (x & 0x08..) * 0x1E: the nibble, plus 0xF0 in every byte whose nibble sign bit is set
+        return tl.inline_asm_elementwise(
+            "{.reg .b32 t; and.b32 t, $1, 0x08080808; mul.lo.u32 t, t, 30; and.b32 $0, $1, 0x0F0F0F0F; "
+            "or.b32 $0, $0, t;}", "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        return nibble_lo(b)
+
+
+@triton.jit
+def _hi(b, SWAR: tl.constexpr):
+    """Sign-extended high nibbles of int8 bytes; ``SWAR`` as in :func:`_lo`."""
+    if SWAR:
+        # (x >> 4) & 0x0F.. | ((x & 0x80..) >> 3) * 15: the nibble, plus 0xF0 where the byte's sign bit is set
+        return tl.inline_asm_elementwise(
+            "{.reg .b32 t; and.b32 t, $1, 0x80808080; shr.u32 t, t, 3; mul.lo.u32 t, t, 15; shr.u32 $0, $1, 4; "
+            "and.b32 $0, $0, 0x0F0F0F0F; or.b32 $0, $0, t;}", "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        return nibble_hi(b)
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm,
+              HAS_BIAS: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    # acc: (BLOCK_M, BLOCK_N) int32. (acc · s_a[m]) · s_w[n] (+ bias) in fp32, cast once to the output dtype.
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    sa = tl.load(sa_ptr + offs_m, mask=m_ok, other=0.0)
+    sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
+    out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if INTERPRET_BF16:
+        out = round_to_bf16_f32(out)
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _qgemv_kernel(
+    a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, p_ptr, lock_ptr,
+    M, N, K, KW, K_SPLIT, KB_SPLIT, stride_am, stride_wn, stride_cm, stride_ps,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF_TILE: tl.constexpr,
+    EVEN_K: tl.constexpr, SWAR: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+):
+    # K_SPLIT / KB_SPLIT: K elements / packed bytes per split (separate arguments, so that both keep the 16-byte
+    # divisibility Triton specializes on and the weight loads stay 16 bytes wide).
+    # REDUCE: 0 = this program owns all of K (epilogue here), 1 = partials to the workspace (second kernel sums),
+    # 2 = partials to the workspace, the last program of the tile to arrive sums them and applies the epilogue.
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Weight rows past N are wrapped (loads stay in bounds; their results are never stored). Token rows past M
+    # are masked instead: with M < BLOCK_M, wrapping would make many lanes fetch the same activation bytes.
+    rm = offs_m.to(tl.int64)
+    m_in = (offs_m < M)[None, :]
+    rn = (offs_n % N).to(tl.int64)
+    k_start = pid_s * K_SPLIT  # a multiple of BLOCK_K
+    n_iter = tl.cdiv(tl.minimum(K - k_start, K_SPLIT), BLOCK_K)
+    KH: tl.constexpr = BLOCK_K // 2
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)  # accᵀ: weights are the MMA's left operand
+
+    if MODE == 1:
+        # W4A4: a byte tile of either operand unpacks into its even-k (low) and odd-k (high) half tiles.
+        kh = tl.arange(0, KH)
+        kb = pid_s * KB_SPLIT
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + (kb + kh)[None, :]
+        a_ptrs = a_ptr + rm[None, :] * stride_am + (kb + kh)[:, None]
+        for i in range(0, n_iter):
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+                a = tl.load(a_ptrs, mask=m_in, other=0)
+            else:
+                rem = KW - kb - i * KH
+                w = tl.load(w_ptrs, mask=kh[None, :] < rem, other=0)
+                a = tl.load(a_ptrs, mask=(kh[:, None] < rem) & m_in, other=0)
+            acc = tl.dot(_lo(w, SWAR), _lo(a, SWAR), acc, out_dtype=tl.int32)
+            acc = tl.dot(_hi(w, SWAR), _hi(a, SWAR), acc, out_dtype=tl.int32)
+            w_ptrs += KH
+            a_ptrs += KH
+    elif MODE == 2:
+        # W4A8: BLOCK_K spans BLOCK_K / (2 HALF_TILE) halves-layout tiles; weight byte j of a tile holds elements j
+        # (low nibble) and j + HALF_TILE (high nibble), so byte column c meets activation column a_col[c] (low)
+        # and a_col[c] + HALF_TILE (high).
+        kh = tl.arange(0, KH)
+        a_col = (kh // HALF_TILE) * (2 * HALF_TILE) + kh % HALF_TILE
+        a_col = tl.max_contiguous(tl.multiple_of(a_col, HALF_TILE), HALF_TILE)
+        kb = pid_s * KB_SPLIT
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + (kb + kh)[None, :]
+        a_ptrs = a_ptr + rm[None, :] * stride_am + (k_start + a_col)[:, None]
+        for i in range(0, n_iter):
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+                a0 = tl.load(a_ptrs, mask=m_in, other=0)
+                a1 = tl.load(a_ptrs + HALF_TILE, mask=m_in, other=0)
+            else:
+                rem = K - k_start - i * BLOCK_K
+                w = tl.load(w_ptrs, mask=kh[None, :] < KW - kb - i * KH, other=0)
+                a0 = tl.load(a_ptrs, mask=(a_col[:, None] < rem) & m_in, other=0)
+                a1 = tl.load(a_ptrs + HALF_TILE, mask=(a_col[:, None] + HALF_TILE < rem) & m_in, other=0)
+            acc = tl.dot(_lo(w, SWAR), a0, acc, out_dtype=tl.int32)
+            acc = tl.dot(_hi(w, SWAR), a1, acc, out_dtype=tl.int32)
+            w_ptrs += KH
+            a_ptrs += BLOCK_K
+    else:
+        # W8A8: plain int8 tiles.
+        kk = tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + (k_start + kk)[None, :]
+        a_ptrs = a_ptr + rm[None, :] * stride_am + (k_start + kk)[:, None]
+        for i in range(0, n_iter):
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+                a = tl.load(a_ptrs, mask=m_in, other=0)
+            else:
+                rem = K - k_start - i * BLOCK_K
+                w = tl.load(w_ptrs, mask=kk[None, :] < rem, other=0)
+                a = tl.load(a_ptrs, mask=(kk[:, None] < rem) & m_in, other=0)
+            acc = tl.dot(w, a, acc, out_dtype=tl.int32)
+            w_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
+
+    if REDUCE == 0:
+        _epilogue(tl.trans(acc), offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm,
+                  HAS_BIAS, INTERPRET_BF16)
+    else:
+        # Workspace (SPLIT_K, M, N) int32, written as accᵀ.
+        ok = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+        tile = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+        tl.store(p_ptr + pid_s.to(tl.int64) * stride_ps + tile, acc, mask=ok)
+        if REDUCE == 2:
+            tl.debug_barrier()  # every thread's partial is issued before the (single-thread) release below
+            lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
+            arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+            if arrived == tl.num_programs(1) - 1:
+                total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+                p_ptrs = p_ptr + tile
+                for _ in range(0, tl.num_programs(1)):
+                    total += tl.load(p_ptrs, mask=ok, other=0, cache_modifier=".cg")
+                    p_ptrs += stride_ps
+                tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")  # ready for the next call
+                _epilogue(tl.trans(total), offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm,
+                          HAS_BIAS, INTERPRET_BF16)
+
+
+@triton.jit
+def _qgemv_reduce_kernel(
+    p_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, SPLIT_K, stride_cm, stride_ps,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+):
+    # Sums the SPLIT_K int32 partials of a (BLOCK_M, BLOCK_N) tile in a fixed order, then the fp32 epilogue.
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    ptrs = p_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for _ in range(0, SPLIT_K):
+        acc += tl.load(ptrs, mask=ok, other=0)
+        ptrs += stride_ps
+    _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS, INTERPRET_BF16)
+
+
+@cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100 SXM); a fixed stand-in on CPU."""
+    if device.type != "cuda":
+        return _CPU_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def default_blocks(mode: int, device: torch.device) -> tuple[int, int]:
+    """Default ``(BLOCK_N, BLOCK_K)``: 128 weight bytes per row and K-step on CUDA (32 x 128 under the interpreter)."""
+    if device.type != "cuda":
+        return 32, 128
+    return 64, (128 if mode == MODE_W8A8 else 256)
+
+
+def default_split_k(n_tiles: int, k: int, block_k: int, sms: int) -> int:
+    """Default number of K splits for ``n_tiles`` output tiles (N-blocks times M-blocks) on ``sms`` SMs.
+
+    The smallest power of two that gives at least 1.5 programs per SM (doubling from below lands in [1.5, 3) per
+    SM), but never fewer than 2 K-tiles of ``block_k`` per program, so that the loads can still be pipelined.
+    Measured on an H100 (``bench/probe_gemm.py``, M <= 16, LLaMA-3-8B shapes): 1.7-1.9 programs per SM were
+    fastest; twice that was 5-10% slower (more partial sums, shorter K loops).
+    """
+    k_tiles = triton.cdiv(k, block_k)
+    max_split = max(1, k_tiles // 2)
+    split = 1
+    while split < max_split and 2 * n_tiles * split < 3 * sms:
+        split *= 2
+    return min(split, max_split)
+
+
+def split_plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """``(tiles_per_split, splits)``: K-tiles of ``block_k`` per program and the effective number of K splits.
+
+    Every split but the last covers ``tiles_per_split`` whole tiles and none is empty, so ``splits <= split_k``.
+    """
+    if split_k < 1:
+        raise ValueError(f"split_k must be >= 1, got {split_k}")
+    k_tiles = triton.cdiv(k, block_k)
+    tiles_per_split = max(1, triton.cdiv(k_tiles, split_k))
+    return tiles_per_split, max(1, triton.cdiv(k_tiles, tiles_per_split))
+
+
+_LOCKS: dict[torch.device, Tensor] = {}
+
+
+def _locks(device: torch.device, count: int) -> Tensor:  # (>= count,) int32, all zero between calls
+    buf = _LOCKS.get(device)
+    if buf is None or buf.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError('qgemv_triton(reduce="last") allocates its counters on first use: run it once '
+                               "outside CUDA graph capture first")
+        buf = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _LOCKS[device] = buf
+    return buf
+
+
+def qgemv_triton(
+    a: Tensor,  # (M, K/2) uint8 (MODE_W4A4) or (M, K) int8
+    a_scale: Tensor,  # (M,) fp32
+    w: Tensor,  # (N, K/2) uint8 interleaved (W4A4), (N, Kp/2) uint8 halves (W4A8), or (N, K) int8 (W8A8)
+    w_scale: Tensor,  # (N,) fp32
+    bias: Tensor | None,  # (N,)
+    k: int,
+    mode: int,
+    out_dtype: torch.dtype,
+    split_k: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    *,
+    reduce: Reduce = "kernel",
+    num_warps: int = 4,
+    num_stages: int = 4,
+    swar: bool = True,
+) -> Tensor:  # (M, N)
+    """Split-K integer GEMM for few tokens; same operands and bit-identical results as ``qmatmul_triton``.
+
+    Args:
+        a, a_scale, w, w_scale, bias, k, mode, out_dtype: as :func:`flatquant.ops.matmul.qmatmul_triton`.
+        split_k: number of K ranges (default :func:`default_split_k`); rounded so that every range is a whole
+            number of ``block_k`` tiles and none is empty (the effective count can be lower).
+        block_n: output features per program (power of two >= 16; default :func:`default_blocks`).
+        block_k: K elements per loop step (power of two >= 32; a multiple of ``W4A8_BLOCK_K`` for W4A8).
+        reduce: ``"kernel"`` sums the int32 partials in a second kernel, ``"last"`` in the last program of each
+            tile to finish (one launch; see the module docstring). Irrelevant when the effective split is 1.
+        num_warps, num_stages: Triton launch options (CUDA only).
+        swar: unpack int4 nibbles four bytes per 32-bit instruction (inline PTX; CUDA only, the interpreter always
+            uses the per-byte shifts).
+
+    CPU tensors run through Triton's interpreter.
+    """
+    if mode not in (MODE_W8A8, MODE_W4A4, MODE_W4A8):
+        raise ValueError(f"unknown mode {mode}")
+    if reduce not in ("kernel", "last"):
+        raise ValueError(f'reduce must be "kernel" or "last", got {reduce!r}')
+    m, n = a.shape[0], w.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    dev = a.device
+    cpu = on_cpu(a)
+    dflt_n, dflt_k = default_blocks(mode, dev)
+    block_n = block_n or dflt_n
+    block_k = block_k or dflt_k
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    if block_k < 32 or block_k & (block_k - 1):
+        raise ValueError(f"block_k must be a power of two >= 32, got {block_k}")
+    if mode == MODE_W4A4 and block_k < 64:
+        raise ValueError(f"W4A4 needs block_k >= 64 (an int8 dot of at least 32 per nibble half), got {block_k}")
+    if mode == MODE_W4A8 and block_k % ref.W4A8_BLOCK_K:
+        raise ValueError(f"W4A8 needs block_k to be a multiple of {ref.W4A8_BLOCK_K}, got {block_k}")
+    block_m = min(next_pow2(m), _MAX_BLOCK_M)
+    n_blocks, m_blocks = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
+    if split_k is None:
+        split_k = default_split_k(n_blocks * m_blocks, k, block_k, sm_count(dev))
+    tiles_per_split, split = split_plan(k, block_k, split_k)
+
+    a = a.contiguous().view(torch.int8)
+    w = w.contiguous().view(torch.int8)
+    sa = a_scale.float().contiguous()
+    sw = w_scale.float().contiguous()
+    b = bias.contiguous() if bias is not None else sa
+    interpret_bf16 = cpu and out_dtype == torch.bfloat16
+    if split == 1:
+        red, ws, locks = 0, out, sa
+    else:
+        red = 1 if reduce == "kernel" else 2
+        ws = torch.empty(split, m, n, dtype=torch.int32, device=dev)
+        locks = _locks(dev, n_blocks * m_blocks) if red == 2 else sa
+    opts = {} if cpu else {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": False}
+    kernel = cpu_kernel(_qgemv_kernel) if cpu else _qgemv_kernel
+    kernel[(n_blocks, split, m_blocks)](
+        a, w, sa, sw, b, out, ws, locks, m, n, k, w.shape[1], tiles_per_split * block_k, tiles_per_split * block_k // 2,
+        a.stride(0), w.stride(0), out.stride(0), m * n, MODE=mode, HAS_BIAS=bias is not None, REDUCE=red,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HALF_TILE=ref.W4A8_BLOCK_K // 2, EVEN_K=k % block_k == 0,
+        SWAR=not cpu and swar, INTERPRET_BF16=interpret_bf16, **opts)
+    if red == 1:
+        rbm = min(next_pow2(m, floor=1), 16)
+        rbn = min(256, max(32, 1024 // rbm))
+        reduce_kernel = cpu_kernel(_qgemv_reduce_kernel) if cpu else _qgemv_reduce_kernel
+        ropts = {} if cpu else {"num_warps": 4, "enable_fp_fusion": False}
+        reduce_kernel[(triton.cdiv(n, rbn), triton.cdiv(m, rbm))](
+            ws, sa, sw, b, out, m, n, split, out.stride(0), m * n, HAS_BIAS=bias is not None, BLOCK_M=rbm, BLOCK_N=rbn,
+            INTERPRET_BF16=interpret_bf16, **ropts)
+    return out
