@@ -51,9 +51,13 @@ bench-ops)
   while pgrep -f bench/accuracy.py > /dev/null; do sleep 5; done  # quiet GPU for timings
   python3 bench/bench_ops.py --out $OUT/ops_h100_all.json 2>&1 | tee $OUT/ops_h100_all.log | tail -60 ;;
 cuda-tests)
-  python3 -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee $OUT/pytest_cuda_h100.log | tail -15 ;;
+  timeout 530 python3 -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee $OUT/pytest_cuda_h100.log | tail -15 ;;
 bench-e2e)
   while pgrep -f bench/accuracy.py > /dev/null; do sleep 5; done
+  if [ ! -f $FQ/smollm2.gguf ]; then  # after setup (first half) in the previous call, .model2 carried in this one
+    cat $FQ/part1 .model2/part > $FQ/smollm2.gguf
+    echo "$(cat .model2/sha)  $FQ/smollm2.gguf" | sha256sum -c - || exit 3
+  fi
   python3 bench/bench_e2e.py --out $OUT/e2e_h100.json --engines real-w4a4kv4,ours-bf16,hf-bf16-sdpa \
     --ppl-transforms bench/results/transforms_smollm2_w4a4kv4_15ep --ppl-model $FQ/smollm2.gguf 2>&1 \
     | tee $OUT/e2e_h100.log | tail -40
