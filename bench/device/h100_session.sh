@@ -53,6 +53,23 @@ bench-ops)
 cuda-tests)
   timeout 530 python3 -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee $OUT/pytest_cuda_h100.log | tail -15 ;;
 bench-e2e)
+  # speed on random LLaMA-3-8B-shaped weights; real-vs-fake PPL and generation need the model (.model1 + .model2
+  # in back-to-back calls, see accuracy) and run only when it was joined on this machine
+  while pgrep -f bench/accuracy.py > /dev/null; do sleep 5; done
+  if [ -f $FQ/smollm2.gguf ]; then
+    PPL="--ppl-transforms bench/results/transforms_smollm2_w4a4kv4_15ep --ppl-model $FQ/smollm2.gguf"
+  else
+    PPL=""
+  fi
+  python3 bench/bench_e2e.py --out $OUT/e2e_h100.json --engines real-w4a4kv4,ours-bf16,hf-bf16-sdpa $PPL 2>&1 \
+    | tee $OUT/e2e_h100.log | tail -40
+  [ -f $FQ/smollm2.gguf ] && python3 -m flatquant.cli export --transforms bench/results/transforms_smollm2_w4a4kv4_15ep \
+    --model $FQ/smollm2.gguf --out $FQ/ckpt > /dev/null 2>&1 && python3 -m flatquant.cli generate --checkpoint $FQ/ckpt \
+    --chat --device cuda --prompt "What is the capital of France?" --max-new-tokens 40 2>&1 \
+    | tee $OUT/generate_h100.txt | tail -5 ;;
+cuda-tests)
+  timeout 530 python3 -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee $OUT/pytest_cuda_h100.log | tail -15 ;;
+bench-e2e)
   while pgrep -f bench/accuracy.py > /dev/null; do sleep 5; done
   if [ ! -f $FQ/smollm2.gguf ]; then  # after setup (first half) in the previous call, .model2 carried in this one
     cat $FQ/part1 .model2/part > $FQ/smollm2.gguf
