@@ -5,7 +5,7 @@
 #   calib15:  paper-settings calibration speed/memory of LLaMA-3-8B layers (default = compiled step)
 #   accuracy: second GGUF half (.model2), resume the accuracy runs carried in .accprog/acc.tgz
 #   bench-ops: kernel benchmark (all shapes);  bench-e2e: end-to-end benchmark and real-path generation on the GPU
-#   cuda-tests: the whole `pytest -m cuda` suite
+#   cuda-tests: the whole `pytest -m cuda` suite;  kron-final: kron_quant grid probe, CUDA tests, e2e again
 #   (each its own call: a call returns at most 8 files and runs at most 10 minutes)
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -50,6 +50,15 @@ collect)
 bench-ops)
   while pgrep -f bench/accuracy.py > /dev/null; do sleep 5; done  # quiet GPU for timings
   python3 bench/bench_ops.py --out $OUT/ops_h100_all.json 2>&1 | tee $OUT/ops_h100_all.log | tail -60 ;;
+kron-final)
+  # kron_quant grid probe, the CUDA tests of the files it touches plus those the cuda-tests stage did not reach
+  # in its 530 s, then the end-to-end speed again
+  timeout 90 python3 bench/probe_kron.py --out $OUT/probe_kron_h100.json 2>&1 | tee $OUT/probe_kron_h100.log
+  timeout 250 python3 -m pytest -q -m cuda -p no:cacheprovider tests/ops/test_kron_quant.py tests/ops/test_matmul.py \
+    tests/ops/test_pack.py tests/models/test_real.py tests/ops/test_kv_quant.py tests/ops/test_kv_attention.py 2>&1 \
+    | tee $OUT/pytest_cuda_h100_part2.log | tail -5
+  timeout 230 python3 bench/bench_e2e.py --out $OUT/e2e_h100.json --engines real-w4a4kv4,ours-bf16,hf-bf16-sdpa 2>&1 \
+    | tee $OUT/e2e_h100.log | tail -12 ;;
 cuda-tests)
   timeout 530 python3 -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee $OUT/pytest_cuda_h100.log | tail -15 ;;
 bench-e2e)
@@ -67,6 +76,15 @@ bench-e2e)
     --model $FQ/smollm2.gguf --out $FQ/ckpt > /dev/null 2>&1 && python3 -m flatquant.cli generate --checkpoint $FQ/ckpt \
     --chat --device cuda --prompt "What is the capital of France?" --max-new-tokens 40 2>&1 \
     | tee $OUT/generate_h100.txt | tail -5 ;;
+kron-final)
+  # kron_quant grid probe, the CUDA tests of the files it touches plus those the cuda-tests stage did not reach
+  # in its 530 s, then the end-to-end speed again
+  timeout 90 python3 bench/probe_kron.py --out $OUT/probe_kron_h100.json 2>&1 | tee $OUT/probe_kron_h100.log
+  timeout 250 python3 -m pytest -q -m cuda -p no:cacheprovider tests/ops/test_kron_quant.py tests/ops/test_matmul.py \
+    tests/ops/test_pack.py tests/models/test_real.py tests/ops/test_kv_quant.py tests/ops/test_kv_attention.py 2>&1 \
+    | tee $OUT/pytest_cuda_h100_part2.log | tail -5
+  timeout 230 python3 bench/bench_e2e.py --out $OUT/e2e_h100.json --engines real-w4a4kv4,ours-bf16,hf-bf16-sdpa 2>&1 \
+    | tee $OUT/e2e_h100.log | tail -12 ;;
 cuda-tests)
   timeout 530 python3 -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee $OUT/pytest_cuda_h100.log | tail -15 ;;
 bench-e2e)

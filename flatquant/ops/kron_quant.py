@@ -23,70 +23,79 @@ from ._launch import cpu_kernel, next_pow2, on_cpu, round_to_bf16_f32
 @triton.jit
 def _kron_quant_kernel(
     x_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr,
-    n1, n2, stride_xt, stride_qt,
+    T, n1, n2, stride_xt, stride_qt,
     N1P: tl.constexpr, N2P: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     QMAX: tl.constexpr, PACK: tl.constexpr, F32_DOT: tl.constexpr,
 ):
-    # One program = one token: X (n1, n2) -> Y = Lᵀ (X R) -> LAC -> sym per-token codes (-> packed nibbles).
+    # Program p handles tokens p, p + P, p + 2P, ... (P programs): the factors are loaded once per program, not
+    # once per token (at K = 14336 they are 2 x 32 KB against 28 KB of token). Per token:
+    # X (n1, n2) -> Y = Lᵀ (X R) -> LAC -> sym per-token codes (-> packed nibbles).
     # F32_DOT (the interpreter, whose dot mishandles bf16, and fp32 inputs, which must not drop to TF32):
     # exact fp32 products, the same function as a 16-bit tensor-core dot with fp32 accumulation.
-    t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, N1P)
     j = tl.arange(0, N2P)
     row_ok = i < n1
     col_ok = j < n2
-    x = tl.load(x_ptr + t * stride_xt + i[:, None] * n2 + j[None, :],
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    ia = tl.arange(0, N1P)
+    jr = tl.arange(0, N2P)
     if HAS_RIGHT:
-        # X R with fp32 accumulation; rounded back to x's dtype only when a left product follows.
-        jr = tl.arange(0, N2P)
         r = tl.load(r_ptr + jr[:, None] * n2 + j[None, :], mask=(jr < n2)[:, None] & col_ok[None, :], other=0.0)
-        if F32_DOT:
-            y = tl.dot(x.to(tl.float32), r.to(tl.float32), input_precision="ieee")
-        else:
-            y = tl.dot(x, r)
-        if HAS_LEFT:
-            if F32_DOT and x_ptr.dtype.element_ty == tl.bfloat16:
-                # The interpreter truncates fp32 -> bf16; round to nearest even on the bits instead.
-                x = round_to_bf16_f32(y)
-            else:
-                x = y.to(x_ptr.dtype.element_ty)
+    else:
+        r = tl.zeros((N2P, N2P), dtype=x_ptr.dtype.element_ty)  # unused
     if HAS_LEFT:
         # Lᵀ loaded directly transposed: lt[a, b] = L[b, a].
-        ia = tl.arange(0, N1P)
         lt = tl.load(l_ptr + i[None, :] * n1 + ia[:, None], mask=(ia < n1)[:, None] & row_ok[None, :], other=0.0)
-        if F32_DOT:
-            y = tl.dot(lt.to(tl.float32), x.to(tl.float32), input_precision="ieee")
-        else:
-            y = tl.dot(lt, x)
-    if not HAS_LEFT and not HAS_RIGHT:
-        y = x.to(tl.float32)
-
-    # LAC on the row range (which always includes 0; padded entries are 0), then s = max(|lo|, hi) / QMAX.
+    else:
+        lt = tl.zeros((N1P, N1P), dtype=x_ptr.dtype.element_ty)  # unused
     clip_lo = tl.load(clip_ptr)
     clip_hi = tl.load(clip_ptr + 1)
-    hi = tl.maximum(tl.max(tl.max(y, axis=1), axis=0), 0.0) * clip_hi
-    lo = tl.minimum(tl.min(tl.min(y, axis=1), axis=0), 0.0) * clip_lo
-    amax = tl.maximum(-lo, hi)
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full((), QMAX, tl.float32)), 1.0)
-    v = tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
-    v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
-    # Round half to even: (v + 1.5·2²³) − 1.5·2²³ in fp32 (exact for the clamped |v| <= QMAX + 1).
-    q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
-    tl.store(s_ptr + t, scale)
+    for tt in range(tl.program_id(0), T, tl.num_programs(0)):
+        t = tl.cast(tt, tl.int64)
+        x = tl.load(x_ptr + t * stride_xt + i[:, None] * n2 + j[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_RIGHT:
+            # X R with fp32 accumulation; rounded back to x's dtype only when a left product follows.
+            if F32_DOT:
+                y = tl.dot(x.to(tl.float32), r.to(tl.float32), input_precision="ieee")
+            else:
+                y = tl.dot(x, r)
+            if HAS_LEFT:
+                if F32_DOT and x_ptr.dtype.element_ty == tl.bfloat16:
+                    # The interpreter truncates fp32 -> bf16; round to nearest even on the bits instead.
+                    x = round_to_bf16_f32(y)
+                else:
+                    x = y.to(x_ptr.dtype.element_ty)
+        if HAS_LEFT:
+            if F32_DOT:
+                y = tl.dot(lt.to(tl.float32), x.to(tl.float32), input_precision="ieee")
+            else:
+                y = tl.dot(lt, x)
+        if not HAS_LEFT and not HAS_RIGHT:
+            y = x.to(tl.float32)
 
-    if PACK:
-        # Flattened element 2k -> low nibble of byte k; n2 is even, so pairs never straddle rows.
-        lo_q, hi_q = tl.split(tl.reshape(q, (N1P, N2P // 2, 2)))
-        byte = (lo_q & 0xF) | ((hi_q & 0xF) << 4)
-        jj = tl.arange(0, N2P // 2)
-        half = n2 // 2
-        tl.store(q_ptr + t * stride_qt + i[:, None] * half + jj[None, :], byte.to(tl.uint8),
-                 mask=row_ok[:, None] & (jj < half)[None, :])
-    else:
-        tl.store(q_ptr + t * stride_qt + i[:, None] * n2 + j[None, :], q.to(tl.int8),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        # LAC on the row range (which always includes 0; padded entries are 0), then s = max(|lo|, hi) / QMAX.
+        hi = tl.maximum(tl.max(tl.max(y, axis=1), axis=0), 0.0) * clip_hi
+        lo = tl.minimum(tl.min(tl.min(y, axis=1), axis=0), 0.0) * clip_lo
+        amax = tl.maximum(-lo, hi)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full((), QMAX, tl.float32)), 1.0)
+        v = tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
+        v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
+        # Round half to even: (v + 1.5·2²³) − 1.5·2²³ in fp32 (exact for the clamped |v| <= QMAX + 1).
+        q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
+        tl.store(s_ptr + t, scale)
+
+        if PACK:
+            # Flattened element 2k -> low nibble of byte k; n2 is even, so pairs never straddle rows.
+            lo_q, hi_q = tl.split(tl.reshape(q, (N1P, N2P // 2, 2)))
+            byte = (lo_q & 0xF) | ((hi_q & 0xF) << 4)
+            jj = tl.arange(0, N2P // 2)
+            half = n2 // 2
+            tl.store(q_ptr + t * stride_qt + i[:, None] * half + jj[None, :], byte.to(tl.uint8),
+                     mask=row_ok[:, None] & (jj < half)[None, :])
+        else:
+            tl.store(q_ptr + t * stride_qt + i[:, None] * n2 + j[None, :], q.to(tl.int8),
+                     mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _check(x: Tensor, left: Tensor | None, right: Tensor | None, n1: int, bits: int, pack: bool) -> None:
@@ -105,6 +114,13 @@ def _check(x: Tensor, left: Tensor | None, right: Tensor | None, n1: int, bits: 
         raise ValueError(f"bits must be in [2, 8], got {bits}")
 
 
+def _programs(device: torch.device) -> int:
+    """Default grid cap: 4 programs per SM on CUDA (3 on CPU, so the interpreter exercises the token loop)."""
+    if device.type != "cuda":
+        return 3
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def kron_quant_triton(
     x: Tensor,  # (T, n1 * n2) fp16/bf16
     left: Tensor | None,  # (n1, n1) x.dtype
@@ -113,8 +129,12 @@ def kron_quant_triton(
     n1: int,
     bits: int = 4,
     pack: bool = True,
+    programs: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Triton launcher of :func:`kron_quant` (interpreter on CPU tensors); returns ``(codes, scale)``."""
+    """Triton launcher of :func:`kron_quant` (interpreter on CPU tensors); returns ``(codes, scale)``.
+
+    ``programs`` caps the grid (each program loops over its share of the tokens); default: 4 per SM on CUDA.
+    """
     _check(x, left, right, n1, bits, pack)
     t, n = x.shape
     n2 = n // n1
@@ -129,9 +149,9 @@ def kron_quant_triton(
     cpu = on_cpu(x)
     kernel = cpu_kernel(_kron_quant_kernel) if cpu else _kron_quant_kernel
     extra = {} if cpu else {"num_warps": 8 if n1p * n2p >= 128 * 128 else 4, "num_stages": 1}
-    kernel[(t,)](
+    kernel[(min(t, programs or _programs(x.device)),)](
         x, left if left is not None else x, right if right is not None else x, clip.float().contiguous(),
-        codes, scale, n1, n2, x.stride(0), codes.stride(0),
+        codes, scale, t, n1, n2, x.stride(0), codes.stride(0),
         N1P=n1p, N2P=n2p, HAS_LEFT=left is not None, HAS_RIGHT=right is not None,
         QMAX=2 ** (bits - 1) - 1, PACK=pack, F32_DOT=cpu or x.dtype == torch.float32, **extra,
     )
