@@ -5,7 +5,7 @@ bf16 cuBLAS (``F.linear``), ``torch._int_mm`` (W8A8), fp8 ``torch._scaled_mm``, 
 and the full W4A4 quantized linear (Kronecker transform + LAC + quantize + pack + GEMM). Then the fused kron_quant
 op alone against its pure-torch reference and the memory-bandwidth floor (measured copy bandwidth).
 
-Usage: ``python bench/bench_ops.py [--quick] [--out bench/results/ops_h100.json]``. Prints a table, writes JSON.
+Usage: ``python bench/bench_ops.py [--quick] [--out bench/results/ops_h100_all.json]``. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def check(dev: torch.device) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="two shapes, three token counts")
-    ap.add_argument("--out", default="bench/results/ops_h100.json")
+    ap.add_argument("--out", default="bench/results/ops_h100_all.json")
     ap.add_argument("--shapes", default="", help="comma-separated indices into SHAPES (default: all)")
     args = ap.parse_args()
     dev = torch.device("cuda")
