@@ -30,7 +30,8 @@ def main() -> int:
     bw = 2 * src.numel() / (do_bench_cudagraph(lambda: dst.copy_(src), rep=20) * 1e-3)
     rows = []
     print(f"# copy bandwidth {bw * 1e-9:.0f} GB/s; default grid cap {_programs(dev)} programs")
-    print(f"{'K':>6} {'M':>6} | {'per-token':>9} {'looped':>8} {'floor':>7} | {'speed-up':>8} {'floor/looped':>12} equal")
+    print(f"{'K':>6} {'M':>6} | {'per-token':>9} {'looped':>8} {'floor':>7} | {'speed-up':>8} "
+          f"{'floor/looped':>12} equal")
     for k in (4096, 11008, 14336):
         n1, n2 = decompose_dim(k)
         g = torch.Generator(device=dev).manual_seed(k)

@@ -114,3 +114,21 @@ def nibble_lo(b):
 def nibble_hi(b):
     """Sign-extended high nibbles of int8 bytes, as int8 (arithmetic shift)."""
     return (b >> 4).to(tl.int8)
+
+
+@triton.jit
+def dequant_epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm,
+              HAS_BIAS: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """Integer-GEMM epilogue: ``(acc · s_a[m]) · s_w[n] (+ bias[n])`` in fp32, cast once to ``c``'s dtype and
+    stored with edge masks; ``acc`` is the ``(BLOCK_M, BLOCK_N)`` int32 tile at rows ``offs_m``, columns ``offs_n``."""
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    sa = tl.load(sa_ptr + offs_m, mask=m_ok, other=0.0)
+    sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
+    out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if INTERPRET_BF16:
+        out = round_to_bf16_f32(out)
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

@@ -37,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from ._launch import cpu_kernel, next_pow2, nibble_hi, nibble_lo, on_cpu, round_to_bf16_f32
+from ._launch import cpu_kernel, dequant_epilogue, next_pow2, nibble_hi, nibble_lo, on_cpu
 from .matmul import MODE_W4A4, MODE_W4A8, MODE_W8A8
 
 Reduce = Literal["kernel", "last"]
@@ -70,23 +70,6 @@ def _hi(b, SWAR: tl.constexpr):
             "and.b32 $0, $0, 0x0F0F0F0F; or.b32 $0, $0, t;}", "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
     else:
         return nibble_hi(b)
-
-
-@triton.jit
-def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm,
-              HAS_BIAS: tl.constexpr, INTERPRET_BF16: tl.constexpr):
-    # acc: (BLOCK_M, BLOCK_N) int32. (acc · s_a[m]) · s_w[n] (+ bias) in fp32, cast once to the output dtype.
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    sa = tl.load(sa_ptr + offs_m, mask=m_ok, other=0.0)
-    sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
-    out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if INTERPRET_BF16:
-        out = round_to_bf16_f32(out)
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -176,7 +159,7 @@ def _qgemv_kernel(
             a_ptrs += BLOCK_K
 
     if REDUCE == 0:
-        _epilogue(tl.trans(acc), offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm,
+        dequant_epilogue(tl.trans(acc), offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm,
                   HAS_BIAS, INTERPRET_BF16)
     else:
         # Workspace (SPLIT_K, M, N) int32, written as accᵀ.
@@ -194,7 +177,7 @@ def _qgemv_kernel(
                     total += tl.load(p_ptrs, mask=ok, other=0, cache_modifier=".cg")
                     p_ptrs += stride_ps
                 tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")  # ready for the next call
-                _epilogue(tl.trans(total), offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm,
+                dequant_epilogue(tl.trans(total), offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm,
                           HAS_BIAS, INTERPRET_BF16)
 
 
@@ -212,7 +195,7 @@ def _qgemv_reduce_kernel(
     for _ in range(0, SPLIT_K):
         acc += tl.load(ptrs, mask=ok, other=0)
         ptrs += stride_ps
-    _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS, INTERPRET_BF16)
+    dequant_epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS, INTERPRET_BF16)
 
 
 @cache

@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from ._launch import cpu_kernel, nibble_hi, nibble_lo, on_cpu, round_to_bf16_f32
+from ._launch import cpu_kernel, dequant_epilogue, nibble_hi, nibble_lo, on_cpu
 from .pack import unpack_int4_triton
 
 MODE_W8A8, MODE_W4A4, MODE_W4A8 = 0, 1, 2
@@ -78,6 +78,18 @@ def m_bucket(m: int) -> int:
 
 
 @triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of program ``pid`` in grouped order (Triton tutorial 03): GROUP_M row tiles share each
+    weight tile while it is in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % group) % size_m, (pid % group) // size_m
+
+
+@triton.jit
 def _qmatmul_kernel(
     a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr,
     M, N, K, stride_am, stride_wn, stride_cm, M_BUCKET,
@@ -85,15 +97,7 @@ def _qmatmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr = False, INTERPRET_BF16: tl.constexpr = False,
 ):
-    # Grouped tile order (Triton tutorial 03) for L2 reuse of the weight tiles.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Rows/columns past the edge are wrapped (loads stay in bounds; their results are never stored).
@@ -194,17 +198,7 @@ def _qmatmul_kernel(
             w_ptrs += BLOCK_K
 
     # fp32 epilogue: (acc · s_a[m]) · s_w[n] (+ bias), cast once to the output dtype.
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    sa = tl.load(sa_ptr + offs_m, mask=m_ok, other=0.0)
-    sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
-    out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if INTERPRET_BF16:
-        out = round_to_bf16_f32(out)
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    dequant_epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS, INTERPRET_BF16)
 
 
 _qmatmul_tuned = triton.autotune(
@@ -263,14 +257,7 @@ def _w8a8_tma_kernel(
 ):
     # W8A8 with both int8 tiles fed by TMA (host descriptors; edges are zero-filled by the copy engine): the
     # prefill path. Same grouped order and fp32 epilogue as _qmatmul_kernel.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -280,17 +267,7 @@ def _w8a8_tma_kernel(
         acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_n = off_n + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    sa = tl.load(sa_ptr + offs_m, mask=m_ok, other=0.0)
-    sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
-    out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if INTERPRET_BF16:
-        out = round_to_bf16_f32(out)
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    dequant_epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS, INTERPRET_BF16)
 
 
 # Tiles measured on the H100 (bench/results/probe_tma_h100.log): 256x128x128 with 4 stages was best or within 3%
