@@ -3,9 +3,9 @@ operands, timed side by side with cuBLAS bf16 and ``torch._int_mm`` on a few sha
 TTGIR line of its first MMA (does the unpacked operand reach the tensor cores from registers or shared memory?).
 
 Second section (``gemv``): the split-K small-M kernel (:mod:`flatquant.ops.gemv`) at decode sizes, M in {1, 4, 16},
-over split_k and a few BLOCK_N/BLOCK_K choices and both partial-sum reductions, next to the tiled kernel (through
-the ops, autotuned) and bf16 ``F.linear``. These are timed like ``bench_ops.py``: CUDA-graph replay (no host launch
-overhead) and weights rotated across copies so that every call streams its weight from HBM, not L2.
+over split_k and a few BLOCK_N/BLOCK_K choices, next to the tiled kernel (through the ops, autotuned) and bf16
+``F.linear``. These are timed like ``bench_ops.py``: CUDA-graph replay (no host launch overhead) and weights rotated
+across copies so that every call streams its weight from HBM, not L2.
 
 Usage (H100): ``python bench/probe_gemm.py --out bench/results/probe_gemm_h100.json [--sections tiles,gemv]``.
 Prints tables, writes JSON.
@@ -165,7 +165,7 @@ def probe_gemv(rows: list[dict], rep: int, save: Callable[[], None]) -> None:
     print(f"\n# gemv (split-K, M <= 16) vs tiled ops vs bf16; CUDA-graph replay, L2-rotated weights; {sms} SMs; "
           "us per call", flush=True)
     print(f"{'M':>3} {'K':>6} {'N':>6} {'mode':>5} | {'bf16':>7} {'tiled':>7} {'gemv':>7} {'dflt':>7} | "
-          f"{'gemv/bf16':>9} {'gemv/tiled':>10} {'GB/s':>6} | best config (split eff, BN, BK, reduce); default")
+          f"{'gemv/bf16':>9} {'gemv/tiled':>10} {'GB/s':>6} | best config (split eff, BN, BK); default")
     for k, n in GEMV_SHAPES:
         wb = _copies(lambda: torch.randn(n, k, dtype=torch.bfloat16, device=dev), n * k * 2)
         for m in GEMV_MS:
@@ -192,43 +192,39 @@ def probe_gemv(rows: list[dict], rep: int, save: Callable[[], None]) -> None:
                     split = split_plan(k, bk, split_k)[1]
                     if split != split_k:
                         continue
-                    for reduce in (("kernel", "last") if split > 1 else ("kernel",)):
-                        kw = dict(split_k=split, block_n=bn, block_k=bk, reduce=reduce)
-                        row = {"section": "gemv", "m": m, "k": k, "n": n, "mode": mode, "kernel": "gemv",
-                               "split_k": split, "block_n": bn, "block_k": bk, "reduce": reduce}
-                        try:
-                            got = qgemv_triton(a, sa, w0, sw, None, k, mode, torch.bfloat16, **kw)
-                            row["equal"] = bool(torch.equal(got, want))
-                            us = _graph_time([lambda w=w, kw=kw: qgemv_triton(a, sa, w, sw, None, k, mode,
-                                                                              torch.bfloat16, **kw) for w in ws], rep)
-                        except Exception as e:  # noqa: BLE001 -- out of resources etc.: record and go on
-                            row["error"] = str(e)[:200]
-                            rows.append(row)
-                            continue
-                        row.update(us=us, x_bf16=bf16 / us, x_tiled=tiled / us, GBps=wbytes / us * 1e-3,
-                                   default=(bn, bk, split, reduce) == (dn, dk, d_split, "kernel"))
+                    kw = dict(split_k=split, block_n=bn, block_k=bk)
+                    row = {"section": "gemv", "m": m, "k": k, "n": n, "mode": mode, "kernel": "gemv",
+                           "split_k": split, "block_n": bn, "block_k": bk}
+                    try:
+                        got = qgemv_triton(a, sa, w0, sw, None, k, mode, torch.bfloat16, **kw)
+                        row["equal"] = bool(torch.equal(got, want))
+                        us = _graph_time([lambda w=w, kw=kw: qgemv_triton(a, sa, w, sw, None, k, mode,
+                                                                          torch.bfloat16, **kw) for w in ws], rep)
+                    except Exception as e:  # noqa: BLE001 -- out of resources etc.: record and go on
+                        row["error"] = str(e)[:200]
                         rows.append(row)
-                        if best is None or us < best["us"]:
-                            best = row
-                        if row["default"]:
-                            dflt = row
+                        continue
+                    row.update(us=us, x_bf16=bf16 / us, x_tiled=tiled / us, GBps=wbytes / us * 1e-3,
+                               default=(bn, bk, split) == (dn, dk, d_split))
+                    rows.append(row)
+                    if best is None or us < best["us"]:
+                        best = row
+                    if row["default"]:
+                        dflt = row
                 if best is None:
                     continue
                 d_us = dflt["us"] if dflt else float("nan")
                 bad = sum(1 for r in rows if r.get("kernel") == "gemv" and r.get("equal") is False)
                 print(f"{m:>3} {k:>6} {n:>6} {MODE_NAMES[mode]:>5} | {bf16:7.1f} {tiled:7.1f} {best['us']:7.1f} "
                       f"{d_us:7.1f} | {bf16 / best['us']:9.2f} {tiled / best['us']:10.2f} {best['GBps']:6.0f} | "
-                      f"({best['split_k']}, {best['block_n']}, {best['block_k']}, {best['reduce']}); "
+                      f"({best['split_k']}, {best['block_n']}, {best['block_k']}); "
                       f"({d_split}, {dn}, {dk}){'' if not bad else f'  MISMATCHES SO FAR: {bad}'}", flush=True)
-                for bn, bk in GEMV_BLOCKS[mode]:  # the split curve per block choice: us (kernel / last)
+                for bn, bk in GEMV_BLOCKS[mode]:  # the split curve per block choice: us per split
                     mine = [r for r in rows[-60:] if r.get("kernel") == "gemv" and (r["m"], r["k"], r["n"], r["mode"],
                             r["block_n"], r["block_k"]) == (m, k, n, mode, bn, bk) and "us" in r]
-                    curve = {}
-                    for r in mine:
-                        curve.setdefault(r["split_k"], {})[r["reduce"]] = r["us"]
+                    curve = {r["split_k"]: r["us"] for r in mine}
                     print(f"      BN={bn:<3} BK={bk:<3} split: " + "  ".join(
-                        f"{sp}: " + "/".join(f"{c[red]:.1f}" for red in ("kernel", "last") if red in c)
-                        for sp, c in sorted(curve.items())), flush=True)
+                        f"{sp}: {us:.1f}" for sp, us in sorted(curve.items())), flush=True)
             save()
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flatquant.ops import gemv, w4a4_matmul, w4a8_matmul, w8a8_matmul
 from flatquant.ops import reference as ref
+from flatquant.ops import w4a4_matmul, w4a8_matmul, w8a8_matmul
 from flatquant.ops.gemv import default_split_k, qgemv_triton, split_plan
 from flatquant.ops.matmul import MODE_W4A4, MODE_W4A8, MODE_W8A8, qmatmul_triton
 
@@ -68,30 +68,26 @@ def _check(device: str, mode: int, m: int, n: int, k: int, seed: int, bias: bool
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("split_k", [1, 2, 3])
 def test_matches_reference(device: str, mode: int, m: int, split_k: int) -> None:
-    """Bit-equal to the reference for every mode, token count and split; out dtype, bias and the reduction
-    (second kernel / last program) rotate over the cases so that each combination is covered."""
+    """Bit-equal to the reference for every mode, token count and split; out dtype and bias rotate over the
+    cases so that each combination is covered."""
     idx = 9 * MODES.index(mode) + 3 * [1, 3, 16].index(m) + split_k
     for j, (k, n, bn, bk) in enumerate(SHAPES[mode]):
         if j == 0:  # the first shape of each mode really runs split_k programs per output tile
             assert split_plan(k, bk, split_k)[1] == split_k
         case = idx + j
         _check(device, mode, m, n, k, seed=case, bias=case % 2 == 0, dtype=OUT_DTYPES[case % 3],
-               split_k=split_k, block_n=bn, block_k=bk, reduce=("kernel", "last")[(case // 3) % 2])
+               split_k=split_k, block_n=bn, block_k=bk)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-@pytest.mark.parametrize("reduce", ["kernel", "last"])
-def test_extreme_codes(device: str, mode: int, reduce: str) -> None:
+def test_extreme_codes(device: str, mode: int) -> None:
     """-8/7 (int4) and -128/127 (int8) codes; W8A8 at K = 1152 reaches |acc| = 128² K > 2^24 (int32 -> fp32
     conversion rounds, identically in kernel and reference)."""
     k = 1152 if mode == MODE_W8A8 else 384
     for m, dtype, bias in [(16, torch.float32, False), (2, torch.bfloat16, True)]:
         _check(device, mode, m, 24, k, seed=m, bias=bias, dtype=dtype, extreme=True, split_k=3, block_n=16,
-               block_k=128, reduce=reduce)
-    if reduce == "last":  # the last program of each tile reset its arrival counter for the next call
-        locks = [buf for dev, buf in gemv._LOCKS.items() if dev.type == device]
-        assert locks and not any(buf.any() for buf in locks)
+               block_k=128)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -108,12 +104,11 @@ def test_defaults_match_tiled_kernel(device: str, mode: int) -> None:
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("reduce", ["kernel", "last"])
-def test_more_than_one_token_block(device: str, reduce: str) -> None:
-    """M > 64: several token blocks (grid axis 2), each with its own partial sums and arrival counters."""
+def test_more_than_one_token_block(device: str) -> None:
+    """M > 64: several token blocks (grid axis 2), each with its own partial sums."""
     for mode in (MODE_W4A4, MODE_W8A8):
         _check(device, mode, 70, 24, 256, seed=3, bias=True, dtype=torch.bfloat16, split_k=2, block_n=16,
-               block_k=64, reduce=reduce)
+               block_k=64)
 
 
 def test_split_rules() -> None:
@@ -138,8 +133,10 @@ def test_bad_arguments_and_empty() -> None:
         qgemv_triton(a, sa, w, sw, None, 256, MODE_W4A8, torch.float32, block_k=64)
     with pytest.raises(ValueError, match="block_n"):
         qgemv_triton(a, sa, w, sw, None, 256, MODE_W4A8, torch.float32, block_n=8)
-    with pytest.raises(ValueError, match="reduce"):
-        qgemv_triton(a, sa, w, sw, None, 256, MODE_W4A8, torch.float32, reduce="atomic")
+    with pytest.raises(ValueError, match="unknown mode"):
+        qgemv_triton(a, sa, w, sw, None, 256, 3, torch.float32)
+    with pytest.raises(TypeError, match="reduce"):  # one reduction only (no arrival counters): no such option
+        qgemv_triton(a, sa, w, sw, None, 256, MODE_W4A8, torch.float32, reduce="last")
     out = qgemv_triton(a[:0], sa[:0], w, sw, None, 256, MODE_W4A8, torch.bfloat16)
     assert out.shape == (0, 8) and out.dtype == torch.bfloat16
 
@@ -150,15 +147,23 @@ def test_bad_arguments_and_empty() -> None:
 @pytest.mark.parametrize("m", [1, 4, 16])
 @pytest.mark.parametrize("k,n", [(4096, 4096), (14336, 1000), (328, 4096)])
 def test_cuda_llama_shapes(mode: int, m: int, k: int, n: int) -> None:
-    """Native: default split and blocks, explicit splits/blocks and both reductions, bit-equal to the reference
+    """Native: default split and blocks (two output dtypes), explicit splits/blocks, bit-equal to the reference
     (bias included), and to the tiled kernel without bias."""
-    for i, (split_k, bn, bk, reduce) in enumerate([(None, None, None, "kernel"), (None, None, None, "last"),
-                                                    (3, 32, 256, "kernel"), (16, 128, 256, "last")]):
+    for i, (split_k, bn, bk) in enumerate([(None, None, None), (None, None, None), (3, 32, 256), (16, 128, 256)]):
         dtype = OUT_DTYPES[i % 3]
         ops = _operands(mode, m, n, k, 100 * m + i, True, dtype, extreme=i == 3)
         ops = tuple(t if t is None else t.cuda() for t in ops)
         want = _OPS[mode](*(t if t is None else t.cpu() for t in ops), dtype)
-        got = qgemv_triton(*ops, k, mode, dtype, split_k=split_k, block_n=bn, block_k=bk, reduce=reduce)
-        assert torch.equal(got.cpu(), want), (split_k, bn, bk, reduce)
+        got = qgemv_triton(*ops, k, mode, dtype, split_k=split_k, block_n=bn, block_k=bk)
+        assert torch.equal(got.cpu(), want), (split_k, bn, bk, dtype)
     got = qgemv_triton(*ops[:4], None, k, mode, torch.bfloat16)
     assert torch.equal(got, qmatmul_triton(*ops[:4], None, k, mode, torch.bfloat16))
+
+
+def test_shapes_are_checked() -> None:
+    """A direct call with operands that do not match K is refused before any kernel reads out of bounds."""
+    a, sa, w, sw, _ = _operands(MODE_W4A4, 2, 8, 256, 0, False, torch.float32)
+    with pytest.raises(ValueError, match="activations"):
+        qgemv_triton(a[:, :64], sa, w, sw, None, 256, MODE_W4A4, torch.float32)
+    with pytest.raises(ValueError, match="columns"):
+        qgemv_triton(a, sa, w[:, :64], sw, None, 256, MODE_W4A4, torch.float32)
