@@ -350,6 +350,32 @@ def int8_gemm_triton(
     return qmatmul_triton(a, a_scale, w, w_scale, bias, a.shape[1], MODE_W8A8, out_dtype)
 
 
+def _w4_triton(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+               out_dtype: torch.dtype, mode: int, unpack_min_m: int) -> Tensor:
+    """4-bit-weight GEMM dispatch by token count: split-K kernel up to ``GEMV_MAX_M`` tokens, the fused-unpack
+    kernel below ``unpack_min_m``, else unpack both operands to int8 codes + the W8A8 kernel."""
+    from .gemv import qgemv_triton  # gemv builds on this module's modes
+
+    m = a.shape[0]
+    k = a.shape[1] * 2 if mode == MODE_W4A4 else a.shape[1]
+    if m <= GEMV_MAX_M:
+        return qgemv_triton(a, a_scale, w, w_scale, bias, k, mode, out_dtype)
+    if m >= unpack_min_m:
+        if mode == MODE_W4A4:
+            a8, w8 = unpack_int4_triton(a), unpack_int4_triton(w)
+        else:
+            a8, w8 = a, halves_to_codes_triton(w, k)
+        return int8_gemm_triton(a8, a_scale, w8, w_scale, bias, out_dtype)
+    return qmatmul_triton(a, a_scale, w, w_scale, bias, k, mode, out_dtype)
+
+
+def halves_to_codes_triton(w: Tensor, k: int) -> Tensor:  # (N, Kp/2) uint8 halves -> (N, K) int8
+    """Unpack the W4A8 ``halves`` layout to int8 codes (Triton unpack, then the tile-half interleave undone)."""
+    n, hb = w.shape[0], ref.W4A8_BLOCK_K // 2
+    codes = unpack_int4_triton(w.reshape(n, -1, hb)).view(n, -1, hb, 2).transpose(-1, -2).reshape(n, -1)
+    return codes[:, :k]
+
+
 def w4a4_triton(
     a: Tensor,  # (M, K/2) uint8 interleaved
     a_scale: Tensor,  # (M,) fp32
@@ -359,23 +385,8 @@ def w4a4_triton(
     out_dtype: torch.dtype,
     unpack_min_m: int = UNPACK_MIN_M,
 ) -> Tensor:  # (M, N)
-    """W4A4 on Triton: split-K kernel up to ``GEMV_MAX_M`` tokens, the fused-unpack kernel below ``unpack_min_m``,
-    else unpack to int8 + the W8A8 kernel."""
-    from .gemv import qgemv_triton  # gemv builds on this module's modes
-
-    k = a.shape[1] * 2
-    if a.shape[0] <= GEMV_MAX_M:
-        return qgemv_triton(a, a_scale, w, w_scale, bias, k, MODE_W4A4, out_dtype)
-    if a.shape[0] >= unpack_min_m:
-        return int8_gemm_triton(unpack_int4_triton(a), a_scale, unpack_int4_triton(w), w_scale, bias, out_dtype)
-    return qmatmul_triton(a, a_scale, w, w_scale, bias, k, MODE_W4A4, out_dtype)
-
-
-def halves_to_codes_triton(w: Tensor, k: int) -> Tensor:  # (N, Kp/2) uint8 halves -> (N, K) int8
-    """Unpack the W4A8 ``halves`` layout to int8 codes (Triton unpack, then the tile-half interleave undone)."""
-    n, hb = w.shape[0], ref.W4A8_BLOCK_K // 2
-    codes = unpack_int4_triton(w.reshape(n, -1, hb)).view(n, -1, hb, 2).transpose(-1, -2).reshape(n, -1)
-    return codes[:, :k]
+    """W4A4 on Triton, dispatched by token count (see the module docstring)."""
+    return _w4_triton(a, a_scale, w, w_scale, bias, out_dtype, MODE_W4A4, unpack_min_m)
 
 
 def w4a8_triton(
@@ -387,16 +398,8 @@ def w4a8_triton(
     out_dtype: torch.dtype,
     unpack_min_m: int = UNPACK_MIN_M,
 ) -> Tensor:  # (M, N)
-    """W4A8 on Triton: split-K kernel up to ``GEMV_MAX_M`` tokens, the fused-unpack kernel below ``unpack_min_m``,
-    else unpack to int8 + the W8A8 kernel."""
-    from .gemv import qgemv_triton  # gemv builds on this module's modes
-
-    k = a.shape[1]
-    if a.shape[0] <= GEMV_MAX_M:
-        return qgemv_triton(a, a_scale, w, w_scale, bias, k, MODE_W4A8, out_dtype)
-    if a.shape[0] >= unpack_min_m:
-        return int8_gemm_triton(a, a_scale, halves_to_codes_triton(w, k), w_scale, bias, out_dtype)
-    return qmatmul_triton(a, a_scale, w, w_scale, bias, k, MODE_W4A8, out_dtype)
+    """W4A8 on Triton, dispatched by token count (see the module docstring)."""
+    return _w4_triton(a, a_scale, w, w_scale, bias, out_dtype, MODE_W4A8, unpack_min_m)
 
 
 def _check(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, k: int, kw: int) -> None:
