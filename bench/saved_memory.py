@@ -7,8 +7,9 @@ fake-quantized weights), so the step memory at the paper's 4 × 2048 tokens foll
 
     python bench/saved_memory.py --shape llama3-8b --tokens 256,512 --out bench/results/saved_memory_llama3-8b.json
 
-Both modes of the weight fold run side by side: ``plain`` keeps every intermediate, ``recompute`` (the default of
-the calibration loop) refolds each weight in backward.
+Both modes of the weight fold run side by side: ``plain`` keeps every intermediate, ``recompute``
+(``CalibConfig.recompute="on"``, eager step; off by default since the compiled step measured better on the H100)
+refolds each weight in backward.
 
 This counts what the autograd graph holds, not allocator overhead or transient peaks inside one op.
 """

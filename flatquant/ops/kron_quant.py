@@ -136,6 +136,8 @@ def kron_quant_triton(
     ``programs`` caps the grid (each program loops over its share of the tokens); default: 4 per SM on CUDA.
     """
     _check(x, left, right, n1, bits, pack)
+    if programs is not None and programs < 1:
+        raise ValueError(f"programs must be >= 1, got {programs}")
     t, n = x.shape
     n2 = n // n1
     x = x.contiguous()

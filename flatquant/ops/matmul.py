@@ -14,7 +14,8 @@ Layouts (no nibble shuffling in the inner loop, only two shifts per byte):
   j + BLOCK_K/2.
 * W8A8: plain int8 (N, K) weights.
 
-Dispatch on CUDA (``w4a4_matmul`` / ``w4a8_matmul``): at ``M <= GEMV_MAX_M`` tokens (decode) the GEMM is bound by
+Dispatch on CUDA (``w4a4_matmul`` / ``w4a8_matmul``; W4A8 unpacks only from ``UNPACK_MIN_M_W4A8``, since its
+halves layout costs three passes to unpack): at ``M <= GEMV_MAX_M`` tokens (decode) the GEMM is bound by
 the weight bytes and runs the split-K kernel of :mod:`flatquant.ops.gemv` (about 3x bf16 on the H100 at
 LLaMA-3-8B MLP shapes). At ``M >= UNPACK_MIN_M`` tokens the GEMM is compute-bound
 and the in-loop unpack costs more than it saves (measured on the H100, ``bench/results/probe_gemm_h100.log``: the
@@ -37,6 +38,7 @@ from .pack import unpack_int4_triton
 
 MODE_W8A8, MODE_W4A4, MODE_W4A8 = 0, 1, 2
 UNPACK_MIN_M = 128  # tokens from which 4-bit operands are unpacked to int8 before the GEMM (module docstring)
+UNPACK_MIN_M_W4A8 = 4096  # the same for W4A8: its halves layout takes three passes to unpack (slower at M=256)
 GEMV_MAX_M = 16  # tokens up to which 4-bit weights go through the split-K kernel of flatquant.ops.gemv
 
 
@@ -290,8 +292,12 @@ _w8a8_tma_tuned = triton.autotune(
 
 
 def tma_usable(a: Tensor, w: Tensor) -> bool:
-    """Whether both int8 operands meet TMA's rules: 16-byte aligned base and row stride, unit inner stride."""
-    return all(t.stride(-1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, w))
+    """Whether the TMA kernel can take both int8 operands: a Hopper-class GPU (its tiles need ~200 KB of shared
+    memory), non-empty tensors, 16-byte aligned base and row stride, unit inner stride."""
+    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) < (9, 0):
+        return False
+    return all(t.numel() > 0 and t.stride(-1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in (a, w))
 
 
 def w8a8_tma_triton(
@@ -358,6 +364,8 @@ def _w4_triton(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Ten
 
     m = a.shape[0]
     k = a.shape[1] * 2 if mode == MODE_W4A4 else a.shape[1]
+    if m == 0 or w.shape[0] == 0 or k == 0:
+        return qmatmul_triton(a, a_scale, w, w_scale, bias, k, mode, out_dtype)
     if m <= GEMV_MAX_M:
         return qgemv_triton(a, a_scale, w, w_scale, bias, k, mode, out_dtype)
     if m >= unpack_min_m:
@@ -396,7 +404,7 @@ def w4a8_triton(
     w_scale: Tensor,  # (N,) fp32
     bias: Tensor | None,  # (N,)
     out_dtype: torch.dtype,
-    unpack_min_m: int = UNPACK_MIN_M,
+    unpack_min_m: int = UNPACK_MIN_M_W4A8,
 ) -> Tensor:  # (M, N)
     """W4A8 on Triton, dispatched by token count (see the module docstring)."""
     return _w4_triton(a, a_scale, w, w_scale, bias, out_dtype, MODE_W4A8, unpack_min_m)

@@ -115,3 +115,20 @@ def test_cuda_model_dims(k: int) -> None:
     assert torch.allclose(scale, want_scale, rtol=1e-3, atol=0)
     ratio = torch.clamp(ref.kron_transform_ref(x, left, right, n1) / want_scale[:, None], -8, 7)
     assert_codes_match(ref.unpack_int4_ref(codes), ref.unpack_int4_ref(want), ratio, rounded_intermediate=True)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_grid_cap_gives_the_same_codes(device: str) -> None:
+    """Programs that loop over several tokens (capped grid) give the codes of one program per token."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(101, 24 * 24, generator=g).to(torch.bfloat16)
+    left = (torch.randn(24, 24, generator=g) / 5).to(torch.bfloat16)
+    right = (torch.randn(24, 24, generator=g) / 5).to(torch.bfloat16)
+    clip = torch.tensor([0.9, 0.95])
+    args = [t.to(device) for t in (x, left, right, clip)]
+    one_each = kron_quant_triton(*args, 24, programs=101)
+    for programs in (1, 7):
+        looped = kron_quant_triton(*args, 24, programs=programs)
+        assert torch.equal(looped[0], one_each[0]) and torch.equal(looped[1], one_each[1]), programs
+    with pytest.raises(ValueError, match="programs"):
+        kron_quant_triton(*args, 24, programs=0)

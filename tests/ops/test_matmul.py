@@ -103,6 +103,23 @@ def test_tma_w8a8_matches_reference(device: str, m: int, k: int, n: int, dtype: 
                        ref.int_matmul_ref(o["a8"], o["w8"], o["sa"], o["sw"], None, dtype))
 
 
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_empty_operands(device: str) -> None:
+    """Zero tokens, features or K on every dispatch path: empty or zero outputs, no crash."""
+    for m, n, k in [(0, 5, 128), (200, 0, 128), (200, 5, 0), (3, 0, 128)]:
+        a4 = torch.zeros(m, k // 2, dtype=torch.uint8, device=device)
+        w4 = torch.zeros(n, k // 2, dtype=torch.uint8, device=device)
+        sa, sw = torch.ones(m, device=device), torch.ones(n, device=device)
+        for unpack_min_m in (0, 10**9):
+            out = w4a4_triton(a4, sa, w4, sw, None, torch.float32, unpack_min_m=unpack_min_m)
+            assert out.shape == (m, n) and not out.any()
+            halves = ref.halves_layout_ref(w4.cpu()).to(device)
+            out = w4a8_triton(torch.zeros(m, k, dtype=torch.int8, device=device), sa, halves, sw, None,
+                              torch.float32, unpack_min_m=unpack_min_m)
+            assert out.shape == (m, n) and not out.any()
+    assert not tma_usable(torch.zeros(4, 0, dtype=torch.int8), torch.zeros(3, 0, dtype=torch.int8))
+
+
 def test_tma_rules() -> None:
     a = torch.zeros(4, 40, dtype=torch.int8)
     assert not tma_usable(a, a)  # 40-byte rows are not 16-byte multiples
