@@ -76,28 +76,5 @@ bench-e2e)
     --model $FQ/smollm2.gguf --out $FQ/ckpt > /dev/null 2>&1 && python3 -m flatquant.cli generate --checkpoint $FQ/ckpt \
     --chat --device cuda --prompt "What is the capital of France?" --max-new-tokens 40 2>&1 \
     | tee $OUT/generate_h100.txt | tail -5 ;;
-kron-final)
-  # kron_quant grid probe, the CUDA tests of the files it touches plus those the cuda-tests stage did not reach
-  # in its 530 s, then the end-to-end speed again
-  timeout 90 python3 bench/probe_kron.py --out $OUT/probe_kron_h100.json 2>&1 | tee $OUT/probe_kron_h100.log
-  timeout 250 python3 -m pytest -q -m cuda -p no:cacheprovider tests/ops/test_kron_quant.py tests/ops/test_matmul.py \
-    tests/ops/test_pack.py tests/models/test_real.py tests/ops/test_kv_quant.py tests/ops/test_kv_attention.py 2>&1 \
-    | tee $OUT/pytest_cuda_h100_part2.log | tail -5
-  timeout 230 python3 bench/bench_e2e.py --out $OUT/e2e_h100.json --engines real-w4a4kv4,ours-bf16,hf-bf16-sdpa 2>&1 \
-    | tee $OUT/e2e_h100.log | tail -12 ;;
-cuda-tests)
-  timeout 530 python3 -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee $OUT/pytest_cuda_h100.log | tail -15 ;;
-bench-e2e)
-  while pgrep -f bench/accuracy.py > /dev/null; do sleep 5; done
-  if [ ! -f $FQ/smollm2.gguf ]; then  # after setup (first half) in the previous call, .model2 carried in this one
-    cat $FQ/part1 .model2/part > $FQ/smollm2.gguf
-    echo "$(cat .model2/sha)  $FQ/smollm2.gguf" | sha256sum -c - || exit 3
-  fi
-  python3 bench/bench_e2e.py --out $OUT/e2e_h100.json --engines real-w4a4kv4,ours-bf16,hf-bf16-sdpa \
-    --ppl-transforms bench/results/transforms_smollm2_w4a4kv4_15ep --ppl-model $FQ/smollm2.gguf 2>&1 \
-    | tee $OUT/e2e_h100.log | tail -40
-  python3 -m flatquant.cli export --transforms bench/results/transforms_smollm2_w4a4kv4_15ep --model $FQ/smollm2.gguf \
-    --out $FQ/ckpt > /dev/null 2>&1 && python3 -m flatquant.cli generate --checkpoint $FQ/ckpt --chat --device cuda \
-    --prompt "What is the capital of France?" --max-new-tokens 40 2>&1 | tee $OUT/generate_h100.txt | tail -5 ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
