@@ -31,7 +31,8 @@ from env import environment  # noqa: E402
 
 from flatquant.ops import reference as ref  # noqa: E402
 from flatquant.ops import w4a4_matmul, w4a8_matmul, w8a8_matmul  # noqa: E402
-from flatquant.ops.gemv import default_blocks, default_split_k, qgemv_triton, sm_count, split_plan  # noqa: E402
+from flatquant.ops._launch import sm_count  # noqa: E402
+from flatquant.ops.gemv import default_blocks, default_split_k, qgemv_triton, split_plan  # noqa: E402
 from flatquant.ops.matmul import MODE_W4A4, MODE_W4A8, MODE_W8A8, _qmatmul_kernel, m_bucket  # noqa: E402
 
 SHAPES = [(8192, 4096, 14336), (8192, 4096, 4096), (16, 4096, 4096), (16, 4096, 14336)]  # (M, K, N)

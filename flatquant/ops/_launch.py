@@ -88,6 +88,22 @@ def cpu_kernel(kernel: Any) -> Any:
     return _CpuLauncher(_raw_fn(kernel))
 
 
+_CPU_SMS = 4
+"""Stand-in SM count on CPU tensors (the interpreter runs programs one after another)."""
+
+
+@cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100 SXM, cached per device); a stand-in on CPU."""
+    if device.type != "cuda":
+        return _CPU_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def on_cpu(t: torch.Tensor) -> bool:
     """True when ``t`` lives on the CPU (the launcher then uses the interpreter)."""
     return t.device.type == "cpu"
@@ -118,7 +134,7 @@ def nibble_hi(b):
 
 @triton.jit
 def dequant_epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm,
-              HAS_BIAS: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, INTERPRET_BF16: tl.constexpr):
     """Integer-GEMM epilogue: ``(acc · s_a[m]) · s_w[n] (+ bias[n])`` in fp32, cast once to ``c``'s dtype and
     stored with edge masks; ``acc`` is the ``(BLOCK_M, BLOCK_N)`` int32 tile at rows ``offs_m``, columns ``offs_n``."""
     m_ok = offs_m < M

@@ -28,19 +28,14 @@ W8A8 int8 ``(M, K)`` / ``(N, K)``. The fp32 multiply-add of the epilogue is neve
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from ._launch import cpu_kernel, dequant_epilogue, next_pow2, nibble_hi, nibble_lo, on_cpu
+from ._launch import cpu_kernel, dequant_epilogue, next_pow2, nibble_hi, nibble_lo, on_cpu, sm_count
 from .matmul import MODE_W4A4, MODE_W4A8, MODE_W8A8, _check, _halves_cols
-
-_CPU_SMS = 4
-"""Stand-in SM count for the default split on CPU tensors (the interpreter runs programs one after another)."""
 
 _MAX_BLOCK_M = 64
 
@@ -156,7 +151,7 @@ def _qgemv_kernel(
 
     if REDUCE == 0:
         dequant_epilogue(tl.trans(acc), offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm,
-                  HAS_BIAS, INTERPRET_BF16)
+                         HAS_BIAS, INTERPRET_BF16)
     else:
         # Workspace (SPLIT_K, M, N) int32, written as accᵀ.
         ok = (offs_n[:, None] < N) & (offs_m[None, :] < M)
@@ -179,18 +174,6 @@ def _qgemv_reduce_kernel(
         acc += tl.load(ptrs, mask=ok, other=0)
         ptrs += stride_ps
     dequant_epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS, INTERPRET_BF16)
-
-
-@cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (132 on an H100 SXM); a fixed stand-in on CPU."""
-    if device.type != "cuda":
-        return _CPU_SMS
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def default_blocks(mode: int, device: torch.device) -> tuple[int, int]:

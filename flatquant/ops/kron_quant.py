@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from ._launch import cpu_kernel, next_pow2, on_cpu, round_to_bf16_f32
+from ._launch import cpu_kernel, next_pow2, on_cpu, round_to_bf16_f32, sm_count
 
 
 @triton.jit
@@ -118,7 +118,7 @@ def _programs(device: torch.device) -> int:
     """Default grid cap: 4 programs per SM on CUDA (3 on CPU, so the interpreter exercises the token loop)."""
     if device.type != "cuda":
         return 3
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * sm_count(device)
 
 
 def kron_quant_triton(
