@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench_cudagraph
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import copy_bandwidth, graph_time, rotating, time_all  # noqa: E402
 
 from flatquant.core.kron import decompose_dim
 from flatquant.ops import kron_quant, make_qlinear, qlinear, w4a4_matmul, w4a8_matmul, w8a8_matmul
@@ -29,43 +31,6 @@ from flatquant.ops.matmul import MODE_W4A4, _qmatmul_tuned, qmatmul_triton
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 11008), (11008, 4096)]  # (K, N)
 MS = [1, 16, 64, 256, 2048, 8192, 16384]
-L2_BYTES = 50 * 2**20
-
-
-def _time(fn, calls: int = 1) -> float:
-    """Median µs per call of ``fn`` (which makes ``calls`` calls), replayed from a CUDA graph.
-
-    Graph replay removes host launch overhead for every method alike (as ``torch.compile(mode="reduce-overhead")``
-    would in a model); autotuning and compilation happen in the eager warm-up call before capture.
-    """
-    fn()
-    torch.cuda.synchronize()
-    return do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3 / calls
-
-
-def _rotating(make, nbytes: int) -> list:
-    """Enough copies of an operand that cycling through them defeats the L2 cache."""
-    return [make() for _ in range(max(1, min(8, math.ceil(3 * L2_BYTES / max(nbytes, 1)))))]
-
-
-def _time_all(fns: list) -> float:
-    """Median µs per call over the rotated copies (one graph runs them all)."""
-
-    def run():
-        for f in fns:
-            f()
-
-    return _time(run, len(fns))
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write)."""
-    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    t = _time(lambda: b.copy_(a)) * 1e-6
-    return 2 * a.numel() / t
-
-
 def bench_shape(k: int, n: int, ms: list[int], dev: torch.device, first_of_k: bool = True) -> list[dict]:
     g = torch.Generator(device=dev).manual_seed(0)
     n1, n2 = decompose_dim(k)
@@ -74,11 +39,11 @@ def bench_shape(k: int, n: int, ms: list[int], dev: torch.device, first_of_k: bo
     right = torch.linalg.qr(torch.randn(n2, n2, device=dev, generator=g))[0]
     p4 = make_qlinear(w, left=left, right=right, clip=(0.95, 0.95), a_bits=4, w_bits=4)
     p48 = make_qlinear(w, left=left, right=right, a_bits=8, w_bits=4)
-    w_bf16s = _rotating(lambda: w.to(torch.bfloat16), n * k * 2)
-    w_i8s = _rotating(lambda: torch.randint(-127, 127, (n, k), dtype=torch.int8, device=dev), n * k)
-    w_fp8s = _rotating(lambda: w.to(torch.float8_e4m3fn), n * k)
-    w_i4s = _rotating(lambda: p4.weight.clone(), n * k // 2)
-    w_h4s = _rotating(lambda: p48.weight_halves.clone(), n * k // 2)
+    w_bf16s = rotating(lambda: w.to(torch.bfloat16), n * k * 2)
+    w_i8s = rotating(lambda: torch.randint(-127, 127, (n, k), dtype=torch.int8, device=dev), n * k)
+    w_fp8s = rotating(lambda: w.to(torch.float8_e4m3fn), n * k)
+    w_i4s = rotating(lambda: p4.weight.clone(), n * k // 2)
+    w_h4s = rotating(lambda: p48.weight_halves.clone(), n * k // 2)
     sw = p4.w_scale
     rows = []
     for m in ms:
@@ -88,26 +53,27 @@ def bench_shape(k: int, n: int, ms: list[int], dev: torch.device, first_of_k: bo
         xf8 = x.to(torch.float8_e4m3fn)
         one = torch.ones((), device=dev)
         r = {"K": k, "N": n, "M": m}
-        r["bf16"] = _time_all([lambda wb=wb: F.linear(x, wb) for wb in w_bf16s])
-        r["int_mm"] = (_time_all([lambda wi=wi: torch._int_mm(a8, wi.t()) for wi in w_i8s])
+        r["bf16"] = time_all([lambda wb=wb: F.linear(x, wb) for wb in w_bf16s])
+        r["int_mm"] = (time_all([lambda wi=wi: torch._int_mm(a8, wi.t()) for wi in w_i8s])
                        if m > 16 else float("nan"))
-        r["fp8"] = (_time_all([lambda wf=wf: torch._scaled_mm(xf8, wf.t(), one, one, out_dtype=torch.bfloat16)
+        r["fp8"] = (time_all([lambda wf=wf: torch._scaled_mm(xf8, wf.t(), one, one, out_dtype=torch.bfloat16)
                                   for wf in w_fp8s]) if m % 16 == 0 else float("nan"))
-        r["ours_w8a8"] = _time_all([lambda wi=wi: w8a8_matmul(a8, sa, wi, sw, None, torch.bfloat16)
+        r["ours_w8a8"] = time_all([lambda wi=wi: w8a8_matmul(a8, sa, wi, sw, None, torch.bfloat16)
                                        for wi in w_i8s])
-        r["ours_w4a8"] = _time_all([lambda wh=wh: w4a8_matmul(a8, sa, wh, sw, None, torch.bfloat16)
+        r["ours_w4a8"] = time_all([lambda wh=wh: w4a8_matmul(a8, sa, wh, sw, None, torch.bfloat16)
                                        for wh in w_h4s])
-        r["ours_w4a4"] = _time_all([lambda wq=wq: w4a4_matmul(a4, sa, wq, sw, None, torch.bfloat16)
+        r["ours_w4a4"] = time_all([lambda wq=wq: w4a4_matmul(a4, sa, wq, sw, None, torch.bfloat16)
                                        for wq in w_i4s])
         # the fused-unpack W4A4 kernel alone (the op switches to unpack + W8A8 at M >= UNPACK_MIN_M)
-        r["ours_w4a4_fused"] = _time_all([lambda wq=wq: qmatmul_triton(a4, sa, wq, sw, None, k, MODE_W4A4,
+        r["ours_w4a4_fused"] = time_all([lambda wq=wq: qmatmul_triton(a4, sa, wq, sw, None, k, MODE_W4A4,
                                                                        torch.bfloat16) for wq in w_i4s])
         ps = [make_like(p4, wq) for wq in w_i4s]
-        r["ours_qlinear"] = _time_all([lambda pp=pp: qlinear(x, pp, "real") for pp in ps])
-        r["kron_quant"] = _time(lambda: kron_quant(x, p4.left, p4.right, p4.clip, n1, 4, True))
+        r["ours_qlinear"] = time_all([lambda pp=pp: qlinear(x, pp, "real") for pp in ps])
+        r["kron_quant"] = graph_time(lambda: kron_quant(x, p4.left, p4.right, p4.clip, n1, 4, True))
         # the torch reference depends on K and M only: timed once per (K, M)
-        r["kron_quant_torch"] = (_time(lambda: ref.kron_quant_ref(x, p4.left, p4.right, p4.clip[0], p4.clip[1], n1))
-                                 if first_of_k else float("nan"))
+        r["kron_quant_torch"] = (
+            graph_time(lambda: ref.kron_quant_ref(x, p4.left, p4.right, p4.clip[0], p4.clip[1], n1))
+            if first_of_k else float("nan"))
         r["best_config_w4a4"] = str(_qmatmul_tuned.best_config)
         ops = 2 * m * n * k
         r["tops_w4a4"] = ops / r["ours_w4a4"] * 1e-6

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,10 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench, do_bench_cudagraph
+from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from env import environment  # noqa: E402
+from timing import rotating, time_all  # noqa: E402
 
 from flatquant.ops import reference as ref  # noqa: E402
 from flatquant.ops import w4a4_matmul, w4a8_matmul, w8a8_matmul  # noqa: E402
@@ -121,26 +121,6 @@ GEMV_BLOCKS = {  # (BLOCK_N, BLOCK_K); the first is the CUDA default of gemv.def
 }
 MODE_NAMES = {MODE_W8A8: "W8A8", MODE_W4A8: "W4A8", MODE_W4A4: "W4A4"}
 TILED_OPS = {MODE_W4A4: w4a4_matmul, MODE_W4A8: w4a8_matmul, MODE_W8A8: w8a8_matmul}
-L2_BYTES = 50 * 2**20
-
-
-def _graph_time(fns: list, rep: int) -> float:
-    """Median µs per call over the rotated ``fns``, replayed from one CUDA graph (compile/autotune run first)."""
-
-    def run() -> None:
-        for f in fns:
-            f()
-
-    run()
-    torch.cuda.synchronize()
-    return do_bench_cudagraph(run, rep=rep, return_mode="median") * 1e3 / len(fns)
-
-
-def _copies(make, nbytes: int) -> list:
-    """Enough copies of a weight that cycling through them defeats the L2 cache."""
-    return [make() for _ in range(max(1, min(8, math.ceil(3 * L2_BYTES / max(nbytes, 1)))))]
-
-
 def _gemv_operands(m: int, k: int, n: int, mode: int) -> tuple:
     """(a, w_codes, make_w): activation operand, weight codes and a maker of a fresh weight operand copy."""
     bits_a = 4 if mode == MODE_W4A4 else 8
@@ -168,20 +148,20 @@ def probe_gemv(rows: list[dict], rep: int, save: Callable[[], None]) -> None:
     print(f"{'M':>3} {'K':>6} {'N':>6} {'mode':>5} | {'bf16':>7} {'tiled':>7} {'gemv':>7} {'dflt':>7} | "
           f"{'gemv/bf16':>9} {'gemv/tiled':>10} {'GB/s':>6} | best config (split eff, BN, BK); default")
     for k, n in GEMV_SHAPES:
-        wb = _copies(lambda: torch.randn(n, k, dtype=torch.bfloat16, device=dev), n * k * 2)
+        wb = rotating(lambda: torch.randn(n, k, dtype=torch.bfloat16, device=dev), n * k * 2)
         for m in GEMV_MS:
             x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
-            bf16 = _graph_time([lambda w=w: F.linear(x, w) for w in wb], rep)
+            bf16 = time_all([lambda w=w: F.linear(x, w) for w in wb], rep=rep)
             rows.append({"section": "gemv", "m": m, "k": k, "n": n, "kernel": "bf16", "us": bf16})
             sa = torch.rand(m, device=dev) + 0.5
             sw = torch.rand(n, device=dev) + 0.5
             for mode in (MODE_W4A4, MODE_W4A8, MODE_W8A8):
                 a, wc, make_w = _gemv_operands(m, k, n, mode)
                 w0 = make_w()
-                ws = _copies(make_w, w0.numel())
+                ws = rotating(make_w, w0.numel())
                 wbytes = w0.numel()
                 op = TILED_OPS[mode]
-                tiled = _graph_time([lambda w=w: op(a, sa, w, sw, None, torch.bfloat16) for w in ws], rep)
+                tiled = time_all([lambda w=w: op(a, sa, w, sw, None, torch.bfloat16) for w in ws], rep=rep)
                 rows.append({"section": "gemv", "m": m, "k": k, "n": n, "mode": mode, "kernel": "tiled", "us": tiled,
                              "x_bf16": bf16 / tiled})
                 a_codes = ref.unpack_int4_ref(a) if mode == MODE_W4A4 else a
@@ -199,8 +179,8 @@ def probe_gemv(rows: list[dict], rep: int, save: Callable[[], None]) -> None:
                     try:
                         got = qgemv_triton(a, sa, w0, sw, None, k, mode, torch.bfloat16, **kw)
                         row["equal"] = bool(torch.equal(got, want))
-                        us = _graph_time([lambda w=w, kw=kw: qgemv_triton(a, sa, w, sw, None, k, mode,
-                                                                          torch.bfloat16, **kw) for w in ws], rep)
+                        us = time_all([lambda w=w, kw=kw: qgemv_triton(a, sa, w, sw, None, k, mode,
+                                                                          torch.bfloat16, **kw) for w in ws], rep=rep)
                     except Exception as e:  # noqa: BLE001 -- out of resources etc.: record and go on
                         row["error"] = str(e)[:200]
                         rows.append(row)

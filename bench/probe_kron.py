@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from env import environment  # noqa: E402
+from timing import copy_bandwidth, graph_time  # noqa: E402
 
 from flatquant.core.kron import decompose_dim  # noqa: E402
 from flatquant.ops.kron_quant import _programs, kron_quant_triton  # noqa: E402
@@ -26,8 +26,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/results/probe_kron.json"))
     a = ap.parse_args()
     dev = torch.device("cuda")
-    src, dst = torch.empty(2**30, dtype=torch.uint8, device=dev), torch.empty(2**30, dtype=torch.uint8, device=dev)
-    bw = 2 * src.numel() / (do_bench_cudagraph(lambda: dst.copy_(src), rep=20) * 1e-3)
+    bw = copy_bandwidth()
     rows = []
     print(f"# copy bandwidth {bw * 1e-9:.0f} GB/s; default grid cap {_programs(dev)} programs")
     print(f"{'K':>6} {'M':>6} | {'per-token':>9} {'looped':>8} {'floor':>7} | {'speed-up':>8} "
@@ -43,8 +42,8 @@ def main() -> int:
             old = kron_quant_triton(x, left, right, clip, n1, programs=m)
             new = kron_quant_triton(x, left, right, clip, n1)
             equal = bool(torch.equal(old[0], new[0]) and torch.equal(old[1], new[1]))
-            t_old = do_bench_cudagraph(lambda: kron_quant_triton(x, left, right, clip, n1, programs=m), rep=20) * 1e3
-            t_new = do_bench_cudagraph(lambda: kron_quant_triton(x, left, right, clip, n1), rep=20) * 1e3
+            t_old = graph_time(lambda: kron_quant_triton(x, left, right, clip, n1, programs=m))
+            t_new = graph_time(lambda: kron_quant_triton(x, left, right, clip, n1))
             floor = (m * k * 2 + m * k // 2 + 4 * m) / bw * 1e6
             rows.append({"k": k, "m": m, "per_token_us": t_old, "looped_us": t_new, "floor_us": floor, "equal": equal})
             print(f"{k:>6} {m:>6} | {t_old:9.1f} {t_new:8.1f} {floor:7.1f} | {t_old / t_new:8.2f} "

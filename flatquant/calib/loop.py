@@ -161,7 +161,6 @@ def train_layer(
 
     def step(p: Params, m: Params, v: Params, x: Tensor, y: Tensor, sc: Tensor,
              ) -> tuple[Params, Params, Params, Tensor]:
-        # compiled: inductor chooses what to keep for backward itself (and mis-traces the recompute function)
         grads, (_, mse) = grad_fn(p, fixed, frozen, x, y, rope, args, qcfg, tcfg.kind, amp, ccfg.normalize_loss,
                                   recompute=recompute)
         if grad_reduce is not None:
