@@ -26,6 +26,7 @@ Layer tensors (the checkpoint schema, see :func:`layer_from_tensors`): ``input_n
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -39,8 +40,9 @@ from torch import Tensor
 from ..core.kron import head_mix, head_transform, kron_transform
 from ..core.quant import fake_quant
 from ..core.spec import QuantConfig, QuantSpec
-from ..ops import kron_quant, kv_quant, pack_int4, w4a4_matmul
+from ..ops import kron_quant, kron_quant_multi, kv_quant, pack_int4, w4a4_matmul
 from ..ops.kv_attention import dequantize_kv_ref, kv4_decode_attention
+from ..ops.matmul import GEMV_MAX_M
 from ..ops.qlinear import QLinearParams, qlinear
 from .args import LINEARS, ModelArgs
 from .layer import Rope, apply_rope, rms_norm
@@ -49,6 +51,8 @@ log = logging.getLogger(__name__)
 Params = dict[str, Tensor]
 SITE_OF = {"q_proj": "ln_trans", "k_proj": "ln_trans", "v_proj": "ln_trans", "gate_proj": "up_gate_trans",
            "up_proj": "up_gate_trans", "down_proj": "down_trans"}
+FUSED_GROUPS: dict[str, tuple[str, ...]] = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+"""Linears that read one transformed activation and run as one :class:`FusedQLinear` on the W4A4 path."""
 
 
 def kernel_supported(qcfg: QuantConfig) -> bool:
@@ -73,6 +77,7 @@ class RealConfig:
         dtype: compute dtype of activations (bf16/fp16 on GPU; fp32 on CPU reproduces the fp32 fake model).
         rope_scaling: HF's ``attention_scaling`` on cos/sin.
         real_linears: integer kernels (True) or the fake fallback (False).
+        fuse: run q/k/v and gate/up as one transform + quantize and one weight (W4A4; :class:`FusedQLinear`).
     """
 
     args: ModelArgs
@@ -80,6 +85,7 @@ class RealConfig:
     dtype: torch.dtype = torch.bfloat16
     rope_scaling: float = 1.0
     real_linears: bool = True
+    fuse: bool = True
 
     def __post_init__(self) -> None:
         assert self.dtype in (torch.float32, torch.bfloat16, torch.float16), f"unsupported dtype {self.dtype}"
@@ -108,6 +114,64 @@ class FakeLinear:
         return F.linear(x, self.weight, self.bias)
 
 
+@dataclass(frozen=True, kw_only=True)
+class FusedQLinear:
+    """W4A4 linears that share one online transform (q/k/v, gate/up), each with its own LAC pair.
+
+    One ``flatquant::kron_quant_multi`` transforms the input once and writes one set of codes per linear. At up to
+    ``GEMV_MAX_M`` rows in all (decode), one split-K GEMM runs over the concatenated weights with the code sets
+    stacked as rows, and each linear keeps its own diagonal block (the extra rows are free: the MMA pads the token
+    side to 16); with more rows, one GEMM per linear over its slice of the concatenated weights.
+    """
+
+    weight: Tensor  # (N_total, K/2) uint8, the linears' packed rows one after another
+    w_scale: Tensor  # (N_total,) fp32
+    bias: Tensor | None  # (N_total,) or None (zeros for linears without a bias when another has one)
+    clips: Tensor  # (G, 2) fp32
+    sizes: tuple[int, ...]  # output features of each linear
+    left: Tensor | None = None  # (n1, n1)
+    right: Tensor | None = None  # (n2, n2)
+    n1: int = 1
+
+    def __call__(self, x: Tensor) -> list[Tensor]:  # (B, T, K) -> G x (B, T, N_g)
+        """The outputs of the G linears."""
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        m, g = x2.shape[0], len(self.sizes)
+        codes, scale = kron_quant_multi(x2, self.left, self.right, self.clips, self.n1, 4, True)
+        bounds = [0]
+        for n in self.sizes:
+            bounds.append(bounds[-1] + n)
+        if m * g <= GEMV_MAX_M:
+            out = w4a4_matmul(codes.reshape(g * m, -1), scale.reshape(g * m), self.weight, self.w_scale, self.bias,
+                              x.dtype).view(g, m, -1)
+            return [out[i, :, bounds[i]:bounds[i + 1]].reshape(*lead, self.sizes[i]) for i in range(g)]
+        outs = []
+        for i in range(g):
+            lo, hi = bounds[i], bounds[i + 1]
+            bias = None if self.bias is None else self.bias[lo:hi]
+            y = w4a4_matmul(codes[i], scale[i], self.weight[lo:hi], self.w_scale[lo:hi], bias, x.dtype)
+            outs.append(y.reshape(*lead, hi - lo))
+        return outs
+
+
+def fuse_linears(lins: list[QLinearParams]) -> FusedQLinear | None:
+    """One :class:`FusedQLinear` for W4A4 linears with the same online transform, else None."""
+    first = lins[0]
+    if any(p.a_bits != 4 or p.w_bits != 4 or p.left is not first.left or p.right is not first.right
+           or p.n1 != first.n1 for p in lins):
+        return None
+    if (first.in_features // first.n1) % 2:
+        return None  # an odd right factor packs after the transform (real_linear); keep those separate
+    bias = None
+    given = [p.bias for p in lins if p.bias is not None]
+    if given:
+        bias = torch.cat([p.bias if p.bias is not None else given[0].new_zeros(p.out_features) for p in lins])
+    return FusedQLinear(weight=torch.cat([p.weight for p in lins]), w_scale=torch.cat([p.w_scale for p in lins]),
+                        bias=bias, clips=torch.stack([p.clip for p in lins]),
+                        sizes=tuple(p.out_features for p in lins), left=first.left, right=first.right, n1=first.n1)
+
+
 Linear = QLinearParams | FakeLinear
 
 
@@ -118,6 +182,7 @@ class RealLayer:
     input_norm: Tensor  # (hidden,)
     post_norm: Tensor  # (hidden,)
     linears: dict[str, Linear]
+    fused: dict[str, FusedQLinear]  # FUSED_GROUPS name -> fused linears (W4A4 only; empty otherwise)
     k_trans: Tensor | None  # (d, d)
     k_trans_inv_t: Tensor | None  # (d, d)
     q_clip: Tensor  # (2,) fp32
@@ -153,10 +218,12 @@ def layer_from_tensors(t: Params, cfg: RealConfig) -> RealLayer:
         return t[k].to(dt) if k in t else None
 
     linears: dict[str, Linear] = {}
+    factors: dict[str | None, tuple[Tensor | None, Tensor | None]] = {}
     for n in LINEARS:
         site = SITE_OF.get(n)
-        left = fl(f"{site}.left") if site else fl("o_trans")
-        right = fl(f"{site}.right") if site else None
+        if site not in factors:  # one tensor per site, so linears of a site share (and can fuse) it
+            factors[site] = (fl(f"{site}.left") if site else fl("o_trans"), fl(f"{site}.right") if site else None)
+        left, right = factors[site]
         clip = t.get(f"{n}.a_clip", _ones_clip(dev)).float()
         bias = fl(f"{n}.bias")
         if cfg.real_linears:
@@ -170,8 +237,19 @@ def layer_from_tensors(t: Params, cfg: RealConfig) -> RealLayer:
         else:
             linears[n] = FakeLinear(weight=t[f"{n}.weight"].to(dt), bias=bias, clip=clip, spec=cfg.qcfg.a,
                                     left=left, right=right)
+    fused: dict[str, FusedQLinear] = {}
+    if cfg.real_linears and cfg.fuse:
+        for name, group in FUSED_GROUPS.items():
+            lins = [linears[n] for n in group]
+            f = fuse_linears(lins) if all(isinstance(p, QLinearParams) for p in lins) else None  # type: ignore[arg-type]
+            if f is not None:
+                fused[name] = f
+                for n in group:  # the fused copy replaces the separate weights (no second copy in memory)
+                    p = linears[n]
+                    assert isinstance(p, QLinearParams)
+                    linears[n] = dataclasses.replace(p, weight=p.weight[:0])
     return RealLayer(
-        input_norm=t["input_norm"].to(dt), post_norm=t["post_norm"].to(dt), linears=linears,
+        input_norm=t["input_norm"].to(dt), post_norm=t["post_norm"].to(dt), linears=linears, fused=fused,
         k_trans=fl("k_trans"), k_trans_inv_t=fl("k_trans_inv_t"),
         q_clip=t.get("q_quant.clip", _ones_clip(dev)).float(), k_clip=t.get("k_cache.clip", _ones_clip(dev)).float(),
         v_clip=t.get("v_cache.clip", _ones_clip(dev)).float())
@@ -276,6 +354,14 @@ def _linear(lin: Linear, x: Tensor) -> Tensor:  # (B, T, K) -> (B, T, N)
     return real_linear(x, lin)
 
 
+def _project(layer: RealLayer, group: str, h: Tensor) -> list[Tensor]:  # (B, T, K) -> G x (B, T, N_g)
+    """The linears of a :data:`FUSED_GROUPS` group on ``h``: fused when the layer holds them fused."""
+    fused = layer.fused.get(group)
+    if fused is not None:
+        return fused(h)
+    return [_linear(layer.linears[n], h) for n in FUSED_GROUPS[group]]
+
+
 def rope_at(inv_freq: Tensor, positions: Tensor, scaling: float) -> Rope:
     """Rotary tables for per-row positions ``(B, T)``, shaped ``(B, 1, T, d)`` to broadcast over heads."""
     freqs = positions.to(torch.float32)[..., None] * inv_freq.to(torch.float32)
@@ -326,9 +412,10 @@ def attention_step(
     """Q/K/V projections, RoPE, cache write, attention over the cache (positions ``< length``)."""
     a, qc = cfg.args, cfg.qcfg
     b, t, _ = h.shape
-    q = _linear(layer.linears["q_proj"], h).view(b, t, a.n_heads, a.head_dim).transpose(1, 2)
-    k = _linear(layer.linears["k_proj"], h).view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
-    v = _linear(layer.linears["v_proj"], h).view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    q, k, v = _project(layer, "qkv", h)
+    q = q.reshape(b, t, a.n_heads, a.head_dim).transpose(1, 2)
+    k = k.reshape(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    v = v.reshape(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
     q, k = apply_rope(q, rope), apply_rope(k, rope)
     if layer.k_trans_inv_t is not None:
         q = head_transform(q, layer.k_trans_inv_t)
@@ -343,15 +430,13 @@ def attention_step(
         return o.reshape(b, 1, a.q_dim)
     kk = _read_kv(kv.k, kv.k_scale, kv.k_zero, k_packed, n_valid, q.dtype)
     vv = _read_kv(kv.v, kv.v_scale, kv.v_zero, v_packed, n_valid, q.dtype)
-    rep = a.n_heads // a.n_kv_heads
-    if rep > 1:
-        kk, vv = kk.repeat_interleave(rep, dim=1), vv.repeat_interleave(rep, dim=1)
+    gqa = a.n_heads != a.n_kv_heads  # SDPA maps query heads to KV heads itself: the cache is never expanded
     if causal_from_zero:
-        o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+        o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
     else:
         j = torch.arange(kk.shape[2], device=h.device)
         allowed = (j[None, None, :] >= start[:, None, None]) & (j[None, None, :] <= idx[None, :, None])
-        o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed[:, None])
+        o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed[:, None], enable_gqa=gqa)
     return o.transpose(1, 2).reshape(b, t, a.q_dim)
 
 
@@ -367,7 +452,8 @@ def layer_step(
                        causal_from_zero=causal_from_zero, k_packed=k_packed, v_packed=v_packed)
     x = x + _linear(layer.linears["o_proj"], o)
     h = rms_norm(x, layer.post_norm, eps)
-    m = F.silu(_linear(layer.linears["gate_proj"], h)) * _linear(layer.linears["up_proj"], h)
+    gate, up = _project(layer, "gate_up", h)
+    m = F.silu(gate) * up
     return x + _linear(layer.linears["down_proj"], m)
 
 
@@ -384,12 +470,15 @@ class RealModel:
 
     Args:
         weights: the model tensors (on one device).
-        compile_decode: wrap the per-layer decode step in ``torch.compile`` (CUDA; opt-in).
+        compile_decode: wrap the per-layer decode step in ``torch.compile`` (fuses RoPE, norms, residuals and
+            casts around the custom ops); None: on CUDA only.
     """
 
-    def __init__(self, weights: RealWeights, *, compile_decode: bool = False) -> None:
+    def __init__(self, weights: RealWeights, *, compile_decode: bool | None = None) -> None:
         self.weights = weights
         self.cfg = weights.cfg
+        if compile_decode is None:
+            compile_decode = weights.device.type == "cuda"
         self._decode_layer = torch.compile(decode_layer, fullgraph=True, dynamic=False) if compile_decode \
             else decode_layer
 

@@ -23,14 +23,16 @@ from ._launch import cpu_kernel, next_pow2, on_cpu, round_to_bf16_f32, sm_count
 @triton.jit
 def _kron_quant_kernel(
     x_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr,
-    T, n1, n2, stride_xt, stride_qt,
-    N1P: tl.constexpr, N2P: tl.constexpr,
+    T, n1, n2, stride_xt, stride_qt, stride_qg, stride_sg,
+    N1P: tl.constexpr, N2P: tl.constexpr, G: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     QMAX: tl.constexpr, PACK: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     # Program p handles tokens p, p + P, p + 2P, ... (P programs): the factors are loaded once per program, not
     # once per token (at K = 14336 they are 2 x 32 KB against 28 KB of token). Per token:
     # X (n1, n2) -> Y = Lᵀ (X R) -> LAC -> sym per-token codes (-> packed nibbles).
+    # G clip pairs: the transform runs once per token and G code sets are written (q/k/v or gate/up share one
+    # transform but each linear has its own LAC), set g at q_ptr + g * stride_qg, s_ptr + g * stride_sg.
     # F32_DOT (the interpreter, whose dot mishandles bf16, and fp32 inputs, which must not drop to TF32):
     # exact fp32 products, the same function as a 16-bit tensor-core dot with fp32 accumulation.
     i = tl.arange(0, N1P)
@@ -48,8 +50,6 @@ def _kron_quant_kernel(
         lt = tl.load(l_ptr + i[None, :] * n1 + ia[:, None], mask=(ia < n1)[:, None] & row_ok[None, :], other=0.0)
     else:
         lt = tl.zeros((N1P, N1P), dtype=x_ptr.dtype.element_ty)  # unused
-    clip_lo = tl.load(clip_ptr)
-    clip_hi = tl.load(clip_ptr + 1)
     for tt in range(tl.program_id(0), T, tl.num_programs(0)):
         t = tl.cast(tt, tl.int64)
         x = tl.load(x_ptr + t * stride_xt + i[:, None] * n2 + j[None, :],
@@ -75,27 +75,31 @@ def _kron_quant_kernel(
             y = x.to(tl.float32)
 
         # LAC on the row range (which always includes 0; padded entries are 0), then s = max(|lo|, hi) / QMAX.
-        hi = tl.maximum(tl.max(tl.max(y, axis=1), axis=0), 0.0) * clip_hi
-        lo = tl.minimum(tl.min(tl.min(y, axis=1), axis=0), 0.0) * clip_lo
-        amax = tl.maximum(-lo, hi)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full((), QMAX, tl.float32)), 1.0)
-        v = tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
-        v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
-        # Round half to even: (v + 1.5·2²³) − 1.5·2²³ in fp32 (exact for the clamped |v| <= QMAX + 1).
-        q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
-        tl.store(s_ptr + t, scale)
+        y_hi = tl.maximum(tl.max(tl.max(y, axis=1), axis=0), 0.0)
+        y_lo = tl.minimum(tl.min(tl.min(y, axis=1), axis=0), 0.0)
+        for g in tl.static_range(G):
+            hi = y_hi * tl.load(clip_ptr + 2 * g + 1)
+            lo = y_lo * tl.load(clip_ptr + 2 * g)
+            amax = tl.maximum(-lo, hi)
+            scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full((), QMAX, tl.float32)), 1.0)
+            v = tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
+            v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
+            # Round half to even: (v + 1.5·2²³) − 1.5·2²³ in fp32 (exact for the clamped |v| <= QMAX + 1).
+            q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
+            tl.store(s_ptr + g * stride_sg + t, scale)
+            q_base = q_ptr + g * stride_qg + t * stride_qt
 
-        if PACK:
-            # Flattened element 2k -> low nibble of byte k; n2 is even, so pairs never straddle rows.
-            lo_q, hi_q = tl.split(tl.reshape(q, (N1P, N2P // 2, 2)))
-            byte = (lo_q & 0xF) | ((hi_q & 0xF) << 4)
-            jj = tl.arange(0, N2P // 2)
-            half = n2 // 2
-            tl.store(q_ptr + t * stride_qt + i[:, None] * half + jj[None, :], byte.to(tl.uint8),
-                     mask=row_ok[:, None] & (jj < half)[None, :])
-        else:
-            tl.store(q_ptr + t * stride_qt + i[:, None] * n2 + j[None, :], q.to(tl.int8),
-                     mask=row_ok[:, None] & col_ok[None, :])
+            if PACK:
+                # Flattened element 2k -> low nibble of byte k; n2 is even, so pairs never straddle rows.
+                lo_q, hi_q = tl.split(tl.reshape(q, (N1P, N2P // 2, 2)))
+                byte = (lo_q & 0xF) | ((hi_q & 0xF) << 4)
+                jj = tl.arange(0, N2P // 2)
+                half = n2 // 2
+                tl.store(q_base + i[:, None] * half + jj[None, :], byte.to(tl.uint8),
+                         mask=row_ok[:, None] & (jj < half)[None, :])
+            else:
+                tl.store(q_base + i[:, None] * n2 + j[None, :], q.to(tl.int8),
+                         mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _check(x: Tensor, left: Tensor | None, right: Tensor | None, n1: int, bits: int, pack: bool) -> None:
@@ -125,39 +129,43 @@ def kron_quant_triton(
     x: Tensor,  # (T, n1 * n2) fp16/bf16
     left: Tensor | None,  # (n1, n1) x.dtype
     right: Tensor | None,  # (n2, n2) x.dtype
-    clip: Tensor,  # (2,) fp32: [lo factor, hi factor]
+    clip: Tensor,  # (2,) or (G, 2) fp32: [lo factor, hi factor] per clip pair
     n1: int,
     bits: int = 4,
     pack: bool = True,
     programs: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Triton launcher of :func:`kron_quant` (interpreter on CPU tensors); returns ``(codes, scale)``.
+    """Triton launcher of :func:`kron_quant` / :func:`kron_quant_multi` (interpreter on CPU tensors).
 
-    ``programs`` caps the grid (each program loops over its share of the tokens); default: 4 per SM on CUDA.
+    Returns ``(codes, scale)``: ``(T, n/2)`` / ``(T,)`` for a ``(2,)`` clip, ``(G, T, n/2)`` / ``(G, T)`` for a
+    ``(G, 2)`` clip (the transform runs once per token either way). ``programs`` caps the grid (each program loops
+    over its share of the tokens); default: 4 per SM on CUDA.
     """
     _check(x, left, right, n1, bits, pack)
     if programs is not None and programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
+    multi = clip.dim() == 2
+    clips = clip.float().reshape(-1, 2).contiguous()
+    g = clips.shape[0]
     t, n = x.shape
     n2 = n // n1
     x = x.contiguous()
     left = left.to(x.dtype).contiguous() if left is not None else None
     right = right.to(x.dtype).contiguous() if right is not None else None
-    codes = torch.empty(t, n // 2 if pack else n, dtype=torch.uint8 if pack else torch.int8, device=x.device)
-    scale = torch.empty(t, dtype=torch.float32, device=x.device)
-    if t == 0:
-        return codes, scale
-    n1p, n2p = next_pow2(n1), next_pow2(n2)
-    cpu = on_cpu(x)
-    kernel = cpu_kernel(_kron_quant_kernel) if cpu else _kron_quant_kernel
-    extra = {} if cpu else {"num_warps": 8 if n1p * n2p >= 128 * 128 else 4, "num_stages": 1}
-    kernel[(min(t, programs or _programs(x.device)),)](
-        x, left if left is not None else x, right if right is not None else x, clip.float().contiguous(),
-        codes, scale, t, n1, n2, x.stride(0), codes.stride(0),
-        N1P=n1p, N2P=n2p, HAS_LEFT=left is not None, HAS_RIGHT=right is not None,
-        QMAX=2 ** (bits - 1) - 1, PACK=pack, F32_DOT=cpu or x.dtype == torch.float32, **extra,
-    )
-    return codes, scale
+    codes = torch.empty(g, t, n // 2 if pack else n, dtype=torch.uint8 if pack else torch.int8, device=x.device)
+    scale = torch.empty(g, t, dtype=torch.float32, device=x.device)
+    if t > 0:
+        n1p, n2p = next_pow2(n1), next_pow2(n2)
+        cpu = on_cpu(x)
+        kernel = cpu_kernel(_kron_quant_kernel) if cpu else _kron_quant_kernel
+        extra = {} if cpu else {"num_warps": 8 if n1p * n2p >= 128 * 128 else 4, "num_stages": 1}
+        kernel[(min(t, programs or _programs(x.device)),)](
+            x, left if left is not None else x, right if right is not None else x, clips,
+            codes, scale, t, n1, n2, x.stride(0), codes.stride(1), codes.stride(0), scale.stride(0),
+            N1P=n1p, N2P=n2p, G=g, HAS_LEFT=left is not None, HAS_RIGHT=right is not None,
+            QMAX=2 ** (bits - 1) - 1, PACK=pack, F32_DOT=cpu or x.dtype == torch.float32, **extra,
+        )
+    return (codes, scale) if multi else (codes[0], scale[0])
 
 
 @torch.library.custom_op("flatquant::kron_quant", mutates_args=())
@@ -192,3 +200,44 @@ def _(x: Tensor, left: Tensor | None, right: Tensor | None, clip: Tensor, n1: in
     t, n = x.shape
     codes = x.new_empty(t, n // 2 if pack else n, dtype=torch.uint8 if pack else torch.int8)
     return codes, x.new_empty(t, dtype=torch.float32)
+
+
+def _check_clips(clips: Tensor) -> None:
+    if clips.dim() != 2 or clips.shape[1] != 2 or clips.shape[0] < 1:
+        raise ValueError(f"clips must be (G, 2) with G >= 1, got {tuple(clips.shape)}")
+
+
+@torch.library.custom_op("flatquant::kron_quant_multi", mutates_args=())
+def kron_quant_multi(
+    x: Tensor, left: Tensor | None, right: Tensor | None, clips: Tensor, n1: int, bits: int = 4, pack: bool = True
+) -> tuple[Tensor, Tensor]:
+    """:func:`kron_quant` for G linears that read the same transformed activation with their own LAC pairs
+    (q/k/v, gate/up): the transform runs once per token, the clip + quantize G times.
+
+    Args:
+        clips: ``(G, 2)`` fp32 LAC factors, one ``[lo, hi]`` row per linear; the rest as :func:`kron_quant`.
+
+    Returns:
+        ``codes`` ``(G, T, n/2)`` uint8 (packed) or ``(G, T, n)`` int8, and ``scale`` ``(G, T)`` fp32; slice ``g``
+        equals ``kron_quant(x, left, right, clips[g], n1, bits, pack)``.
+    """
+    _check(x, left, right, n1, bits, pack)
+    _check_clips(clips)
+    outs = [ref.kron_quant_ref(x, left, right, c[0], c[1], n1, bits, pack) for c in clips]
+    return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+
+
+@kron_quant_multi.register_kernel("cuda")
+def _(x: Tensor, left: Tensor | None, right: Tensor | None, clips: Tensor, n1: int, bits: int = 4,
+      pack: bool = True) -> tuple[Tensor, Tensor]:
+    _check_clips(clips)
+    return kron_quant_triton(x, left, right, clips, n1, bits, pack)
+
+
+@kron_quant_multi.register_fake
+def _(x: Tensor, left: Tensor | None, right: Tensor | None, clips: Tensor, n1: int, bits: int = 4,
+      pack: bool = True) -> tuple[Tensor, Tensor]:
+    t, n = x.shape
+    g = clips.shape[0]
+    codes = x.new_empty(g, t, n // 2 if pack else n, dtype=torch.uint8 if pack else torch.int8)
+    return codes, x.new_empty(g, t, dtype=torch.float32)

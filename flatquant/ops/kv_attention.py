@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import cpu_kernel, next_pow2, on_cpu
+from ._launch import cpu_kernel, next_pow2, on_cpu, sm_count
 
 
 def dequantize_kv_ref(
@@ -60,14 +60,18 @@ def kv4_decode_attention_ref(
 @triton.jit
 def _kv4_decode_attention_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, start_ptr, len_ptr, o_ptr,
-    rep, d, sm_scale,
+    ml_ptr, rep, d, sm_scale, chunk,
     stride_qb, stride_qh, stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_ob, stride_oh,
-    REP_P: tl.constexpr, DP: tl.constexpr, BLOCK_T: tl.constexpr, F32_DOT: tl.constexpr,
+    REP_P: tl.constexpr, DP: tl.constexpr, BLOCK_T: tl.constexpr, F32_DOT: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    # One program = one (batch row, KV head): its REP query heads against that head's packed K/V, BLOCK_T
-    # cache positions at a time, with the running max / sum of the online softmax in fp32.
+    # One program = one (batch row, KV head, position chunk): its REP query heads against that head's packed K/V
+    # in positions [split * chunk, (split + 1) * chunk), BLOCK_T cache positions at a time, with the running
+    # max / sum of the online softmax in fp32. SPLIT: the unnormalised partial (acc, max, sum) goes to a workspace
+    # (o_ptr: (B, Hq, splits, DP) fp32, ml_ptr: (B, Hq, splits, 2) fp32) for _kv4_combine_kernel; else the
+    # normalised output is stored (one chunk covers the whole cache).
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
+    sp = tl.program_id(2)
     r = tl.arange(0, REP_P)
     e = tl.arange(0, DP)
     eh = tl.arange(0, DP // 2)
@@ -78,8 +82,8 @@ def _kv4_decode_attention_kernel(
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + e[None, :],
                 mask=r_ok[:, None] & e_ok[None, :], other=0.0)
     q = (q.to(tl.float32) * sm_scale)
-    t_lo = tl.load(start_ptr + b)
-    t_hi = tl.load(len_ptr + b)
+    t_lo = tl.maximum(tl.load(start_ptr + b), sp * chunk)
+    t_hi = tl.minimum(tl.load(len_ptr + b), sp * chunk + chunk)
     m_i = tl.full((REP_P,), float("-inf"), tl.float32)
     l_i = tl.zeros((REP_P,), tl.float32)
     acc = tl.zeros((REP_P, DP), tl.float32)
@@ -115,9 +119,40 @@ def _kv4_decode_attention_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty))
         m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + e[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=r_ok[:, None] & e_ok[None, :])
+    if SPLIT:
+        n_sp = tl.num_programs(2)
+        row = (b * rep * tl.num_programs(1) + heads) * n_sp + sp  # (REP_P,) index of (b, head, split)
+        tl.store(o_ptr + row[:, None] * DP + e[None, :], acc, mask=r_ok[:, None])
+        tl.store(ml_ptr + row * 2, m_i, mask=r_ok)
+        tl.store(ml_ptr + row * 2 + 1, l_i, mask=r_ok)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + e[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=r_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def _kv4_combine_kernel(
+    part_ptr, ml_ptr, o_ptr, d, n_split, stride_ob, stride_oh, n_heads,
+    DP: tl.constexpr, SP: tl.constexpr,
+):
+    # One program = one (batch row, query head): merges the split partials in a fixed order (deterministic):
+    # out = Σ_s acc_s e^{m_s - M} / Σ_s l_s e^{m_s - M}, M = max_s m_s; empty splits have m = -inf, l = 0.
+    bh = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, SP)
+    e = tl.arange(0, DP)
+    s_ok = s < n_split
+    m = tl.load(ml_ptr + (bh * n_split + s) * 2, mask=s_ok, other=float("-inf"))
+    ll = tl.load(ml_ptr + (bh * n_split + s) * 2 + 1, mask=s_ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
+    acc = tl.load(part_ptr + (bh * n_split + s)[:, None] * DP + e[None, :], mask=s_ok[:, None], other=0.0)
+    num = tl.sum(acc * w[:, None], axis=0)
+    den = tl.sum(ll * w, axis=0)
+    out = num / tl.where(den > 0, den, 1.0)
+    b = bh // n_heads
+    h = bh % n_heads
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + e, out.to(o_ptr.dtype.element_ty), mask=e < d)
 
 
 def _check(q: Tensor, k_codes: Tensor, k_scale: Tensor, v_codes: Tensor, start: Tensor, length: Tensor) -> None:
@@ -133,14 +168,27 @@ def _check(q: Tensor, k_codes: Tensor, k_scale: Tensor, v_codes: Tensor, start: 
         raise ValueError("start and length must be (B,)")
 
 
+def default_splits(batch: int, kv_heads: int, positions: int, block_t: int, sms: int) -> int:
+    """Position chunks per (row, KV head) for the flash-decoding grid: about two programs per SM over the
+    cache's capacity (the grid depends on the capacity only, so a captured CUDA graph stays valid as the sequence
+    grows), never more chunks than ``block_t`` tiles."""
+    return max(1, min(triton.cdiv(2 * sms, max(batch * kv_heads, 1)), triton.cdiv(positions, block_t)))
+
+
 def kv4_decode_attention_triton(
     q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor,
     v_zero: Tensor, start: Tensor, length: Tensor, sm_scale: float, block_t: int | None = None,
+    splits: int | None = None,
 ) -> Tensor:  # (B, Hq, d)
-    """Triton launcher of :func:`kv4_decode_attention` (interpreter on CPU tensors)."""
+    """Triton launcher of :func:`kv4_decode_attention` (interpreter on CPU tensors).
+
+    ``splits`` position chunks per (row, KV head) run as separate programs (flash-decoding); their partial softmax
+    sums are merged by a second kernel in a fixed order. Default :func:`default_splits`; 1 = one program per
+    (row, KV head) and no merge.
+    """
     _check(q, k_codes, k_scale, v_codes, start, length)
     b, hq, d = q.shape
-    hkv = k_codes.shape[1]
+    hkv, s_cap = k_codes.shape[1], k_codes.shape[2]
     out = torch.empty_like(q)
     if b == 0:
         return out
@@ -151,16 +199,32 @@ def kv4_decode_attention_triton(
     cpu = on_cpu(q)
     kernel = cpu_kernel(_kv4_decode_attention_kernel) if cpu else _kv4_decode_attention_kernel
     block_t = block_t or (16 if cpu else 64)
+    if splits is None:
+        splits = default_splits(b, hkv, s_cap, block_t, sm_count(q.device))
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    chunk = triton.cdiv(triton.cdiv(max(s_cap, 1), splits), block_t) * block_t
+    splits = max(1, triton.cdiv(s_cap, chunk))
+    dp = next_pow2(d)
+    if splits > 1:
+        part = torch.empty(b, hq, splits, dp, dtype=torch.float32, device=q.device)
+        ml = torch.empty(b, hq, splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part, ml = out, scales[0]
     extra = {} if cpu else {"num_warps": 4, "num_stages": 2}
-    kernel[(b, hkv)](
+    kernel[(b, hkv, splits)](
         q, k_codes, scales[0], scales[1], v_codes, scales[2], scales[3],
-        start.to(torch.int32).contiguous(), length.to(torch.int32).contiguous(), out,
-        hq // hkv, d, float(sm_scale),
+        start.to(torch.int32).contiguous(), length.to(torch.int32).contiguous(), part, ml,
+        hq // hkv, d, float(sm_scale), chunk,
         q.stride(0), q.stride(1), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
         scales[0].stride(0), scales[0].stride(1), out.stride(0), out.stride(1),
-        REP_P=next_pow2(hq // hkv), DP=next_pow2(d), BLOCK_T=block_t,
-        F32_DOT=cpu or q.dtype == torch.float32, **extra,
+        REP_P=next_pow2(hq // hkv), DP=dp, BLOCK_T=block_t,
+        F32_DOT=cpu or q.dtype == torch.float32, SPLIT=splits > 1, **extra,
     )
+    if splits > 1:
+        combine = cpu_kernel(_kv4_combine_kernel) if cpu else _kv4_combine_kernel
+        combine[(b * hq,)](part, ml, out, d, splits, out.stride(0), out.stride(1), hq,
+                           DP=dp, SP=next_pow2(splits, floor=2), **({} if cpu else {"num_warps": 4}))
     return out
 
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from flatquant.core.kron import head_mix, head_transform, kron_transform
 from flatquant.core.quant import fake_quant, quantize
 from flatquant.core.spec import QuantSpec
-from flatquant.ops import kron_quant
+from flatquant.ops import kron_quant, kron_quant_multi
 from flatquant.ops import reference as ref
 from flatquant.ops.kron_quant import kron_quant_triton
 
@@ -132,3 +132,35 @@ def test_grid_cap_gives_the_same_codes(device: str) -> None:
         assert torch.equal(looped[0], one_each[0]) and torch.equal(looped[1], one_each[1]), programs
     with pytest.raises(ValueError, match="programs"):
         kron_quant_triton(*args, 24, programs=0)
+
+
+def test_multi_opcheck() -> None:
+    n1, n2 = 6, 10
+    x = torch.randn(5, n1 * n2, dtype=torch.bfloat16)
+    left, right = torch.randn(n1, n1, dtype=torch.bfloat16), torch.randn(n2, n2, dtype=torch.bfloat16)
+    clips = torch.tensor([[0.9, 0.8], [1.0, 0.7], [0.6, 0.95]])
+    torch.library.opcheck(kron_quant_multi, (x, left, right, clips, n1, 4, True))
+    with pytest.raises(ValueError, match="clips"):
+        kron_quant_multi(x, left, right, clips[0], n1)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_multi_equals_one_call_per_clip(device: str, groups: int) -> None:
+    """One transform, G clip pairs: each slice is bit-identical to the single-clip op (reference and kernel)."""
+    g = torch.Generator().manual_seed(groups)
+    n1, n2 = 6, 10
+    x = (torch.randn(7, n1 * n2, generator=g) * 3).to(torch.bfloat16)
+    x[:, 5] *= 40
+    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(torch.bfloat16)
+    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(torch.bfloat16)
+    clips = torch.rand(groups, 2, generator=g) * 0.5 + 0.5
+    args = [t.to(device) for t in (x, left, right)]
+    codes, scale = kron_quant_multi(*args, clips.to(device), n1)
+    tri_codes, tri_scale = kron_quant_triton(*args, clips.to(device), n1)
+    assert codes.shape == (groups, 7, n1 * n2 // 2) and scale.shape == (groups, 7)
+    for i in range(groups):
+        one_codes, one_scale = kron_quant(*args, clips[i].to(device), n1)
+        assert torch.equal(codes[i], one_codes) and torch.equal(scale[i], one_scale)
+        single = kron_quant_triton(*args, clips[i].to(device), n1)
+        assert torch.equal(tri_codes[i], single[0]) and torch.equal(tri_scale[i], single[1])

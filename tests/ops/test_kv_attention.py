@@ -64,3 +64,30 @@ def test_triton_matches_reference(device: str, b: int, hkv: int, rep: int, s: in
     got = kv4_decode_attention_triton(*(t.to(device) for t in (q, *cache, start, length)), d ** -0.5).cpu()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("splits", [1, 2, 5, 64])
+@pytest.mark.parametrize("rep", [1, 3, 4, 7])
+def test_split_positions_match_reference(device: str, splits: int, rep: int) -> None:
+    """Flash-decoding: the cache's positions split over programs and merged, for GQA ratios 1/3/4/7, left padding
+    (start > 0), rows shorter than the capacity (empty chunks) and more chunks than filled tiles."""
+    b, hkv, s, d = 2, 2, 70, 16
+    cache = _cache(b, hkv, s, d, seed=rep)
+    q = torch.randn(b, hkv * rep, d, generator=torch.Generator().manual_seed(rep)).to(torch.bfloat16)
+    start, length = torch.tensor([0, 9], dtype=torch.int32), torch.tensor([70, 33], dtype=torch.int32)
+    want = kv4_decode_attention(q, *cache, start, length, d ** -0.5)
+    args = [t.to(device) for t in (q, *cache, start, length)]
+    got = kv4_decode_attention_triton(*args, d ** -0.5, splits=splits).cpu()
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    again = kv4_decode_attention_triton(*args, d ** -0.5, splits=splits).cpu()
+    assert torch.equal(got, again)  # the merge is deterministic
+
+
+def test_default_splits_fill_the_gpu_and_depend_on_capacity_only() -> None:
+    from flatquant.ops.kv_attention import default_splits
+
+    assert default_splits(1, 8, 4096, 64, 132) == 33  # 264 programs for batch 1 on an H100/H200
+    assert default_splits(16, 8, 4096, 64, 132) == 3
+    assert default_splits(1, 8, 100, 64, 132) == 2  # never more chunks than tiles
+    assert default_splits(64, 8, 4096, 64, 132) == 1
