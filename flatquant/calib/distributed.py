@@ -1,118 +1,81 @@
-"""Data-parallel calibration with ``torch.distributed`` (NCCL on GPUs, gloo on CPU).
+"""Layer-parallel calibration with ``torch.distributed`` (NCCL on GPUs, gloo on CPU).
 
-Every process holds the whole model (on CPU; one layer at a time on its device) and the same
-calibration windows. Each optimizer step's batch ``j`` (samples ``[j·B, (j+1)·B)``) is split
-evenly: rank ``r`` of ``W`` computes samples ``[j·B + r·B/W, j·B + (r+1)·B/W)``. The un-normalised
-gradients and MSE are all-reduced (mean) before the loss normalisation and the AdamW step, and the
-per-channel activation maxima of the SmoothQuant diag init are all-reduced (max), so every process
-takes the same steps and ends with the same transforms as one process with batch ``B`` (up to the
-floating-point order of the reductions). Only rank 0 writes the work directory.
+Each layer trains on the FP activations at its input and draws its randomness from its own generator
+(:func:`flatquant.calib.loop.layer_generator`), so once those activations are known the layers are
+independent. :func:`calibrate_parallel` gives every rank a contiguous block of the layers that are not
+finished yet (:func:`assign_layers`); a rank recomputes its block's FP inputs by FP forwards through the
+earlier layers (one forward per layer, against ~60 forward-equivalents of training per layer at 15 epochs),
+trains its layers, and writes their checkpoints. Rank 0 holds the work-directory lock, checks it, and
+assembles the result with where each layer came from. Because every layer is computed by the same code on
+the same inputs as in one process, the result is bit-identical to a single-process run, and a run can be
+resumed with any number of processes.
 
-Use :func:`calibrate_distributed` inside an initialised process group (``torchrun`` or your own
-launcher); :func:`launch_cpu` spawns a local gloo group of CPU processes (tests, CPU-only machines).
+The data-parallel path this module used to hold (each step's batch split across ranks, gradients
+all-reduced every step) is retired: it could not be bit-identical (the reduction order differs; on two
+H200s over NCCL its transforms differed from one GPU's by up to 10 % relative L2), it synchronised every
+step, and its only advantage, dividing the activation buffers between ranks, is not needed: one
+LLaMA-3-70B layer at paper settings fits on one GPU (``docs/memory.md``).
+
+Launch: ``torchrun --nproc-per-node N -m flatquant.cli calibrate ...``; :func:`launch_cpu` spawns a local
+gloo group of CPU processes (tests, CPU-only machines).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..core.spec import QuantConfig, TransformConfig
 from ..models.model import ModelWeights
 from .config import CalibConfig
-from .loop import CalibrationMismatch, calibrate, fingerprint, needs_data
+from .loop import (
+    CalibrationMismatch,
+    LayerResult,
+    _check_workdir,
+    calibrate_layers,
+    fingerprint,
+    finished_layers,
+    needs_data,
+)
+from .workdir import WorkdirBusy, atomic_save_file, layer_ckpt, workdir_lock
 
 log = logging.getLogger(__name__)
 Params = dict[str, Tensor]
 
 
-def shard_tokens(
-    tokens: Tensor,  # (nsamples, seqlen)
-    batch_size: int,
-    rank: int,
-    world_size: int,
-) -> Tensor:  # (nsamples / world_size, seqlen)
-    """This rank's share of every batch, in batch order.
+def assign_layers(layers: Sequence[int], world_size: int) -> list[list[int]]:
+    """Split ``layers`` (in order) into ``world_size`` contiguous blocks whose sizes differ by at most one.
 
-    Batch ``j`` is rows ``[j·B, (j+1)·B)``; rank ``r`` keeps rows ``[j·B + r·B/W, j·B + (r+1)·B/W)``,
-    so step ``j`` of the rank's local loop (batch ``B/W``) sees its slice of global batch ``j``.
-
-    Raises:
-        ValueError: ``B`` not divisible by ``W``, or ``nsamples`` not a multiple of ``B``.
+    Earlier ranks get the larger blocks: later ranks also pay the FP forwards through the earlier layers.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside a world of {world_size}")
-    if batch_size % world_size:
-        raise ValueError(f"calibration batch size {batch_size} is not divisible by the number of processes "
-                         f"{world_size}; choose a batch size that is a multiple of {world_size}")
-    n = tokens.shape[0]
-    if n % batch_size:
-        raise ValueError(f"{n} calibration windows are not a multiple of the batch size {batch_size}")
-    per = batch_size // world_size
-    idx = torch.arange(n).view(n // batch_size, batch_size)[:, rank * per:(rank + 1) * per].reshape(-1)
-    return tokens[idx]
+    if world_size < 1:
+        raise ValueError(f"world size must be at least 1, got {world_size}")
+    layers = list(layers)
+    base, extra = divmod(len(layers), world_size)
+    blocks, start = [], 0
+    for r in range(world_size):
+        n = base + (r < extra)
+        blocks.append(layers[start:start + n])
+        start += n
+    return blocks
 
 
-def all_reduce_mean_grads(grads: Params, mse: Tensor) -> tuple[Params, Tensor]:
-    """All-reduce (mean over ranks) of un-normalised gradients and the batch MSE, in one flat buffer.
-
-    Ranks hold equally sized shards, so the mean of their mean-MSEs (and of their gradients) is the
-    MSE (gradient) of the whole batch.
-    """
-    world = dist.get_world_size()
-    keys = list(grads)
-    flat = torch.cat([grads[k].reshape(-1).float() for k in keys] + [mse.reshape(1).float()])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world
-    out: Params = {}
-    off = 0
-    for k in keys:
-        g = grads[k]
-        out[k] = flat[off:off + g.numel()].view(g.shape).to(g.dtype)
-        off += g.numel()
-    return out, flat[off].to(mse.dtype)
-
-
-def all_reduce_max_stats(stats: dict[str, Tensor]) -> dict[str, Tensor]:
-    """All-reduce (max over ranks) of per-channel activation maxima ``{site: (n,)}``."""
-    keys = sorted(stats)
-    flat = torch.cat([stats[k].reshape(-1).float() for k in keys])
-    dist.all_reduce(flat, op=dist.ReduceOp.MAX)
-    out, off = {}, 0
-    for k in keys:
-        n = stats[k].numel()
-        out[k] = flat[off:off + n].view(stats[k].shape).to(stats[k].dtype)
-        off += n
-    return out
-
-
-def _ckpt(workdir: Path, i: int) -> Path:
-    return workdir / "layers" / f"layer_{i:03d}.safetensors"
-
-
-def _resume_plan(workdir: Path | None, fp: str, n_layers: int) -> tuple[str | None, dict[int, Params]]:
-    """On rank 0: an error message (another calibration's workdir) or the finished layers' tensors."""
-    if workdir is None:
-        return None, {}
-    import json
-
-    man = workdir / "calibration.json"
-    if man.is_file() and json.loads(man.read_text()).get("fingerprint") != fp:
-        return (f"{workdir} holds progress of a different calibration (model, data, settings or number of "
-                "processes differ); use another output directory or delete it"), {}
-    done = {i: load_file(str(_ckpt(workdir, i))) for i in range(n_layers) if _ckpt(workdir, i).is_file()}
-    return None, done
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _broadcast(obj: Any, device: torch.device) -> Any:
@@ -121,66 +84,135 @@ def _broadcast(obj: Any, device: torch.device) -> Any:
     return box[0]
 
 
-def calibrate_distributed(
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Join the process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1), if any.
+
+    NCCL when ``device`` is CUDA (each rank then uses ``cuda:$LOCAL_RANK``), gloo otherwise.
+
+    Returns:
+        ``(rank, world_size, this rank's device)``; ``(0, 1, device)`` outside ``torchrun``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+        rank, world = _rank_world()
+        return rank, world, device
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"local rank {local} has no GPU ({torch.cuda.device_count()} visible); start at most "
+                             f"{torch.cuda.device_count()} processes per node")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+@contextlib.contextmanager
+def collective_lock(workdir: Path, device: torch.device) -> Iterator[None]:
+    """Every rank enters; rank 0 holds ``workdir``'s lock (:func:`workdir_lock`) for the block.
+
+    Raises:
+        WorkdirBusy: on every rank, when another live calibration holds the lock.
+    """
+    rank, world = _rank_world()
+    with contextlib.ExitStack() as stack:
+        err = None
+        if rank == 0:
+            try:
+                stack.enter_context(workdir_lock(workdir))
+            except WorkdirBusy as e:
+                err = str(e)
+        if world > 1:
+            err = _broadcast(err, device)
+        if err is not None:
+            raise WorkdirBusy(err)
+        yield
+
+
+def calibrate_parallel(
     weights: ModelWeights,
-    calib_tokens: Tensor | None,  # (nsamples, seqlen) int64, the same full set on every rank
+    calib_tokens: Tensor | None,  # (nsamples, seqlen) int64, the same on every rank
     qcfg: QuantConfig,
     tcfg: TransformConfig,
     ccfg: CalibConfig,
     *,
     device: torch.device | str,
     workdir: Path | None = None,
-) -> list[Params]:
-    """Data-parallel :func:`flatquant.calib.loop.calibrate` inside an initialised process group.
+) -> tuple[list[Params], dict[str, Any]]:
+    """Layer-parallel :func:`flatquant.calib.loop.calibrate`: every rank of the process group (if any)
+    calibrates a contiguous block of the unfinished layers; all ranks return the whole result.
 
-    Every rank passes the same arguments (the full ``calib_tokens``); each calibrates on its shard
-    (:func:`shard_tokens`) with batch ``ccfg.batch_size / world_size`` and reduced gradients, and all
-    ranks return the same per-layer flat parameters. Only rank 0 writes ``workdir``; a resumed run
-    (same world size) loads the finished layers on rank 0 and broadcasts them to the others.
-
-    Args:
-        device: this rank's device (``cuda:<local_rank>`` with NCCL, ``cpu`` with gloo).
-        workdir: per-layer checkpoints for resume (rank 0 only).
+    Every rank passes the same arguments. Rank 0 locks and checks ``workdir`` and finds the finished layers;
+    each rank writes the checkpoints of its own layers (rank 0 also writes any it cannot see, for work
+    directories that are not on a shared file system). Without a process group this is one process
+    calibrating everything.
 
     Returns:
-        One flat parameter dict per layer (CPU, fp32), identical on every rank.
+        ``(flats, provenance)``: one flat parameter dict per layer (CPU, fp32, identical on every rank and
+        bit-identical to a single-process run), and ``{"world_size", "layer_ranks", "layer_world_sizes",
+        "resumed_layers"}``: the process count of this run, and for each layer the rank and process count
+        of the run that trained it, and which layers were loaded from checkpoints of an earlier run.
 
     Raises:
-        RuntimeError: no initialised process group.
-        ValueError: ``ccfg.batch_size`` not divisible by the world size.
-        CalibrationMismatch: ``workdir`` holds another calibration (raised on every rank).
+        CalibrationMismatch, WorkdirBusy: on every rank, when ``workdir`` holds another calibration or is in
+        use by another run.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("calibrate_distributed needs an initialised torch.distributed process group")
     device = torch.device(device)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if calib_tokens is None or not needs_data(tcfg):
-        # data-free: every rank computes the same deterministic transforms; nothing to share
-        return calibrate(weights, calib_tokens, qcfg, tcfg, ccfg, device=device,
-                         workdir=Path(workdir) if workdir is not None and rank == 0 else None)
-    if calib_tokens.shape[0] != ccfg.nsamples:
-        raise ValueError(f"got {calib_tokens.shape[0]} calibration windows, config says nsamples={ccfg.nsamples}")
-    shard = shard_tokens(calib_tokens, ccfg.batch_size, rank, world)
+    rank, world = _rank_world()
+    n = weights.args.n_layers
     workdir = Path(workdir) if workdir is not None else None
-    plan = _resume_plan(workdir, fingerprint(weights, shard, qcfg, tcfg, ccfg), weights.args.n_layers) \
-        if rank == 0 else None
-    err, done = _broadcast(plan, device)
-    if err is not None:
-        raise CalibrationMismatch(err)
-    if done:
-        log.info("rank %d: resuming with %d finished layers", rank, len(done))
-    kw = dict(device=device, grad_reduce=all_reduce_mean_grads, stats_reduce=all_reduce_max_stats,
-              batch_size=ccfg.batch_size // world)
-    if rank == 0:
-        return calibrate(weights, shard, qcfg, tcfg, ccfg, workdir=workdir, **kw)
-    if not done:
-        return calibrate(weights, shard, qcfg, tcfg, ccfg, workdir=None, **kw)
-    # other ranks skip exactly the layers rank 0 skips: a private scratch workdir holding them
-    with tempfile.TemporaryDirectory(prefix=f"flatquant-rank{rank}-") as tmp:
-        for i, flat in done.items():
-            _ckpt(Path(tmp), i).parent.mkdir(parents=True, exist_ok=True)
-            save_file(flat, str(_ckpt(Path(tmp), i)))
-        return calibrate(weights, shard, qcfg, tcfg, ccfg, workdir=Path(tmp), **kw)
+    if world == 1 or not needs_data(tcfg) or calib_tokens is None:
+        # one process, or data-free (every rank computes the same transforms in no time)
+        res = calibrate_layers(weights, calib_tokens, qcfg, tcfg, ccfg, layers=range(n), device=device,
+                               workdir=workdir if rank == 0 else None)
+        return _assemble(res, n, world)
+    fp = fingerprint(weights, calib_tokens, qcfg, tcfg, ccfg)
+    with contextlib.ExitStack() as stack:
+        plan: Any = None
+        if rank == 0:
+            try:
+                if workdir is not None:
+                    stack.enter_context(workdir_lock(workdir))
+                    _check_workdir(workdir, fp, {"quant": asdict(qcfg), "transform": asdict(tcfg),
+                                                 "calib": ccfg.to_dict()})
+                plan = (None, finished_layers(workdir, fp, range(n)))
+            except (WorkdirBusy, CalibrationMismatch) as e:
+                plan = (e, {})
+        err, done = _broadcast(plan, device)
+        if err is not None:
+            raise err
+        blocks = assign_layers([i for i in range(n) if i not in done], world)
+        log.info("rank %d of %d: layers %s%s", rank, world, _span(blocks[rank]),
+                 f" ({len(done)} finished earlier)" if done else "")
+        mine = calibrate_layers(weights, calib_tokens, qcfg, tcfg, ccfg, layers=blocks[rank], device=device,
+                                workdir=workdir, lock=False, rank=rank, world_size=world)
+        gathered: list[dict[int, LayerResult] | None] = [None] * world
+        dist.all_gather_object(gathered, mine)
+        res = dict(done)
+        for g in gathered:
+            res.update(g or {})
+        if rank == 0 and workdir is not None:
+            for i, r in res.items():
+                if not r.resumed and not layer_ckpt(workdir, i).is_file():
+                    atomic_save_file(r.params, layer_ckpt(workdir, i), metadata={
+                        "fingerprint": fp, "rank": str(r.rank), "world_size": str(r.world_size)})
+        return _assemble(res, n, world)
+
+
+def _span(layers: list[int]) -> str:
+    return "none" if not layers else f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+
+
+def _assemble(res: dict[int, LayerResult], n: int, world: int) -> tuple[list[Params], dict[str, Any]]:
+    missing = [i for i in range(n) if i not in res]
+    if missing:
+        raise RuntimeError(f"layers {missing} were calibrated by no rank")
+    rs = [res[i] for i in range(n)]
+    return [r.params for r in rs], {"world_size": world, "layer_ranks": [r.rank for r in rs],
+                                    "layer_world_sizes": [r.world_size for r in rs],
+                                    "resumed_layers": [i for i, r in enumerate(rs) if r.resumed]}
 
 
 def free_port() -> int:

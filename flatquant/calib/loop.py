@@ -1,8 +1,10 @@
 """The layer-wise calibration loop (spec §3.3): FP targets, FP inputs, functional AdamW per layer.
 
-Every finished layer is written to ``workdir/layers/layer_XXX.safetensors`` with a fingerprint of
-model, data and settings, so an interrupted run resumes at the first unfinished layer and ends
-bit-identical to an uninterrupted one (each layer's randomness comes from its own generator).
+Every finished layer is written atomically to ``workdir/layers/layer_XXX.safetensors`` with a fingerprint
+of model, data and settings, so an interrupted run resumes at the first unfinished layer and ends
+bit-identical to an uninterrupted one (each layer's randomness comes from its own generator). The same
+property lets :func:`calibrate_layers` train any subset of layers (one process's block in
+:mod:`flatquant.calib.distributed`) with the result of a whole-model run.
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -29,11 +30,10 @@ from ..models.model import ModelWeights, embed, rope_for
 from .config import CalibConfig
 from .graph import capturable_linalg, try_capture
 from .optim import adamw_apply, schedule
+from .workdir import atomic_save_file, atomic_write_text, layer_ckpt, load_layer, workdir_lock
 
 log = logging.getLogger(__name__)
 Params = dict[str, Tensor]
-GradReduce = Callable[[Params, Tensor], tuple[Params, Tensor]]
-StatsReduce = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 
 class CalibrationMismatch(ValueError):
@@ -139,15 +139,13 @@ def make_grad_fn(ccfg: CalibConfig, device: torch.device | str) -> GradFn:
 def train_layer(
     trainable: Params, fixed: Params, frozen: Params, inps: Tensor, targets: Tensor, rope: Rope,
     args, qcfg: QuantConfig, tcfg: TransformConfig, ccfg: CalibConfig, *, generator: torch.Generator,
-    amp: torch.dtype, desc: str = "", grad_reduce: GradReduce | None = None,
+    amp: torch.dtype, desc: str = "",
     on_capture: Callable[[bool], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
     step_fn: GradFn | None = None,
 ) -> tuple[Params, list[float]]:
     """Optimise one layer's trainable parameters; returns them and the mean MSE of each epoch.
 
-    ``grad_reduce(grads, mse)`` (data parallel) combines the un-normalised gradients and MSE of
-    all processes; they are then normalised by the global MSE before the optimizer step.
     On CUDA the step is captured as a CUDA graph after the first (eager) step (``ccfg.cuda_graph``);
     ``on_capture(ok)`` hears whether the capture was used (a caller stops retrying after a failure);
     ``on_epoch(epoch, mean_mse)`` is called after each epoch (the device is synchronised then, so it can time it).
@@ -163,17 +161,11 @@ def train_layer(
              ) -> tuple[Params, Params, Params, Tensor]:
         grads, (_, mse) = grad_fn(p, fixed, frozen, x, y, rope, args, qcfg, tcfg.kind, amp, ccfg.normalize_loss,
                                   recompute=recompute)
-        if grad_reduce is not None:
-            # un-normalise locally, average raw gradients and MSE, normalise by the global MSE
-            raw = {k: g * mse for k, g in grads.items()} if ccfg.normalize_loss else grads
-            grads, mse = grad_reduce(raw, mse)
-            if ccfg.normalize_loss:
-                grads = {k: g / mse for k, g in grads.items()}
         lrs = {k: sc[1] if clip[k] else sc[0] for k in p}
         p, m, v = adamw_apply(p, grads, m, v, lrs, sc[2], sc[3], ccfg)  # sc: (lr, clip lr, 1-β1^t, 1-β2^t)
         return p, m, v, mse
 
-    use_graph = _use_cuda_graph(ccfg, inps.device, grad_reduce)
+    use_graph = _use_cuda_graph(ccfg, inps.device)
     sched = schedule(ccfg.epochs * ccfg.steps_per_epoch, ccfg, inps.device)
     m = {k: torch.zeros_like(t) for k, t in trainable.items()}
     v = {k: torch.zeros_like(t) for k, t in trainable.items()}
@@ -208,34 +200,31 @@ def train_layer(
     return trainable, losses
 
 
-def _use_cuda_graph(ccfg: CalibConfig, device: torch.device, grad_reduce: GradReduce | None) -> bool:
-    """Whether to capture the step: ``auto`` on CUDA without a cross-process gradient reduction."""
+def _use_cuda_graph(ccfg: CalibConfig, device: torch.device) -> bool:
+    """Whether to capture the step: ``auto`` on CUDA."""
     if ccfg.cuda_graph == "off" or ccfg.steps_per_epoch * ccfg.epochs < 2:
         return False
     if device.type != "cuda":
         if ccfg.cuda_graph == "on":
             raise ValueError("cuda_graph='on' needs a CUDA device; use 'auto' or 'off'")
         return False
-    if grad_reduce is not None:
-        if ccfg.cuda_graph == "on":
-            raise ValueError("cuda_graph='on' cannot capture a cross-process gradient reduction; use 'auto' or 'off'")
-        return False
     return True
 
 
-def _ckpt(workdir: Path, i: int) -> Path:
-    return workdir / "layers" / f"layer_{i:03d}.safetensors"
-
-
-def _check_workdir(workdir: Path, fp: str) -> None:
+def _check_workdir(workdir: Path, fp: str, manifest: dict) -> None:
+    """Refuse a work directory holding another calibration's progress; record this one's manifest."""
     man = workdir / "calibration.json"
     if man.is_file():
-        old = json.loads(man.read_text()).get("fingerprint")
-        if old != fp:
+        try:
+            old = json.loads(man.read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            old = None
+            log.warning("%s is damaged; rewriting it", man)
+        if old is not None and old != fp:
             raise CalibrationMismatch(
                 f"{workdir} holds progress of a different calibration (model, data or settings differ); "
                 "use another output directory or delete it")
-    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(man, json.dumps({"fingerprint": fp, **manifest}, indent=1, default=str))
 
 
 def calibrate(
@@ -247,80 +236,155 @@ def calibrate(
     *,
     device: torch.device | str = "cpu",
     workdir: Path | None = None,
-    grad_reduce: GradReduce | None = None,
-    stats_reduce: StatsReduce | None = None,
-    batch_size: int | None = None,
 ) -> list[Params]:
     """Calibrate every layer; returns each layer's flat parameters (trainable and fixed, on CPU, fp32).
 
     Every layer sees the FP output of the previous layer as input and its own FP output as
     target, so quantization error does not propagate between layers during calibration.
+    ``workdir`` (locked for the duration, see :mod:`flatquant.calib.workdir`) keeps one checkpoint per
+    finished layer; a rerun resumes from them.
+    """
+    done = calibrate_layers(weights, calib_tokens, qcfg, tcfg, ccfg, layers=range(weights.args.n_layers),
+                            device=device, workdir=workdir)
+    return [done[i].params for i in range(weights.args.n_layers)]
 
-    Data parallel: each process passes its shard of ``calib_tokens`` (its slice of every batch),
-    ``batch_size`` = its per-step share, and reducers that all-reduce gradients/MSE (mean) and
-    activation maxima (max); ``workdir`` should then be written by one process only.
+
+@dataclass(frozen=True)
+class LayerResult:
+    """One calibrated layer: its flat parameters and where they came from.
+
+    Attributes:
+        params: trainable and fixed parameters (CPU, fp32).
+        rank: the process rank that trained it (as recorded in its checkpoint when resumed).
+        world_size: the number of processes of the run that trained it.
+        resumed: loaded from a checkpoint of an earlier run instead of trained now.
+    """
+
+    params: Params
+    rank: int = 0
+    world_size: int = 1
+    resumed: bool = False
+
+
+def finished_layers(workdir: Path | None, fp: str, layers: Sequence[int]) -> dict[int, LayerResult]:
+    """Those of ``layers`` with a valid checkpoint of calibration ``fp`` in ``workdir`` (damaged ones are
+    reported in one line each)."""
+    if workdir is None:
+        return {}
+    out = {}
+    for i in layers:
+        got = load_layer(layer_ckpt(Path(workdir), i), fp)
+        if got is not None:
+            flat, meta = got
+            out[i] = LayerResult(flat, int(meta.get("rank", 0)), int(meta.get("world_size", 1)), resumed=True)
+    return out
+
+
+def calibrate_layers(
+    weights: ModelWeights,
+    calib_tokens: Tensor | None,  # (nsamples, seqlen) int64, or None for data-free methods
+    qcfg: QuantConfig,
+    tcfg: TransformConfig,
+    ccfg: CalibConfig,
+    *,
+    layers: Sequence[int],
+    device: torch.device | str = "cpu",
+    workdir: Path | None = None,
+    lock: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[int, LayerResult]:
+    """Calibrate the given layers (any subset, e.g. one process's block); returns them by index.
+
+    The FP inputs of the first requested layer are recomputed by FP forwards through every earlier layer,
+    exactly as a whole-model run computes them, and each layer draws its randomness from its own generator
+    (:func:`layer_generator`), so a layer's result does not depend on which process or run calibrates it.
+    Layers with a valid checkpoint in ``workdir`` are loaded, not trained; a damaged or foreign one is
+    reported and recomputed. ``lock=False`` when the caller manages the work directory: it holds the lock,
+    has checked the manifest and passes only layers without a valid checkpoint (rank 0 of a layer-parallel
+    run does this for all ranks); ``rank``/``world_size`` are recorded in each checkpoint.
     """
     device = torch.device(device)
     args = weights.args
+    todo = sorted(set(layers))
+    if todo and not 0 <= todo[0] <= todo[-1] < args.n_layers:
+        raise ValueError(f"layers {todo} outside 0..{args.n_layers - 1}")
     if not needs_data(tcfg):
-        return [{**t, **f} for t, f in (init_flat_params(weights.layers[i], args, qcfg, tcfg, absmax=None,
-                                                          generator=layer_generator(ccfg.seed, i))
-                                         for i in range(args.n_layers))]
+        return {i: LayerResult({**t, **f}, rank, world_size)
+                for i, (t, f) in ((i, init_flat_params(weights.layers[i], args, qcfg, tcfg, absmax=None,
+                                                       generator=layer_generator(ccfg.seed, i))) for i in todo)}
     if calib_tokens is None:
         raise ValueError("this method needs calibration data")
-    amp = resolve_amp(ccfg, device)
+    if not todo:
+        return {}
     fp = fingerprint(weights, calib_tokens, qcfg, tcfg, ccfg)
-    if workdir is not None:
-        _check_workdir(Path(workdir), fp)
-        (Path(workdir) / "calibration.json").write_text(json.dumps(
-            {"fingerprint": fp, "quant": asdict(qcfg), "transform": asdict(tcfg), "calib": ccfg.to_dict()},
-            indent=1, default=str))
+    with contextlib.ExitStack() as stack:
+        if workdir is not None:
+            workdir = Path(workdir)
+            if lock:
+                stack.enter_context(workdir_lock(workdir))
+                _check_workdir(workdir, fp, {"quant": asdict(qcfg), "transform": asdict(tcfg),
+                                             "calib": ccfg.to_dict()})
+        results = finished_layers(workdir, fp, todo) if lock else {}
+        for i in results:
+            log.info("layer %d: resumed from %s", i, layer_ckpt(workdir, i))
+        pending = [i for i in todo if i not in results]
+        if pending:
+            results.update(_train_layers(weights, calib_tokens, qcfg, tcfg, ccfg, pending, device, workdir, fp,
+                                         rank, world_size))
+    return results
+
+
+def _train_layers(
+    weights: ModelWeights, calib_tokens: Tensor, qcfg: QuantConfig, tcfg: TransformConfig, ccfg: CalibConfig,
+    pending: list[int], device: torch.device, workdir: Path | None, fp: str, rank: int, world_size: int,
+) -> dict[int, LayerResult]:
+    """FP forwards up to ``pending[0]``, then train (or FP-forward through) each layer up to ``pending[-1]``."""
+    args = weights.args
+    amp = resolve_amp(ccfg, device)
     buf_dtype = torch.float32 if amp == torch.float32 else amp
     with torch.no_grad():
         inps = torch.cat([embed(weights, calib_tokens[s:s + 8].to(weights.device)).to(device, buf_dtype)
                           for s in range(0, calib_tokens.shape[0], 8)])
     rope = rope_for(weights, calib_tokens.shape[1], device)
-    results: list[Params] = []
+    results: dict[int, LayerResult] = {}
     captures: list[bool] = []
     step_fn = make_grad_fn(ccfg, device)  # one (compiled) gradient function for every layer
-    bar = tqdm(range(args.n_layers), desc="calibrating layers", disable=None)
+    t_fwd = time.time()
+    for i in tqdm(range(pending[0]), desc="FP inputs", disable=None if pending[0] else True):
+        frozen = {k: v.to(device=device, dtype=torch.float32) for k, v in weights.layers[i].items()}
+        inps, _ = fp_layer_pass(frozen, inps, rope, args, ccfg.batch_size, want_stats=False)
+    if pending[0]:
+        log.info("FP inputs of layer %d: %d layer forwards in %.1fs", pending[0], pending[0], time.time() - t_fwd)
+    bar = tqdm(range(pending[0], pending[-1] + 1), desc="calibrating layers", disable=None)
     for i in bar:
         frozen = {k: v.to(device=device, dtype=torch.float32) for k, v in weights.layers[i].items()}
-        ck = _ckpt(Path(workdir), i) if workdir is not None else None
-        done = ck is not None and ck.is_file()
         t0 = time.time()
-        want = not done and tcfg.add_diag and tcfg.diag_init == "smoothquant"
+        train = i in pending
+        want = train and tcfg.add_diag and tcfg.diag_init == "smoothquant"
         outs, stats = fp_layer_pass(frozen, inps, rope, args, ccfg.batch_size, want_stats=want)
-        if want and stats_reduce is not None:
-            stats = stats_reduce(stats)
-        if done:
-            flat = load_file(str(ck))
-            log.info("layer %d: resumed from %s", i, ck)
-        else:
+        if train:
             gen = layer_generator(ccfg.seed, i)
             trainable, fixed = init_flat_params(frozen, args, qcfg, tcfg, absmax=stats, generator=gen)
             trainable = {k: v.to(device) for k, v in trainable.items()}
             fixed = {k: v.to(device) for k, v in fixed.items()}
             losses: list[float] = []
             if trainable and ccfg.epochs > 0:
-                local = ccfg if batch_size is None else replace(ccfg, batch_size=batch_size,
-                                                                 nsamples=inps.shape[0])
-                if False in captures:  # a failed capture leaks its memory pool: do not retry on later layers
-                    local = replace(local, cuda_graph="off")
+                local = replace(ccfg, cuda_graph="off") if False in captures else ccfg  # a failed capture leaks
                 trainable, losses = train_layer(trainable, fixed, frozen, inps, outs, rope, args, qcfg, tcfg, local,
-                                                generator=gen, amp=amp, desc=f"layer {i}", grad_reduce=grad_reduce,
+                                                generator=gen, amp=amp, desc=f"layer {i}",
                                                 on_capture=captures.append, step_fn=step_fn)
             flat = {k: v.detach().float().cpu().contiguous() for k, v in {**trainable, **fixed}.items()}
-            if ck is not None:
-                ck.parent.mkdir(parents=True, exist_ok=True)
-                tmp = ck.with_suffix(".tmp")
-                save_file(flat, str(tmp), metadata={"fingerprint": fp, "losses": json.dumps(losses)})
-                tmp.replace(ck)
+            if workdir is not None:
+                atomic_save_file(flat, layer_ckpt(workdir, i), metadata={
+                    "fingerprint": fp, "losses": json.dumps(losses), "rank": str(rank),
+                    "world_size": str(world_size)})
+            results[i] = LayerResult(flat, rank, world_size)
             if losses:
                 bar.set_postfix(first=f"{losses[0]:.3g}", last=f"{losses[-1]:.3g}")
                 log.info("layer %d: mse %.4g -> %.4g in %.1fs", i, losses[0], losses[-1], time.time() - t0)
-        results.append(flat)
         inps = outs
+        del frozen
     return results
 
 
