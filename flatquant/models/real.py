@@ -247,7 +247,7 @@ def layer_from_tensors(t: Params, cfg: RealConfig) -> RealLayer:
                 for n in group:  # the fused copy replaces the separate weights (no second copy in memory)
                     p = linears[n]
                     assert isinstance(p, QLinearParams)
-                    linears[n] = dataclasses.replace(p, weight=p.weight[:0])
+                    linears[n] = dataclasses.replace(p, weight=p.weight.new_empty(0, p.weight.shape[1]))
     return RealLayer(
         input_norm=t["input_norm"].to(dt), post_norm=t["post_norm"].to(dt), linears=linears, fused=fused,
         k_trans=fl("k_trans"), k_trans_inv_t=fl("k_trans_inv_t"),
@@ -413,12 +413,15 @@ def attention_step(
     a, qc = cfg.args, cfg.qcfg
     b, t, _ = h.shape
     q, k, v = _project(layer, "qkv", h)
-    q = q.reshape(b, t, a.n_heads, a.head_dim).transpose(1, 2)
-    k = k.reshape(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    # RoPE and q's K^{-T} run on the (B, T, heads, d) layout the projections produce: one GEMM over all rows
+    # for the transform (a (B, heads, T, d) view made cuBLAS run one small batched GEMM per row).
+    rope_t = Rope(cos=rope.cos.transpose(1, 2), sin=rope.sin.transpose(1, 2))  # (B, T, 1, d)
+    q = apply_rope(q.reshape(b, t, a.n_heads, a.head_dim), rope_t)
+    k = apply_rope(k.reshape(b, t, a.n_kv_heads, a.head_dim), rope_t).transpose(1, 2)
     v = v.reshape(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
-    q, k = apply_rope(q, rope), apply_rope(k, rope)
     if layer.k_trans_inv_t is not None:
         q = head_transform(q, layer.k_trans_inv_t)
+    q = q.transpose(1, 2)
     if qc.q.enabled:
         q = fake_quant(q, qc.q, clip_lo=layer.q_clip[0], clip_hi=layer.q_clip[1])
     _write_kv(k, layer.k_trans, layer.k_clip, qc.k, k_packed, kv.k, kv.k_scale, kv.k_zero, idx)
@@ -472,15 +475,19 @@ class RealModel:
         weights: the model tensors (on one device).
         compile_decode: wrap the per-layer decode step in ``torch.compile`` (fuses RoPE, norms, residuals and
             casts around the custom ops); None: on CUDA only.
+        compile_prefill: the same for the prefill layer (shapes become dynamic after the second prompt shape);
+            None: on CUDA only.
     """
 
-    def __init__(self, weights: RealWeights, *, compile_decode: bool | None = None) -> None:
+    def __init__(self, weights: RealWeights, *, compile_decode: bool | None = None,
+                 compile_prefill: bool | None = None) -> None:
         self.weights = weights
         self.cfg = weights.cfg
-        if compile_decode is None:
-            compile_decode = weights.device.type == "cuda"
-        self._decode_layer = torch.compile(decode_layer, fullgraph=True, dynamic=False) if compile_decode \
-            else decode_layer
+        cuda = weights.device.type == "cuda"
+        self._decode_layer = torch.compile(decode_layer, fullgraph=True, dynamic=False) \
+            if (cuda if compile_decode is None else compile_decode) else decode_layer
+        self._prefill_layer = torch.compile(layer_step, fullgraph=True) \
+            if (cuda if compile_prefill is None else compile_prefill) else layer_step
 
     @property
     def device(self) -> torch.device:
@@ -517,8 +524,9 @@ class RealModel:
             if decode:
                 x = self._decode_layer(layer, x, rope, kv, cfg, idx, cache.start, length)
             else:
-                x = layer_step(layer, x, rope, kv, cfg, idx, cache.start, length, n_valid=cache.seen + t, decode=False,
-                               causal_from_zero=causal0, k_packed=cache.k_packed, v_packed=cache.v_packed)
+                x = self._prefill_layer(layer, x, rope, kv, cfg, idx, cache.start, length, n_valid=cache.seen + t,
+                                        decode=False, causal_from_zero=causal0, k_packed=cache.k_packed,
+                                        v_packed=cache.v_packed)
         cache.seen += t
         if last_only:
             x = x[:, -1:]

@@ -152,8 +152,11 @@ def kron_quant_triton(
     x = x.contiguous()
     left = left.to(x.dtype).contiguous() if left is not None else None
     right = right.to(x.dtype).contiguous() if right is not None else None
-    codes = torch.empty(g, t, n // 2 if pack else n, dtype=torch.uint8 if pack else torch.int8, device=x.device)
-    scale = torch.empty(g, t, dtype=torch.float32, device=x.device)
+    # A single clip pair gets 2-D outputs of its own (a view of a 3-D buffer would be cloned by the custom op).
+    lead = (g, t) if multi else (t,)
+    codes = torch.empty(*lead, n // 2 if pack else n, dtype=torch.uint8 if pack else torch.int8, device=x.device)
+    scale = torch.empty(*lead, dtype=torch.float32, device=x.device)
+    stride_qg, stride_sg = (codes.stride(0), scale.stride(0)) if multi else (0, 0)
     if t > 0:
         n1p, n2p = next_pow2(n1), next_pow2(n2)
         cpu = on_cpu(x)
@@ -161,11 +164,11 @@ def kron_quant_triton(
         extra = {} if cpu else {"num_warps": 8 if n1p * n2p >= 128 * 128 else 4, "num_stages": 1}
         kernel[(min(t, programs or _programs(x.device)),)](
             x, left if left is not None else x, right if right is not None else x, clips,
-            codes, scale, t, n1, n2, x.stride(0), codes.stride(1), codes.stride(0), scale.stride(0),
+            codes, scale, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
             N1P=n1p, N2P=n2p, G=g, HAS_LEFT=left is not None, HAS_RIGHT=right is not None,
             QMAX=2 ** (bits - 1) - 1, PACK=pack, F32_DOT=cpu or x.dtype == torch.float32, **extra,
         )
-    return (codes, scale) if multi else (codes[0], scale[0])
+    return codes, scale
 
 
 @torch.library.custom_op("flatquant::kron_quant", mutates_args=())

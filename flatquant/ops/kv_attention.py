@@ -178,7 +178,7 @@ def default_splits(batch: int, kv_heads: int, positions: int, block_t: int, sms:
 def kv4_decode_attention_triton(
     q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor,
     v_zero: Tensor, start: Tensor, length: Tensor, sm_scale: float, block_t: int | None = None,
-    splits: int | None = None,
+    splits: int | None = None, num_warps: int = 4,
 ) -> Tensor:  # (B, Hq, d)
     """Triton launcher of :func:`kv4_decode_attention` (interpreter on CPU tensors).
 
@@ -211,7 +211,7 @@ def kv4_decode_attention_triton(
         ml = torch.empty(b, hq, splits, 2, dtype=torch.float32, device=q.device)
     else:
         part, ml = out, scales[0]
-    extra = {} if cpu else {"num_warps": 4, "num_stages": 2}
+    extra = {} if cpu else {"num_warps": num_warps, "num_stages": 2}
     kernel[(b, hkv, splits)](
         q, k_codes, scales[0], scales[1], v_codes, scales[2], scales[3],
         start.to(torch.int32).contiguous(), length.to(torch.int32).contiguous(), part, ml,

@@ -1,0 +1,151 @@
+"""Quick probe of the real W4A4KV4 engine on a LLaMA-3-8B-shaped random model: prefill and CUDA-graph decode
+times, plus a per-kernel profile of one decode step and one prefill (torch.profiler, kernels summed by name).
+
+Usage (GPU): ``PYTHONPATH=. python bench/engine_probe.py --out bench/results/engine_probe.json``.
+This is the engine developer's inner-loop tool; ``bench/bench_e2e.py`` is the side-by-side benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from env import environment  # noqa: E402
+
+from flatquant.models.args import ModelArgs  # noqa: E402
+from flatquant.models.random import LLAMA3_8B, random_real_tensors  # noqa: E402
+from flatquant.models.real import (  # noqa: E402
+    CUDAGraphDecoder,
+    RealConfig,
+    RealModel,
+    RealWeights,
+    layer_from_tensors,
+)
+from flatquant.presets import bits_preset  # noqa: E402
+
+log = logging.getLogger("engine_probe")
+
+
+def build(args: ModelArgs, *, fuse: bool, compile_decode: bool) -> RealModel:
+    """A random real model on the GPU."""
+    top, layers = random_real_tensors(args, generator=torch.Generator().manual_seed(0), device="cuda")
+    cfg = RealConfig(args=args, qcfg=bits_preset("w4a4kv4"), dtype=torch.bfloat16, fuse=fuse)
+    return RealModel(RealWeights(cfg=cfg, top=top, layers=tuple(layer_from_tensors(t, cfg) for t in layers)),
+                     compile_decode=compile_decode)
+
+
+def kernel_table(prof: torch.profiler.profile, n_layers: int, top: int = 25) -> list[dict]:
+    """GPU kernels summed by name: calls, total µs, µs per layer."""
+    agg: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            agg[e.name][0] += 1
+            agg[e.name][1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    rows = [{"kernel": k[:90], "calls": int(c), "total_us": t, "us_per_layer": t / n_layers}
+            for k, (c, t) in agg.items()]
+    rows.sort(key=lambda r: -r["total_us"])
+    total = sum(r["total_us"] for r in rows)
+    return [{"kernel": "TOTAL", "calls": sum(r["calls"] for r in rows), "total_us": total,
+             "us_per_layer": total / n_layers}] + rows[:top]
+
+
+def md(rows: list[dict]) -> str:
+    """Markdown table of a kernel table."""
+    out = ["| kernel | calls | total µs | µs/layer |", "|---|---|---|---|"]
+    out += [f"| {r['kernel']} | {r['calls']} | {r['total_us']:.0f} | {r['us_per_layer']:.1f} |" for r in rows]
+    return "\n".join(out)
+
+
+@torch.no_grad()
+def run(model: RealModel, batch: int, prefill: int, decode: int, profile: bool) -> dict:
+    """Prefill median of 3 (after a warm-up), CUDA-graph decode ms/step, optional kernel tables."""
+    args = model.cfg.args
+    tok = torch.randint(0, args.vocab_size, (batch, prefill), device="cuda")
+    times = []
+    for i in range(4):
+        cache = model.new_cache(batch, prefill + decode + 8)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logits = model.forward(tok, cache, last_only=True)
+        torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    dec = CUDAGraphDecoder(model, cache)
+    nxt = logits[:, -1].argmax(-1)
+    for _ in range(3):
+        nxt = dec.step(nxt).argmax(-1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(decode):
+        nxt = dec.step(nxt).argmax(-1)
+    torch.cuda.synchronize()
+    r = {"batch": batch, "prefill_ms": 1e3 * statistics.median(times),
+         "decode_ms_per_step": 1e3 * (time.perf_counter() - t0) / decode,
+         "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "kv_bytes": cache.nbytes()}
+    if profile:
+        pos = torch.tensor([cache.seen], device="cuda")
+        model.decode_step(nxt[:, None], pos, cache)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                model.decode_step(nxt[:, None], pos, cache)
+            torch.cuda.synchronize()
+        r["decode_kernels"] = kernel_table(prof, 3 * args.n_layers)
+        cache = model.new_cache(batch, prefill + 2)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            model.forward(tok, cache, last_only=True)
+            torch.cuda.synchronize()
+        r["prefill_kernels"] = kernel_table(prof, args.n_layers)
+    return r
+
+
+def main() -> int:
+    """Entry point."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--variants", default="fast,unfused-eager")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = ModelArgs(**{**LLAMA3_8B.to_dict(), "n_layers": a.layers})
+    variants = {"fast": dict(fuse=True, compile_decode=True), "unfused-eager": dict(fuse=False, compile_decode=False),
+                "fused-eager": dict(fuse=True, compile_decode=False)}
+    result: dict = {"env": environment(), "command": " ".join(sys.argv), "rows": []}
+    for v in a.variants.split(","):
+        model = build(args, **variants[v])
+        for b in [int(x) for x in a.batches.split(",")]:
+            torch.cuda.reset_peak_memory_stats()
+            r = {"variant": v, **run(model, b, a.prefill, a.decode, a.profile)}
+            result["rows"].append(r)
+            log.info("%s b%d: prefill %.1f ms, decode %.3f ms/step, peak %.2f GB", v, b, r["prefill_ms"],
+                     r["decode_ms_per_step"], r["peak_gb"])
+            for k in ("decode_kernels", "prefill_kernels"):
+                if k in r:
+                    print(f"\n### {v} batch {b} {k}\n" + md(r[k]))
+        del model
+        torch.cuda.empty_cache()
+    print("\n| variant | batch | prefill ms | decode ms/step | peak GB |\n|---|---|---|---|---|")
+    for r in result["rows"]:
+        print(f"| {r['variant']} | {r['batch']} | {r['prefill_ms']:.1f} | {r['decode_ms_per_step']:.3f} | "
+              f"{r['peak_gb']:.2f} |")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
