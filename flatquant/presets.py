@@ -9,9 +9,20 @@ from .core.spec import QuantConfig, QuantSpec, TransformConfig
 
 def bits_config(w: int = 16, a: int = 16, k: int = 16, v: int = 16, q: int = 16, *, w_asym: bool = False,
                 a_asym: bool = False, kv_asym: bool = True, w_group: int | None = None) -> QuantConfig:
-    """A :class:`QuantConfig` from bit widths (per-channel weights, per-token activations, per-head KV)."""
-    wg = QuantSpec(bits=w, sym=not w_asym, granularity="per_group", group_size=w_group) if w_group else \
-        QuantSpec(bits=w, sym=not w_asym, granularity="per_channel")
+    """A :class:`QuantConfig` from bit widths (per-channel weights, per-token activations, per-head KV).
+
+    Widths are 2-8, or 16 for "not quantized"; ``w_group`` (per-group weights) must be positive.
+
+    Raises:
+        ValueError: a width or group size out of range, naming which one.
+    """
+    for name, bits in (("w", w), ("a", a), ("k", k), ("v", v), ("q", q)):
+        if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 8 or bits == 16):
+            raise ValueError(f"{name} bits must be 2-8, or 16 for 'not quantized'; got {bits!r}")
+    if w_group is not None and (not isinstance(w_group, int) or w_group < 1):
+        raise ValueError(f"weight group size must be a positive integer, got {w_group!r}")
+    wg = QuantSpec(bits=w, sym=not w_asym, granularity="per_group", group_size=w_group) if w_group is not None \
+        else QuantSpec(bits=w, sym=not w_asym, granularity="per_channel")
     return QuantConfig(w=wg, a=QuantSpec(bits=a, sym=not a_asym), q=QuantSpec(bits=q, sym=not a_asym),
                        k=QuantSpec(bits=k, sym=not kv_asym), v=QuantSpec(bits=v, sym=not kv_asym))
 

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal
+
+
+def _check_float(name: str, value: float, *, positive: bool = False, at_most: float | None = None,
+                 below: float | None = None) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number, >= 0 (> 0 when ``positive``) and within bounds."""
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > 0 if positive else value >= 0) and (at_most is None or value <= at_most)
+          and (below is None or value < below))
+    if not ok:
+        bound = "> 0" if positive else ">= 0"
+        bound += f" and <= {at_most}" if at_most is not None else ""
+        bound += f" and < {below}" if below is not None else ""
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,15 +75,25 @@ class CalibConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("nsamples", "seqlen", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.epochs < 0:
-            raise ValueError("epochs must be >= 0")
+        for name, low in (("nsamples", 1), ("seqlen", 2), ("batch_size", 1), ("epochs", 0), ("warmup_steps", 0),
+                          ("gptq_blocksize", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.nsamples % self.batch_size:
             raise ValueError(f"nsamples ({self.nsamples}) must be a multiple of batch_size ({self.batch_size})")
-        if self.lr <= 0:
-            raise ValueError("lr must be positive")
+        _check_float("lr", self.lr, positive=True)
+        _check_float("clip_lr_mult", self.clip_lr_mult, positive=True)
+        _check_float("eps", self.eps, positive=True)
+        _check_float("weight_decay", self.weight_decay)
+        _check_float("gptq_percdamp", self.gptq_percdamp)
+        _check_float("eta_min_ratio", self.eta_min_ratio, at_most=1.0)
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers, got {self.betas!r}")
+        for beta in self.betas:
+            _check_float("betas", beta, below=1.0)
+        if self.amp_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"amp_dtype must be auto, float32, bfloat16 or float16, not {self.amp_dtype!r}")
         for name in ("compile", "cuda_graph", "recompute"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ValueError(f"{name} must be 'auto', 'on' or 'off', not {getattr(self, name)!r}")

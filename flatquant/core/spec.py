@@ -13,7 +13,7 @@ TransformKind = Literal["none", "svd", "inv", "hadamard", "orthogonal", "identit
 class QuantSpec:
     """One quantizer: bit width, symmetry, granularity.
 
-    ``bits >= 16`` means "not quantized". Statistics are always taken over the last
+    ``bits`` is 2-8, or 16 for "not quantized". Statistics are always taken over the last
     dimension (per token for activations, per output channel for ``(out, in)`` weights);
     ``per_group`` splits the last dimension into groups of ``group_size``.
     """
@@ -24,11 +24,14 @@ class QuantSpec:
     group_size: int | None = None
 
     def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 16:
-            raise ValueError(f"bits must be in [2, 16], got {self.bits}")
+        is_int = isinstance(self.bits, int) and not isinstance(self.bits, bool)
+        if not (is_int and (2 <= self.bits <= 8 or self.bits == 16)):
+            raise ValueError(f"bits must be 2-8, or 16 for 'not quantized'; got {self.bits!r}")
+        if self.granularity not in ("per_token", "per_channel", "per_group"):
+            raise ValueError(f"granularity must be per_token, per_channel or per_group, not {self.granularity!r}")
         if self.granularity == "per_group":
             if self.group_size is None or self.group_size < 1:
-                raise ValueError("per_group quantization needs a positive group_size")
+                raise ValueError(f"per_group quantization needs a positive group_size, got {self.group_size!r}")
         elif self.group_size is not None:
             raise ValueError(f"group_size is only valid with granularity='per_group', not {self.granularity!r}")
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -179,12 +180,23 @@ def load(source: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, use
         cfg = AutoConfig.from_pretrained(folder, **kw, **local)
     except OSError as e:
         raise ModelLoadError(f"cannot read a model config from {source!r}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # the gguf reader fails on a cut-off file with reshape/struct/index errors
+        if not gguf:
+            raise
+        detail = (str(e).splitlines() or ["no detail"])[0]
+        raise ModelLoadError(f"{Path(folder) / gguf} is truncated or corrupt ({type(e).__name__}: {detail}); "
+                             "download or copy it again") from None
     args = args_from_config(cfg)
     cdir = cache_root() / "models" / _fingerprint(folder, gguf)
-    if use_cache and (cdir / "weights.safetensors").is_file() and (cdir / "tokenizer").is_dir():
+    if use_cache and (cdir / "complete").is_file():
         log.info("loading cached conversion %s", cdir)
-        tok = AutoTokenizer.from_pretrained(str(cdir / "tokenizer"))
-        return _load_cache(cdir).to(dtype=dtype), tok
+        try:
+            tok = AutoTokenizer.from_pretrained(str(cdir / "tokenizer"))
+            return _load_cache(cdir).to(dtype=dtype), tok
+        except Exception as e:  # a damaged cache is rebuilt from the source, never trusted
+            log.warning("the model conversion cache %s is damaged (%s); rebuilding it", cdir, str(e).splitlines()[0])
+    if use_cache and cdir.exists():
+        shutil.rmtree(cdir, ignore_errors=True)  # partial (no 'complete' marker) or damaged
     log.info("loading %s%s with transformers", folder, f" ({gguf})" if gguf else "")
     tok = AutoTokenizer.from_pretrained(folder, **kw, **local)
     model = AutoModelForCausalLM.from_pretrained(folder, **kw, **local, dtype=torch.float32)
@@ -193,6 +205,7 @@ def load(source: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, use
         try:
             _save_cache(cdir, w)
             tok.save_pretrained(str(cdir / "tokenizer"))
+            (cdir / "complete").write_text("")  # written last: a cache without it is partial
         except OSError as e:
             log.warning("could not write the model cache %s: %s", cdir, e)
     return w.to(dtype=dtype), tok
