@@ -80,7 +80,6 @@ from flatquant.models.args import LINEARS, ModelArgs  # noqa: E402
 from flatquant.models.flat import KRON_SITES, site_dim  # noqa: E402
 from flatquant.models.random import LLAMA3_8B  # noqa: E402
 from flatquant.models.real import (  # noqa: E402
-    CUDAGraphDecoder,
     RealConfig,
     RealModel,
     RealWeights,
@@ -97,7 +96,7 @@ def _orth(n: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
 
 
 def random_real_model(args: ModelArgs, qcfg: QuantConfig, device: torch.device, *, seed: int = 0,
-                      dtype: torch.dtype = torch.bfloat16) -> RealModel:
+                      dtype: torch.dtype = torch.bfloat16, compile: bool | None = None) -> RealModel:
     """A real model with random packed weights and random orthogonal online transforms (checkpoint schema)."""
     g = torch.Generator().manual_seed(seed)
     gd = torch.Generator(device=device).manual_seed(seed)
@@ -118,7 +117,8 @@ def random_real_model(args: ModelArgs, qcfg: QuantConfig, device: torch.device, 
         for n in ("k_cache", "v_cache"):
             t[f"{n}.clip"] = torch.full((2,), 0.95, device=device)
         layers.append(layer_from_tensors(t, cfg))
-    return RealModel(RealWeights(cfg=cfg, top=_top(args, gd, device, dtype), layers=tuple(layers)))
+    return RealModel(RealWeights(cfg=cfg, top=_top(args, gd, device, dtype), layers=tuple(layers)),
+                     compile_decode=compile, compile_prefill=compile)
 
 
 def _top(args: ModelArgs, gd: torch.Generator, device: torch.device, dtype: torch.dtype) -> dict:
@@ -177,19 +177,18 @@ class OursRunner:
 
     def __init__(self, model: RealModel, graph: bool = False) -> None:
         self.model, self.graph = model, graph
-        self.decoder: CUDAGraphDecoder | None = None
 
     def prefill(self, tokens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, object]:
+        if self.graph:  # the engine's static cache and a prefill graph per shape (the deployed fast path)
+            cache = self.model.static_cache(tokens.shape[0], max_len)
+            return self.model.prefill_graphed(tokens, cache), cache
         cache = self.model.new_cache(tokens.shape[0], max_len)
         return self.model.forward(tokens, cache, last_only=True)[:, -1], cache
 
     def step(self, nxt: torch.Tensor, cache: object) -> torch.Tensor:
         if not self.graph:
             return self.model.forward(nxt[:, None], cache)[:, -1]
-        if self.decoder is None or self.decoder.cache is not cache:
-            self.decoder = None
-            self.decoder = CUDAGraphDecoder(self.model, cache)
-        return self.decoder.step(nxt)
+        return self.model.graphed_decoder(cache).step(nxt)
 
     @staticmethod
     def cache_bytes(cache: object) -> int:
@@ -444,7 +443,7 @@ def engine_builders(args: ModelArgs, device: torch.device) -> dict[str, Callable
 
     return {
         "real-w4a4kv4": lambda: OursRunner(random_real_model(args, bits_preset("w4a4kv4"), device), graph),
-        "real-w4a4kv4-eager": lambda: OursRunner(random_real_model(args, bits_preset("w4a4kv4"), device)),
+        "real-w4a4kv4-eager": lambda: OursRunner(random_real_model(args, bits_preset("w4a4kv4"), device, compile=False)),
         "ours-bf16": lambda: OursRunner(random_bf16_engine(args, device), graph),
         "hf-bf16-static": lambda: HFGenerateRunner(hf_model(args, device), device),
         "torchao-fp8": lambda: ao("fp8"),

@@ -24,7 +24,6 @@ from env import environment  # noqa: E402
 from flatquant.models.args import ModelArgs  # noqa: E402
 from flatquant.models.random import LLAMA3_8B, random_real_tensors  # noqa: E402
 from flatquant.models.real import (  # noqa: E402
-    CUDAGraphDecoder,
     RealConfig,
     RealModel,
     RealWeights,
@@ -72,15 +71,15 @@ def run(model: RealModel, batch: int, prefill: int, decode: int, profile: bool) 
     tok = torch.randint(0, args.vocab_size, (batch, prefill), device="cuda")
     times = []
     for i in range(4):
-        cache = model.new_cache(batch, prefill + decode + 8)
+        cache = model.static_cache(batch, prefill + decode + 8)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        logits = model.forward(tok, cache, last_only=True)
+        logits = model.prefill_graphed(tok, cache)
         torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - t0)
-    dec = CUDAGraphDecoder(model, cache)
-    nxt = logits[:, -1].argmax(-1)
+    dec = model.graphed_decoder(cache)
+    nxt = logits.argmax(-1)
     for _ in range(3):
         nxt = dec.step(nxt).argmax(-1)
     torch.cuda.synchronize()

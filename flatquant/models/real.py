@@ -489,6 +489,10 @@ class RealModel:
         self._prefill_layer = torch.compile(layer_step, fullgraph=True) \
             if (cuda if compile_prefill is None else compile_prefill) else layer_step
 
+        self._static: dict[tuple[int, int], KVCache] = {}
+        self._prefill_graphs: dict[tuple[int, int, int], CUDAGraphPrefill] = {}
+        self._decoders: dict[int, CUDAGraphDecoder] = {}
+
     @property
     def device(self) -> torch.device:
         """Device of the weights."""
@@ -497,6 +501,35 @@ class RealModel:
     def new_cache(self, batch: int, max_len: int, start: Tensor | None = None) -> KVCache:
         """An empty cache on the model's device (see :func:`new_cache`)."""
         return new_cache(self.cfg, batch, max_len, self.device, start)
+
+    def static_cache(self, batch: int, max_len: int) -> KVCache:
+        """The engine's reusable cache for ``(batch, max_len)``, emptied (like transformers' static cache: one per
+        shape, so captured CUDA graphs stay valid; the next call with the same shape reuses and overwrites it)."""
+        cache = self._static.get((batch, max_len))
+        if cache is None:
+            cache = self._static[(batch, max_len)] = self.new_cache(batch, max_len)
+        cache.seen = 0
+        return cache
+
+    @torch.no_grad()
+    def prefill_graphed(self, tokens: Tensor, cache: KVCache) -> Tensor:  # (B, T) -> (B, vocab)
+        """Next-token logits of ``tokens`` written into the empty, unpadded ``cache``, replayed from a CUDA graph
+        captured once per ``(B, T, cache)`` (removes the host time of launching every kernel of every layer)."""
+        if cache.seen != 0 or cache.padded:
+            raise ValueError("graphed prefill needs an empty cache without left padding")
+        key = (tokens.shape[0], tokens.shape[1], cache.layers[0].k.data_ptr())
+        graph = self._prefill_graphs.get(key)
+        if graph is None:
+            graph = self._prefill_graphs[key] = CUDAGraphPrefill(self, tokens.shape[0], tokens.shape[1], cache)
+        return graph.run(tokens)
+
+    def graphed_decoder(self, cache: KVCache) -> CUDAGraphDecoder:
+        """The :class:`CUDAGraphDecoder` of ``cache``, captured on first use and kept for its later prefills."""
+        key = cache.layers[0].k.data_ptr()
+        dec = self._decoders.get(key)
+        if dec is None or dec.cache is not cache:
+            dec = self._decoders[key] = CUDAGraphDecoder(self, cache)
+        return dec
 
     @torch.no_grad()
     def forward(self, tokens: Tensor, cache: KVCache | None = None, *, last_only: bool = False) -> Tensor:
@@ -570,6 +603,39 @@ class RealModel:
                 if bool(done.all()):
                     return
             logits = self.forward(nxt[:, None], cache)[:, -1]
+
+
+class CUDAGraphPrefill:
+    """A prefill of ``(batch, length)`` tokens into one empty cache, replayed from a CUDA graph.
+
+    Two warm-up runs on a side stream compile and autotune every kernel; the capture then records the whole
+    forward (all layers, the final norm and the last position's logits). Each :meth:`run` copies the tokens into
+    the static buffer, replays, and marks the cache as holding ``length`` positions.
+    """
+
+    def __init__(self, model: RealModel, batch: int, length: int, cache: KVCache) -> None:
+        dev = model.device
+        self.cache, self.length = cache, length
+        self.tok = torch.zeros(batch, length, dtype=torch.long, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):
+                cache.seen = 0
+                model.forward(self.tok, cache, last_only=True)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        cache.seen = 0
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.out = model.forward(self.tok, cache, last_only=True)[:, -1]
+        cache.seen = 0
+
+    def run(self, tokens: Tensor) -> Tensor:  # (B, T) -> (B, vocab), valid until the next run
+        """Prefill ``tokens`` and return the last position's logits."""
+        self.tok.copy_(tokens)
+        self.graph.replay()
+        self.cache.seen = self.length
+        return self.out
 
 
 class CUDAGraphDecoder:

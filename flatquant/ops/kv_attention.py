@@ -69,66 +69,86 @@ def _kv4_decode_attention_kernel(
     # max / sum of the online softmax in fp32. SPLIT: the unnormalised partial (acc, max, sum) goes to a workspace
     # (o_ptr: (B, Hq, splits, DP) fp32, ml_ptr: (B, Hq, splits, 2) fp32) for _kv4_combine_kernel; else the
     # normalised output is stored (one chunk covers the whole cache).
+    # The dots run on the raw codes (0..15, exact in bf16): with k = (c_k - z_k)·s_k and v = (c_v - z_v)·s_v,
+    #   q·k = s_k (q·c_k - z_k Σq)            and   Σ_t p_t v_t = Σ_t (p_t s_v,t) c_v,t - Σ_t (p_t s_v,t) z_v,t,
+    # so scale and zero act on (REP, BLOCK_T) score/probability tiles, never on (BLOCK_T, d) value tiles. Even and
+    # odd elements (low and high nibbles) are separate half-width dots, so the bytes are never interleaved.
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
     sp = tl.program_id(2)
+    DH: tl.constexpr = DP // 2
     r = tl.arange(0, REP_P)
-    e = tl.arange(0, DP)
-    eh = tl.arange(0, DP // 2)
+    eh = tl.arange(0, DH)
     r_ok = r < rep
-    e_ok = e < d
     eh_ok = eh < d // 2
     heads = g * rep + r
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + e[None, :],
-                mask=r_ok[:, None] & e_ok[None, :], other=0.0)
-    q = (q.to(tl.float32) * sm_scale)
+    q_off = b * stride_qb + heads[:, None] * stride_qh + 2 * eh[None, :]
+    q_mask = r_ok[:, None] & eh_ok[None, :]
+    if F32_DOT:
+        dt = tl.float32
+    else:
+        dt = q_ptr.dtype.element_ty
+    qe = (tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32) * sm_scale).to(dt)
+    qo = (tl.load(q_ptr + q_off + 1, mask=q_mask, other=0.0).to(tl.float32) * sm_scale).to(dt)
+    q_sum = tl.sum(qe.to(tl.float32), axis=1) + tl.sum(qo.to(tl.float32), axis=1)  # (REP_P,)
     t_lo = tl.maximum(tl.load(start_ptr + b), sp * chunk)
     t_hi = tl.minimum(tl.load(len_ptr + b), sp * chunk + chunk)
     m_i = tl.full((REP_P,), float("-inf"), tl.float32)
     l_i = tl.zeros((REP_P,), tl.float32)
-    acc = tl.zeros((REP_P, DP), tl.float32)
+    corr = tl.zeros((REP_P,), tl.float32)
+    acc_e = tl.zeros((REP_P, DH), tl.float32)
+    acc_o = tl.zeros((REP_P, DH), tl.float32)
     c_base = b * stride_cb + g * stride_ch
     s_base = b * stride_sb + g * stride_sh
     for t0 in range((t_lo // BLOCK_T) * BLOCK_T, t_hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = (t >= t_lo) & (t < t_hi)
-        # Unpack BLOCK_T × d/2 bytes into BLOCK_T × d codes (low nibble = even element) and dequantize.
         c_off = c_base + t[:, None].to(tl.int64) * stride_ct + eh[None, :]
         c_mask = t_ok[:, None] & eh_ok[None, :]
         kb = tl.load(kc_ptr + c_off, mask=c_mask, other=0).to(tl.int32)
         vb = tl.load(vc_ptr + c_off, mask=c_mask, other=0).to(tl.int32)
-        kq = tl.reshape(tl.join(kb & 0xF, (kb >> 4) & 0xF), (BLOCK_T, DP)).to(tl.float32)
-        vq = tl.reshape(tl.join(vb & 0xF, (vb >> 4) & 0xF), (BLOCK_T, DP)).to(tl.float32)
         ks = tl.load(ks_ptr + s_base + t, mask=t_ok, other=0.0)
         kz = tl.load(kz_ptr + s_base + t, mask=t_ok, other=0.0)
         vs = tl.load(vs_ptr + s_base + t, mask=t_ok, other=0.0)
         vz = tl.load(vz_ptr + s_base + t, mask=t_ok, other=0.0)
-        k = (kq - kz[:, None]) * ks[:, None]  # (BLOCK_T, DP)
-        v = (vq - vz[:, None]) * vs[:, None]
+        k_lo = (kb & 0xF).to(dt)
+        k_hi = ((kb >> 4) & 0xF).to(dt)
         if F32_DOT:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (REP_P, BLOCK_T)
+            qc = tl.dot(qe, tl.trans(k_lo), input_precision="ieee") + tl.dot(qo, tl.trans(k_hi),
+                                                                            input_precision="ieee")
         else:
-            s = tl.dot(q.to(q_ptr.dtype.element_ty), tl.trans(k.to(q_ptr.dtype.element_ty)))
+            qc = tl.dot(qe, tl.trans(k_lo)) + tl.dot(qo, tl.trans(k_hi))  # (REP_P, BLOCK_T) fp32
+        s = (qc - q_sum[:, None] * kz[None, :]) * ks[None, :]
         s = tl.where(t_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        pv = (p * vs[None, :]).to(dt)  # rounded once; the zero correction uses the same rounded weights
+        corr = corr * alpha + tl.sum(pv.to(tl.float32) * vz[None, :], axis=1)
+        v_lo = (vb & 0xF).to(dt)
+        v_hi = ((vb >> 4) & 0xF).to(dt)
         if F32_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            acc_e = acc_e * alpha[:, None] + tl.dot(pv, v_lo, input_precision="ieee")
+            acc_o = acc_o * alpha[:, None] + tl.dot(pv, v_hi, input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty))
+            acc_e = acc_e * alpha[:, None] + tl.dot(pv, v_lo)
+            acc_o = acc_o * alpha[:, None] + tl.dot(pv, v_hi)
         m_i = m_new
+    acc_e = acc_e - corr[:, None]
+    acc_o = acc_o - corr[:, None]
     if SPLIT:
         n_sp = tl.num_programs(2)
         row = (b * rep * tl.num_programs(1) + heads) * n_sp + sp  # (REP_P,) index of (b, head, split)
-        tl.store(o_ptr + row[:, None] * DP + e[None, :], acc, mask=r_ok[:, None])
+        tl.store(o_ptr + row[:, None] * DP + 2 * eh[None, :], acc_e, mask=r_ok[:, None])
+        tl.store(o_ptr + row[:, None] * DP + 2 * eh[None, :] + 1, acc_o, mask=r_ok[:, None])
         tl.store(ml_ptr + row * 2, m_i, mask=r_ok)
         tl.store(ml_ptr + row * 2 + 1, l_i, mask=r_ok)
     else:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + e[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=r_ok[:, None] & e_ok[None, :])
+        inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+        o_off = b * stride_ob + heads[:, None] * stride_oh + 2 * eh[None, :]
+        tl.store(o_ptr + o_off, (acc_e * inv[:, None]).to(o_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(o_ptr + o_off + 1, (acc_o * inv[:, None]).to(o_ptr.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -199,13 +219,17 @@ def kv4_decode_attention_triton(
     cpu = on_cpu(q)
     kernel = cpu_kernel(_kv4_decode_attention_kernel) if cpu else _kv4_decode_attention_kernel
     block_t = block_t or (16 if cpu else 64)
+    if not cpu:
+        # bf16/fp16 tl.dot with a reduction side of 16 gave wrong results on the H200 (Triton 3.6, measured):
+        # keep both reduction sides (head_dim tile and position tile) at 32 or more.
+        block_t = max(block_t, 32)
     if splits is None:
         splits = default_splits(b, hkv, s_cap, block_t, sm_count(q.device))
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
     chunk = triton.cdiv(triton.cdiv(max(s_cap, 1), splits), block_t) * block_t
     splits = max(1, triton.cdiv(s_cap, chunk))
-    dp = next_pow2(d)
+    dp = next_pow2(d, floor=32 if cpu else 64)  # half-width (even/odd) dots of at least 16 / 32
     if splits > 1:
         part = torch.empty(b, hq, splits, dp, dtype=torch.float32, device=q.device)
         ml = torch.empty(b, hq, splits, 2, dtype=torch.float32, device=q.device)
