@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -16,6 +18,9 @@ from .calib.loop import calibrate, needs_data, reparameterize
 from .core.spec import QuantConfig, TransformConfig
 from .models.model import ModelWeights
 from .presets import method_config
+
+if TYPE_CHECKING:
+    from .models.real import RealModel
 
 log = logging.getLogger(__name__)
 
@@ -77,3 +82,50 @@ def from_transforms(weights: ModelWeights, flats: list[dict[str, Tensor]], qcfg:
                     tcfg: TransformConfig, method: str) -> QuantizedModel:
     """Rebuild a fake-quantized (RTN-weight) model from saved transforms."""
     return QuantizedModel(reparameterize(weights, flats, qcfg, tcfg), flats, qcfg, tcfg, method, 0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    """Text generation settings, validated before any model is loaded.
+
+    Attributes:
+        max_new_tokens: tokens to generate (>= 1).
+        temperature: 0 is greedy; > 0 samples.
+        top_p: nucleus mass in (0, 1] (1 keeps the whole distribution).
+        seed: sampling seed.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {self.top_p!r}; "
+                             "use temperature 0 for greedy decoding")
+
+
+def fp_model(weights: ModelWeights, device: torch.device | str = "cpu", *,
+             dtype: torch.dtype | None = None) -> RealModel:
+    """The unquantized model on the inference engine (KV cache, streamed ``generate``), for comparisons.
+
+    Args:
+        weights: the model as loaded (:func:`flatquant.models.hf.load`).
+        dtype: compute dtype; default float32 on CPU and bfloat16 on CUDA.
+    """
+    from .models.real import RealConfig, RealModel, RealWeights, layer_from_tensors
+
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cfg = RealConfig(args=weights.args, qcfg=QuantConfig(), dtype=dtype, rope_scaling=weights.rope_scaling,
+                     real_linears=False)
+    layers = tuple(layer_from_tensors({k: v.to(device) for k, v in p.items()}, cfg) for p in weights.layers)
+    top = {k: v.to(device=device, dtype=torch.float32 if k == "rope.inv_freq" else dtype)
+           for k, v in weights.top.items()}
+    return RealModel(RealWeights(cfg=cfg, top=top, layers=layers), compile_decode=False, compile_prefill=False)

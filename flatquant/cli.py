@@ -16,11 +16,19 @@ from pathlib import Path
 import torch
 
 from . import plot as plot_cmd
-from .api import from_transforms, quantize_model, resolve_device
+from .api import GenerationConfig, fp_model, from_transforms, quantize_model, resolve_device
 from .calib.config import CalibConfig
 from .calib.loop import CalibrationMismatch
-from .data import DEFAULT_CORPUS, DataError, calibration_windows, eval_windows, tokenize_corpus
-from .evaluate import perplexity
+from .data import (
+    DEFAULT_CORPUS,
+    DataError,
+    calibration_windows,
+    check_source,
+    eval_windows,
+    same_local_file,
+    tokenize_corpus,
+)
+from .evaluate import EvalConfig, perplexity, perplexity_from_nlls
 from .export import CheckpointError
 from .io import TransformFileError, load_transforms, save_transforms
 from .lmeval import LMEvalUnavailable
@@ -32,10 +40,11 @@ USER_ERRORS = (ModelLoadError, DataError, TransformFileError, CalibrationMismatc
                ValueError, FileNotFoundError)
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
+def _add_model(p: argparse.ArgumentParser, *, default: str | None = DEFAULT_MODEL) -> None:
+    tail = "default" if default else "default: the model recorded with --transforms, else that one"
+    p.add_argument("--model", default=default,
                    help=f"HF model folder, .gguf file, cached hub id, or {DEFAULT_MODEL!r} (the embedded "
-                        "SmolLM2-135M-Instruct; default)")
+                        f"SmolLM2-135M-Instruct; {tail})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of calibration windows and initial transforms")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging (per-epoch losses)")
@@ -62,7 +71,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 def _add_calib(p: argparse.ArgumentParser, *, nsamples: int = 128, seqlen: int = 2048, epochs: int = 15) -> None:
     g = p.add_argument_group("calibration")
-    g.add_argument("--data", default=DEFAULT_CORPUS, help="calibration corpus (train split); same choices as --eval-data")
+    g.add_argument("--data", default=DEFAULT_CORPUS,
+                   help="calibration corpus (train split); same choices as --eval-data")
     g.add_argument("--nsamples", type=int, default=nsamples, help=f"calibration windows (default {nsamples})")
     g.add_argument("--seqlen", type=int, default=seqlen, help=f"calibration window length (default {seqlen})")
     g.add_argument("--epochs", type=int, default=epochs, help=f"epochs per layer (default {epochs})")
@@ -98,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of the FP model, a data-free method, or saved transforms",
                        description="Evaluate perplexity on non-overlapping windows.")
-    _add_model(e)
+    _add_model(e, default=None)
     e.add_argument("--transforms", type=Path, default=None, help="folder written by `flatquant calibrate`")
     e.add_argument("--method", default="fp", choices=["fp", "rtn", "quarot"],
                    help="without --transforms: fp (default), rtn or quarot (data-free methods)")
@@ -136,21 +146,56 @@ def build_parser() -> argparse.ArgumentParser:
 def quant_config_from_args(a: argparse.Namespace):
     """Preset plus per-flag overrides."""
     base = bits_preset(a.preset)
-    bits = {n: getattr(a, f"{n}_bits") or getattr(base, n).bits for n in ("w", "a", "k", "v", "q")}
+    given = {n: getattr(a, f"{n}_bits") for n in ("w", "a", "k", "v", "q")}
+    for n, b in given.items():
+        if b is not None and not (2 <= b <= 8 or b == 16):
+            raise ValueError(f"--{n}-bits {b}: widths are 2-8, or 16 for 'not quantized'")
+    if a.w_groupsize is not None and a.w_groupsize < 1:
+        raise ValueError(f"--w-groupsize {a.w_groupsize}: a group size must be >= 1 (omit it for per-channel)")
+    bits = {n: getattr(base, n).bits if b is None else b for n, b in given.items()}
     return bits_config(bits["w"], bits["a"], bits["k"], bits["v"], bits["q"], w_asym=a.w_asym, a_asym=a.a_asym,
                        w_group=a.w_groupsize)
 
 
 def calib_config_from_args(a: argparse.Namespace) -> CalibConfig:
-    """CalibConfig from the calibration flags."""
-    return CalibConfig(nsamples=a.nsamples, seqlen=a.seqlen, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                       weight_quantizer=a.weight_quant, amp_dtype=a.amp, shuffle=a.shuffle, seed=a.seed,
-                       compile=a.compile, cuda_graph=a.cuda_graph, recompute=a.recompute)
+    """CalibConfig from the calibration flags (its validation names the flag)."""
+    try:
+        return CalibConfig(nsamples=a.nsamples, seqlen=a.seqlen, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                           weight_quantizer=a.weight_quant, amp_dtype=a.amp, shuffle=a.shuffle, seed=a.seed,
+                           compile=a.compile, cuda_graph=a.cuda_graph, recompute=a.recompute)
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        flag = {"nsamples": "--nsamples", "seqlen": "--seqlen", "epochs": "--epochs", "batch_size": "--batch-size",
+                "lr": "--lr"}.get(field)
+        raise ValueError(f"{flag}: {e}" if flag else str(e)) from None
+
+
+def eval_config_from_args(a: argparse.Namespace) -> EvalConfig:
+    """EvalConfig from the --eval-* flags (validated: window length >= 2, windows >= 1)."""
+    for flag, kw in (("--eval-seqlen", {"seqlen": a.eval_seqlen}), ("--eval-windows", {"windows": a.eval_windows})):
+        try:
+            EvalConfig(**kw)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
+    return EvalConfig(data=a.eval_data, seqlen=a.eval_seqlen, windows=a.eval_windows)
+
+
+def _check_inputs(a: argparse.Namespace, *, calib: bool = False, evaluate: bool = False) -> None:
+    """Every option and input file the command will use, checked before a model is loaded or a layer trained."""
+    if calib:
+        check_source(a.data, "--data")
+    if evaluate:
+        eval_config_from_args(a)
+        check_source(a.eval_data, "--eval-data")
+    if calib and evaluate and same_local_file(a.data, a.eval_data):
+        log.warning("--data and --eval-data are the same file (%s): calibration and evaluation see the same text, "
+                    "so the perplexity is optimistic; pass a held-out file to --eval-data", a.data)
 
 
 def _test_windows(a: argparse.Namespace, tok, bos: int | None):
     """Held-out evaluation windows selected by the --eval-* flags."""
-    return eval_windows(tokenize_corpus(a.eval_data, "test", tok, bos_token_id=bos), a.eval_seqlen, a.eval_windows)
+    ecfg = eval_config_from_args(a)
+    return eval_windows(tokenize_corpus(ecfg.data, "test", tok, bos_token_id=bos), ecfg.seqlen, ecfg.windows)
 
 
 def _calib_windows(a: argparse.Namespace, tok, bos: int | None, ccfg: CalibConfig):
@@ -186,6 +231,7 @@ def _weight_quants(a: argparse.Namespace) -> list[str]:
 
 def _run_matrix(a: argparse.Namespace, methods: list[str], presets: list[str]) -> list[dict]:
     wqs = _weight_quants(a)  # bad input fails before the model loads
+    _check_inputs(a, calib=any(m in ("smoothquant", "flatquant") for m in methods) or "gptq" in wqs, evaluate=True)
     device = resolve_device(a.device)
     weights, tok = load(a.model)
     bos = weights.args.bos_token_id
@@ -224,7 +270,7 @@ def _run_matrix(a: argparse.Namespace, methods: list[str], presets: list[str]) -
                             workdir=out / f"{method}-{preset}")
         if qm.flats:
             save_transforms(out / f"{method}-{preset}", qm.flats, args=weights.args, qcfg=qcfg, tcfg=qm.tcfg,
-                            ccfg=ccfg, method=method)
+                            ccfg=ccfg, method=method, extra={"source_model": _model_record(a.model)})
         t0 = time.time()
         ppl = perplexity(qm.weights, windows, qm.qcfg, device=device, desc=f"PPL {method} {bits}")
         row = {"method": method, "bits": bits, "weights": weights_col, "ppl": ppl,
@@ -242,18 +288,19 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     device = resolve_device(a.device)
     qcfg = quant_config_from_args(a)
     ccfg = calib_config_from_args(a)
+    _check_inputs(a, calib=True, evaluate=a.eval)
     weights, tok = load(a.model)
     bos = weights.args.bos_token_id
     calib = _calib_windows(a, tok, bos, ccfg)
+    windows = _test_windows(a, tok, bos) if a.eval else None  # read now: a bad file fails before training
     qm = quantize_model(weights, method=a.method, qcfg=qcfg, ccfg=ccfg, calib_tokens=calib, device=device,
                         workdir=a.out)
     path = save_transforms(a.out, qm.flats, args=weights.args, qcfg=qcfg, tcfg=qm.tcfg, ccfg=ccfg, method=a.method,
-                           extra={"source_model": a.model})
+                           extra={"source_model": _model_record(a.model)})
     log.info("saved transforms to %s (calibration %.1fs)", path, qm.calib_seconds)
     row = {"method": a.method, "bits": qcfg.tag, "ppl": float("nan"), "calib_seconds": qm.calib_seconds,
            "eval_seconds": 0.0, "key": ""}
     if a.eval:
-        windows = _test_windows(a, tok, bos)
         t0 = time.time()
         row["ppl"] = perplexity(qm.weights, windows, qcfg, device=device)
         row["eval_seconds"] = time.time() - t0
@@ -266,13 +313,15 @@ def cmd_eval(a: argparse.Namespace) -> int:
     """``flatquant eval``."""
     if a.real or a.checkpoint is not None:
         return cmd_eval_real(a)
+    _check_inputs(a, evaluate=True)
+    qcfg = quant_config_from_args(a) if a.transforms is None else None
     device = resolve_device(a.device)
-    weights, tok = load(a.model)
     if a.transforms is not None:
+        weights, tok = _load_for_transforms(a.transforms, a.model)
         flats, qcfg, tcfg, meta = load_transforms(a.transforms, weights.args)
         qm = from_transforms(weights, flats, qcfg, tcfg, meta["method"])
     else:
-        qcfg = quant_config_from_args(a)
+        weights, tok = load(a.model or DEFAULT_MODEL)
         qm = quantize_model(weights, method=a.method, qcfg=qcfg, ccfg=CalibConfig(), calib_tokens=None, device=device)
     windows = _test_windows(a, tok, weights.args.bos_token_id)
     t0 = time.time()
@@ -326,13 +375,18 @@ def _add_real_parsers(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--shard-gb", type=float, default=4.0, help="maximum shard size in GB (default 4)")
     x.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
-    g = sub.add_parser("generate", help="stream text from a real checkpoint",
-                       description="Greedy (temperature 0) or nucleus sampling from a real quantized checkpoint.")
-    g.add_argument("--checkpoint", required=True, type=Path, help="folder written by `flatquant export`")
+    g = sub.add_parser("generate", help="stream text from a real checkpoint (or the unquantized model)",
+                       description="Greedy (temperature 0) or nucleus sampling from a real quantized checkpoint, "
+                                   "or from the unquantized model with --model and no --checkpoint.")
+    g.add_argument("--checkpoint", type=Path, default=None, help="folder written by `flatquant export`")
+    g.add_argument("--model", default=None,
+                   help="without --checkpoint: generate with this unquantized model (HF folder, .gguf file, cached "
+                        f"hub id or {DEFAULT_MODEL!r}); with --checkpoint: its tokenizer is used when the checkpoint "
+                        "has none")
     g.add_argument("--prompt", required=True, help="prompt text")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -344,7 +398,9 @@ def _add_real_parsers(sub: argparse._SubParsersAction) -> None:
     src = lm.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="real checkpoint folder (real path)")
     src.add_argument("--transforms", type=Path, help="transforms folder (fake path; needs the model)")
-    lm.add_argument("--model", default=None, help="model for --transforms (default: recorded in transforms.json)")
+    lm.add_argument("--model", default=None,
+                    help="model for --transforms (default: recorded in transforms.json); with --checkpoint: its "
+                         "tokenizer is used when the checkpoint has none")
     lm.add_argument("--tasks", default="flatquant_cloze",
                     help="comma-separated lm-eval task names (default flatquant_cloze)")
     lm.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
@@ -358,19 +414,48 @@ def _add_real_parsers(sub: argparse._SubParsersAction) -> None:
     lm.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
 
+def _model_record(model: str) -> str:
+    """How a model is recorded with its transforms: an absolute path for a local one, else as given."""
+    p = Path(model).expanduser()
+    return str(p.resolve()) if p.exists() else model
+
+
 def _source_model(transforms: Path, given: str | None) -> str:
+    """``--model`` when given, else the model recorded with the transforms, else the default model."""
     if given:
         return given
-    meta = json.loads((Path(transforms) / "transforms.json").read_text()) if (Path(transforms) /
-                                                                            "transforms.json").is_file() else {}
-    return meta.get("source_model") or DEFAULT_MODEL
+    folder = Path(transforms) if Path(transforms).is_dir() else Path(transforms).parent
+    jpath = folder / "transforms.json"
+    if not jpath.is_file():
+        raise TransformFileError(f"no transforms.json in {folder} (pass a folder written by `flatquant calibrate`)")
+    try:
+        meta = json.loads(jpath.read_text())
+    except json.JSONDecodeError as e:
+        raise TransformFileError(f"{jpath} is not valid JSON: {e}") from None
+    recorded = meta.get("source_model") if isinstance(meta, dict) else None
+    if recorded:
+        log.info("model %s (recorded in %s; --model overrides it)", recorded, jpath)
+    return recorded or DEFAULT_MODEL
+
+
+def _load_for_transforms(transforms: Path, given: str | None):
+    """``load`` of the model the transforms were calibrated on (``--model`` overrides the recorded one)."""
+    source = _source_model(transforms, given)
+    try:
+        return load(source)
+    except ModelLoadError as e:
+        if given:
+            raise
+        raise ModelLoadError(f"{e} (the model recorded with {transforms}; pass --model to use another)") from None
 
 
 def cmd_export(a: argparse.Namespace) -> int:
     """``flatquant export``."""
     from .export import export_checkpoint
 
-    weights, tok = load(_source_model(a.transforms, a.model))
+    if not a.shard_gb > 0 or a.shard_gb == float("inf"):
+        raise ValueError(f"--shard-gb {a.shard_gb}: the shard size must be a positive number of GB")
+    weights, tok = _load_for_transforms(a.transforms, a.model)
     flats, qcfg, tcfg, meta = load_transforms(a.transforms, weights.args)
     dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
     path = export_checkpoint(weights, flats, qcfg, tcfg, a.out, method=meta.get("method", "flatquant"),
@@ -380,28 +465,47 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-def _load_real(checkpoint: Path, device: str):
+def _load_real(checkpoint: Path, device: str, model: str | None = None):
+    """``(real model, tokenizer, device)``; the tokenizer comes from ``model`` when the checkpoint has none."""
     from .export import load_checkpoint, load_tokenizer
 
     dev = resolve_device(device)
-    return load_checkpoint(checkpoint, dev), load_tokenizer(checkpoint), dev
+    real = load_checkpoint(checkpoint, dev)
+    if model is not None and not (Path(checkpoint) / "tokenizer").is_dir():
+        log.info("%s holds no tokenizer: using the one of %s", checkpoint, model)
+        return real, load(model)[1], dev
+    try:
+        return real, load_tokenizer(checkpoint), dev
+    except CheckpointError:
+        raise CheckpointError(f"{checkpoint} holds no tokenizer; pass --model with the model it was exported from "
+                              "(its tokenizer is used)") from None
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    """``flatquant generate``: stream tokens as they are produced."""
-    model, tok, dev = _load_real(a.checkpoint, a.device)
+    """``flatquant generate``: stream tokens as they are produced (the unquantized model without --checkpoint)."""
+    gcfg = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+    if a.checkpoint is None and a.model is None:
+        raise ValueError("generate needs --checkpoint CKPT (a folder written by `flatquant export`) or --model M "
+                         "(the unquantized model)")
+    if a.checkpoint is None:
+        dev = resolve_device(a.device)
+        weights, tok = load(a.model)
+        model = fp_model(weights, dev)
+        log.info("generating with the unquantized model %s (%s)", a.model, model.cfg.dtype)
+    else:
+        model, tok, dev = _load_real(a.checkpoint, a.device, a.model)
     text = a.prompt
     if a.chat:
         text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False,
                                        add_generation_prompt=True)
     ids = tok(text, return_tensors="pt").input_ids.to(dev)
-    gen = torch.Generator(device=dev).manual_seed(a.seed)
+    gen = torch.Generator(device=dev).manual_seed(gcfg.seed)
     out: list[int] = []
     shown = ""
     sys.stdout.write(a.prompt + ("\n" if a.chat else ""))
     sys.stdout.flush()
     t0 = time.time()
-    for nxt in model.generate(ids, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+    for nxt in model.generate(ids, gcfg.max_new_tokens, temperature=gcfg.temperature, top_p=gcfg.top_p,
                               eos_token_id=tok.eos_token_id, generator=gen):
         tid = int(nxt[0])
         if tid == tok.eos_token_id:
@@ -419,16 +523,15 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 def cmd_eval_real(a: argparse.Namespace) -> int:
     """``flatquant eval --real --checkpoint CKPT``: perplexity on the real path."""
-    import math
-
     from .models.real import window_nlls
 
     if a.checkpoint is None:
         raise ValueError("--real needs --checkpoint (a folder written by `flatquant export`)")
-    model, tok, _ = _load_real(a.checkpoint, a.device)
+    _check_inputs(a, evaluate=True)
+    model, tok, _ = _load_real(a.checkpoint, a.device, a.model)
     windows = _test_windows(a, tok, model.cfg.args.bos_token_id)
     t0 = time.time()
-    ppl = math.exp(window_nlls(model, windows).mean().item())
+    ppl = perplexity_from_nlls(window_nlls(model, windows), "real-path perplexity")
     row = {"method": "real", "bits": model.cfg.qcfg.tag, "ppl": ppl, "calib_seconds": 0.0,
            "eval_seconds": time.time() - t0, "key": ""}
     if a.out is not None:
@@ -445,11 +548,15 @@ def cmd_lm_eval(a: argparse.Namespace) -> int:
     from .lmeval import run_lm_eval
     from .models.hf_real import FakeModel, FlatQuantForCausalLM
 
+    for flag, value, low in (("--limit", a.limit, 1), ("--batch-size", a.batch_size, 1),
+                             ("--num-fewshot", a.num_fewshot, 0), ("--cloze-docs", a.cloze_docs, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} {value}: must be >= {low}")
     if a.checkpoint is not None:
-        model, tok, _ = _load_real(a.checkpoint, a.device)
+        model, tok, _ = _load_real(a.checkpoint, a.device, a.model)
     else:
         device = resolve_device(a.device)
-        weights, tok = load(_source_model(a.transforms, a.model))
+        weights, tok = _load_for_transforms(a.transforms, a.model)
         flats, qcfg, tcfg, meta = load_transforms(a.transforms, weights.args)
         model = FakeModel(from_transforms(weights, flats, qcfg, tcfg, meta["method"]).weights.to(device), qcfg)
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]

@@ -185,3 +185,193 @@ def test_compare_gptq_rows_share_the_calibration(tiny):
                    ("rtn", "w4a16", "gptq"), ("flatquant", "w4a16", "gptq")]
     assert r.stderr.count("resumed from") == 4  # GPTQ rows reuse both layers of the RTN rows' calibrations
     assert rows[2]["ppl"] != rows[0]["ppl"]
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny, tmp_path_factory):
+    """Transforms calibrated (in process) on the tiny model, and a checkpoint exported from them."""
+    import os
+
+    from flatquant.cli import main
+
+    root, folder, data = tiny
+    work = tmp_path_factory.mktemp("calibrated")
+    old = os.environ.get("FLATQUANT_CACHE")
+    os.environ["FLATQUANT_CACHE"] = str(root / "c")
+    try:
+        assert main(["calibrate", "--model", str(folder), "--device", "cpu", "--data", str(data), "--nsamples", "4",
+                     "--seqlen", "32", "--epochs", "1", "--out", str(work / "tr")]) == 0
+        assert main(["export", "--transforms", str(work / "tr"), "--out", str(work / "ck")]) == 0
+    finally:
+        if old is None:
+            os.environ.pop("FLATQUANT_CACHE")
+        else:
+            os.environ["FLATQUANT_CACHE"] = old
+    return work / "tr", work / "ck"
+
+
+def _main_error(argv: list[str], capsys) -> str:
+    """Run the CLI in process; it must fail with exit 2 and exactly one error line (returned)."""
+    from flatquant.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [x for x in err.splitlines() if x.startswith("flatquant: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--method", "rtn", "--w-bits", "0"], "--w-bits 0: widths are 2-8, or 16"),
+    (["eval", "--method", "rtn", "--a-bits", "9"], "--a-bits 9: widths are 2-8, or 16"),
+    (["eval", "--method", "rtn", "--w-groupsize", "0"], "--w-groupsize 0: a group size must be >= 1"),
+    (["eval", "--eval-seqlen", "1"], "--eval-seqlen: the evaluation window length must be >= 2 tokens, got 1"),
+    (["eval", "--eval-windows", "0"], "--eval-windows: the number of evaluation windows must be >= 1"),
+    (["eval", "--real", "--checkpoint", "ck", "--eval-windows", "0"], "--eval-windows"),
+    (["calibrate", "--seqlen", "1", "--out", "o"], "--seqlen: seqlen must be an integer >= 2, got 1"),
+    (["calibrate", "--lr", "nan", "--out", "o"], "--lr: lr must be a finite number > 0, got nan"),
+    (["calibrate", "--lr", "inf", "--out", "o"], "--lr: lr must be a finite number > 0, got inf"),
+    (["calibrate", "--epochs", "-1", "--out", "o"], "--epochs: epochs must be an integer >= 0"),
+    (["calibrate", "--out", "o", "--eval", "--eval-data", "missing.txt"], "--eval-data: data file missing.txt does "
+                                                                          "not exist"),
+    (["calibrate", "--out", "o", "--data", "missing.jsonl"], "--data: data file missing.jsonl does not exist"),
+    (["compare", "--methods", "flatquant", "--out", "o", "--data", "nope"], "--data: unknown data source 'nope'"),
+    (["generate", "--model", "m", "--prompt", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["generate", "--model", "m", "--prompt", "x", "--temperature", "-1"], "temperature must be a finite number"),
+    (["generate", "--model", "m", "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    (["generate", "--prompt", "x"], "generate needs --checkpoint CKPT"),
+    (["export", "--transforms", "t", "--out", "o", "--shard-gb", "0"], "--shard-gb 0"),
+    (["lm-eval", "--checkpoint", "ck", "--limit", "0"], "--limit 0: must be >= 1"),
+])
+def test_bad_options_are_refused_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
+    """Each is refused in one line with exit 2, before the (here missing) model or checkpoint is even looked at."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLATQUANT_CACHE", str(tmp_path / "c"))
+    model = [] if argv[0] in ("generate", "export", "lm-eval") else ["--model", str(tmp_path / "no-model")]
+    line = _main_error([*argv, *model, "--device", "cpu"] if argv[0] != "export" else argv, capsys)
+    assert message in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_eval_data_fails_before_calibration(tiny, tmp_path, monkeypatch, capsys):
+    root, folder, data = tiny
+    monkeypatch.setenv("FLATQUANT_CACHE", str(root / "c"))
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xd0\x9f\xd1\x80\xff\xfe\x00 text")
+    line = _main_error(["calibrate", "--model", str(folder), "--device", "cpu", "--data", str(data), "--nsamples", "4",
+                        "--seqlen", "32", "--epochs", "1", "--out", str(tmp_path / "o"), "--eval", "--eval-data",
+                        str(binary)], capsys)
+    assert str(binary) in line and "not UTF-8 text" in line
+    assert not (tmp_path / "o" / "layers").exists() or not any((tmp_path / "o" / "layers").iterdir())
+    line = _main_error(["eval", "--model", str(folder), "--device", "cpu", "--eval-data", str(binary)], capsys)
+    assert str(binary) in line
+
+
+def test_same_file_for_calibration_and_evaluation_warns(tiny, tmp_path, monkeypatch, capsys, caplog):
+    root, folder, data = tiny
+    monkeypatch.setenv("FLATQUANT_CACHE", str(root / "c"))
+    other = tmp_path / "held_out.txt"
+    other.write_text("held out text")
+    common = ["calibrate", "--model", str(tmp_path / "no-model"), "--device", "cpu", "--out", str(tmp_path / "o"),
+              "--data", str(data), "--eval"]
+    with caplog.at_level("WARNING"):
+        _main_error([*common, "--eval-data", str(other)], capsys)  # then fails on the missing model
+        assert "same file" not in caplog.text
+        line = _main_error([*common, "--eval-data", str(Path(data).parent / "." / Path(data).name)], capsys)
+    assert "no-model" in line
+    assert "--data and --eval-data are the same file" in caplog.text
+
+
+def test_eval_transforms_uses_the_recorded_model(tiny, calibrated, tmp_path, monkeypatch, capsys):
+    from flatquant.cli import main
+
+    root, folder, data = tiny
+    tr, _ = calibrated
+    monkeypatch.setenv("FLATQUANT_CACHE", str(root / "c"))
+    monkeypatch.chdir(tmp_path)  # the recorded path is absolute
+    ev = ["eval", "--device", "cpu", "--transforms", str(tr), "--eval-data", str(data), "--eval-seqlen", "64"]
+    assert main([*ev, "--out", str(tmp_path / "a")]) == 0  # no --model: the recorded one, not smollm2-135m
+    assert main([*ev, "--model", str(folder), "--out", str(tmp_path / "b")]) == 0
+    ppl = [json.loads((tmp_path / x / "results.json").read_text())["rows"][0]["ppl"] for x in "ab"]
+    assert ppl[0] == ppl[1]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    meta = json.loads((tr / "transforms.json").read_text())
+    assert meta["source_model"] == str(folder.resolve())
+    (moved / "transforms.json").write_text(json.dumps({**meta, "source_model": str(tmp_path / "gone")}))
+    (moved / "transforms.safetensors").write_bytes((tr / "transforms.safetensors").read_bytes())
+    line = _main_error(["eval", "--device", "cpu", "--transforms", str(moved)], capsys)
+    assert "gone" in line and "pass --model" in line
+
+
+def test_generate_without_checkpoint_runs_the_fp_model(tiny, monkeypatch, capsys):
+    import torch
+
+    from flatquant.cli import main
+    from flatquant.models.hf import load
+    from flatquant.models.model import forward
+
+    root, folder, data = tiny
+    monkeypatch.setenv("FLATQUANT_CACHE", str(root / "c"))
+    capsys.readouterr()
+    assert main(["generate", "--model", str(folder), "--prompt", "The quick", "--max-new-tokens", "6",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    w, tok = load(str(folder))
+    ids = tok("The quick", return_tensors="pt").input_ids
+    new: list[int] = []
+    for _ in range(6):  # greedy with the functional FP forward, no cache
+        nxt = int(forward(w, torch.cat([ids, torch.tensor([new], dtype=torch.long)], 1))[0, -1].argmax())
+        if nxt == tok.eos_token_id:
+            break
+        new.append(nxt)
+    assert out == "The quick" + tok.decode(new, skip_special_tokens=True) + "\n"
+
+
+def test_missing_tokenizer_hint_works_for_generate(tiny, calibrated, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from flatquant.cli import main
+
+    root, folder, data = tiny
+    _, ck = calibrated
+    monkeypatch.setenv("FLATQUANT_CACHE", str(root / "c"))
+    bare = tmp_path / "bare"
+    shutil.copytree(ck, bare)
+    shutil.rmtree(bare / "tokenizer")
+    gen = ["generate", "--checkpoint", str(bare), "--prompt", "The quick", "--max-new-tokens", "3", "--device", "cpu"]
+    line = _main_error(gen, capsys)
+    assert "holds no tokenizer" in line and "pass --model" in line
+    assert main([*gen, "--model", str(folder)]) == 0  # the hint works
+    assert capsys.readouterr().out.startswith("The quick")
+
+
+def test_nan_perplexity_is_an_error(tiny, calibrated, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root, folder, data = tiny
+    tr, _ = calibrated
+    monkeypatch.setenv("FLATQUANT_CACHE", str(root / "c"))
+    bad = tmp_path / "nan"
+    shutil.copytree(tr, bad)
+    t = load_file(str(bad / "transforms.safetensors"))
+    t["layers.1.down_trans.diag"] = t["layers.1.down_trans.diag"] * float("nan")
+    save_file(t, str(bad / "transforms.safetensors"))
+    line = _main_error(["eval", "--device", "cpu", "--transforms", str(bad), "--eval-data", str(data),
+                        "--eval-seqlen", "64"], capsys)
+    assert "non-finite loss" in line
+
+
+def test_truncated_gguf_is_named(tiny, tmp_path, monkeypatch, capsys):
+    from tests.test_validation import write_tiny_gguf
+
+    monkeypatch.setenv("FLATQUANT_CACHE", str(tmp_path / "c"))
+    good = write_tiny_gguf(tmp_path / "tiny.gguf").read_bytes()
+    cut = tmp_path / "truncated.gguf"
+    cut.write_bytes(good[: len(good) // 2])
+    line = _main_error(["eval", "--model", str(cut), "--device", "cpu"], capsys)
+    assert f"{cut} is truncated or corrupt" in line
