@@ -371,7 +371,9 @@ def _add_real_parsers(sub: argparse._SubParsersAction) -> None:
                         f"else {DEFAULT_MODEL!r})")
     x.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
     x.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="dtype of norms/embeddings/biases (auto: the model's own dtype)")
+                   help="dtype of norms/embeddings/biases (auto: the model's declared dtype, else bfloat16)")
+    x.add_argument("--embed-bits", type=int, choices=(8, 16), default=16,
+                   help="16: embedding/LM head in --dtype (default); 8: per-row int8 + scale, dequantized at load")
     x.add_argument("--shard-gb", type=float, default=4.0, help="maximum shard size in GB (default 4)")
     x.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
@@ -451,15 +453,16 @@ def _load_for_transforms(transforms: Path, given: str | None):
 
 def cmd_export(a: argparse.Namespace) -> int:
     """``flatquant export``."""
-    from .export import export_checkpoint
+    from .export import declared_dtype, export_checkpoint
 
     if not a.shard_gb > 0 or a.shard_gb == float("inf"):
         raise ValueError(f"--shard-gb {a.shard_gb}: the shard size must be a positive number of GB")
     weights, tok = _load_for_transforms(a.transforms, a.model)
     flats, qcfg, tcfg, meta = load_transforms(a.transforms, weights.args)
-    dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
+    dtype = declared_dtype(weights) if a.dtype == "auto" else getattr(torch, a.dtype)
     path = export_checkpoint(weights, flats, qcfg, tcfg, a.out, method=meta.get("method", "flatquant"),
                              tokenizer=tok, shard_bytes=int(a.shard_gb * 1e9), dtype=dtype,
+                             embed_bits=None if a.embed_bits == 16 else a.embed_bits,
                              extra={"source_model": meta.get("source_model"), "transforms": str(a.transforms)})
     print(f"wrote {path.parent} ({qcfg.tag}, {json.loads(path.read_text())['backend']} backend)")
     return 0
