@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -468,6 +468,26 @@ def decode_layer(layer: RealLayer, x: Tensor, rope: Rope, kv: LayerKV, cfg: Real
                       causal_from_zero=False, k_packed=kv.k.dtype == torch.uint8, v_packed=kv.v.dtype == torch.uint8)
 
 
+class CompiledOrEager:
+    """``torch.compile(fn, fullgraph=True)`` that falls back to ``fn`` for good, with one logged warning, once
+    dynamo's recompile limit is hit (many models or shapes in one process), instead of failing the call."""
+
+    def __init__(self, fn: Callable[..., Tensor], *, dynamic: bool | None = None) -> None:
+        self.fn = fn
+        self.compiled: Callable[..., Tensor] | None = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+
+    def __call__(self, *args: object, **kwargs: object) -> Tensor:
+        """``fn(*args, **kwargs)``, compiled while dynamo allows."""
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                log.warning("%s: torch.compile recompile limit reached; running it uncompiled from now on "
+                            "(raise torch._dynamo.config.cache_size_limit to keep it compiled)", self.fn.__name__)
+                self.compiled = None
+        return self.fn(*args, **kwargs)
+
+
 class RealModel:
     """Inference over :class:`RealWeights`: prefill/decode with a :class:`KVCache`, logits out.
 
@@ -484,9 +504,9 @@ class RealModel:
         self.weights = weights
         self.cfg = weights.cfg
         cuda = weights.device.type == "cuda"
-        self._decode_layer = torch.compile(decode_layer, fullgraph=True, dynamic=False) \
+        self._decode_layer = CompiledOrEager(decode_layer, dynamic=False) \
             if (cuda if compile_decode is None else compile_decode) else decode_layer
-        self._prefill_layer = torch.compile(layer_step, fullgraph=True) \
+        self._prefill_layer = CompiledOrEager(layer_step) \
             if (cuda if compile_prefill is None else compile_prefill) else layer_step
 
         self._static: dict[tuple[int, int], KVCache] = {}
