@@ -26,6 +26,7 @@ tensors, and shards whose size or sha256 differ from the config (:class:`Checkpo
 from __future__ import annotations
 
 import ctypes
+import glob
 import hashlib
 import json
 import logging
@@ -230,7 +231,7 @@ def _check_target(out_dir: Path) -> None:
 
 def _remove_stale_partials(out_dir: Path) -> None:
     """Remove hidden export folders beside ``out_dir`` left by exports whose process is gone (killed)."""
-    for p in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+    for p in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.partial-*"):
         try:
             pid = int(p.name.rsplit("-", 2)[-2])
             os.kill(pid, 0)

@@ -363,6 +363,16 @@ def test_reexport_replaces_and_cleans_up(exported, tmp_path: Path) -> None:
     load_checkpoint(ck)
 
 
+def test_exchange_swaps_folders_or_touches_nothing(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    swapped = export_mod._exchange(a, b)
+    assert ((a / "x").read_text(), (b / "x").read_text()) == (("b", "a") if swapped else ("a", "b"))
+
+
 def test_refuses_to_replace_other_folder(exported, tmp_path: Path) -> None:
     w, flats, _ = exported
     (tmp_path / "notes.txt").write_text("mine")
