@@ -18,7 +18,7 @@ import torch
 from . import plot as plot_cmd
 from .api import GenerationConfig, fp_model, from_transforms, quantize_model, resolve_device
 from .calib.config import CalibConfig
-from .calib.loop import CalibrationMismatch
+from .calib.loop import CalibrationMismatch, needs_data
 from .data import (
     DEFAULT_CORPUS,
     DataError,
@@ -33,7 +33,7 @@ from .export import CheckpointError
 from .io import TransformFileError, load_transforms, save_transforms
 from .lmeval import LMEvalUnavailable
 from .models.hf import DEFAULT_MODEL, ModelLoadError, load
-from .presets import BIT_PRESETS, METHODS, bits_config, bits_preset
+from .presets import BIT_PRESETS, METHODS, bits_config, bits_preset, method_config
 
 log = logging.getLogger("flatquant")
 USER_ERRORS = (ModelLoadError, DataError, TransformFileError, CalibrationMismatch, CheckpointError, LMEvalUnavailable,
@@ -284,29 +284,45 @@ def _run_matrix(a: argparse.Namespace, methods: list[str], presets: list[str]) -
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
-    """``flatquant calibrate``."""
-    device = resolve_device(a.device)
+    """``flatquant calibrate``; under ``torchrun`` the layers are split between the processes."""
+    from .calib.distributed import calibrate_parallel, collective_lock, init_distributed
+
     qcfg = quant_config_from_args(a)
     ccfg = calib_config_from_args(a)
     _check_inputs(a, calib=True, evaluate=a.eval)
-    weights, tok = load(a.model)
-    bos = weights.args.bos_token_id
-    calib = _calib_windows(a, tok, bos, ccfg)
-    windows = _test_windows(a, tok, bos) if a.eval else None  # read now: a bad file fails before training
-    qm = quantize_model(weights, method=a.method, qcfg=qcfg, ccfg=ccfg, calib_tokens=calib, device=device,
-                        workdir=a.out)
-    path = save_transforms(a.out, qm.flats, args=weights.args, qcfg=qcfg, tcfg=qm.tcfg, ccfg=ccfg, method=a.method,
-                           extra={"source_model": _model_record(a.model)})
-    log.info("saved transforms to %s (calibration %.1fs)", path, qm.calib_seconds)
-    row = {"method": a.method, "bits": qcfg.tag, "ppl": float("nan"), "calib_seconds": qm.calib_seconds,
-           "eval_seconds": 0.0, "key": ""}
-    if a.eval:
-        t0 = time.time()
-        row["ppl"] = perplexity(qm.weights, windows, qcfg, device=device)
-        row["eval_seconds"] = time.time() - t0
-    _write_results(a.out, [row], {"command": " ".join(sys.argv), "calib": ccfg.to_dict()})
-    print(_table([row]))
-    return 0
+    rank, world, device = init_distributed(resolve_device(a.device))
+    try:
+        with collective_lock(a.out, device):
+            weights, tok = load(a.model)
+            bos = weights.args.bos_token_id
+            calib = _calib_windows(a, tok, bos, ccfg)
+            windows = _test_windows(a, tok, bos) if a.eval else None  # read now: a bad file fails before training
+            tcfg = method_config(a.method)
+            t0 = time.time()
+            flats, prov = calibrate_parallel(weights, calib if needs_data(tcfg) else None, qcfg, tcfg, ccfg,
+                                             device=device, workdir=a.out)
+            calib_seconds = time.time() - t0
+            if rank != 0:
+                return 0
+            path = save_transforms(a.out, flats, args=weights.args, qcfg=qcfg, tcfg=tcfg, ccfg=ccfg, method=a.method,
+                                   extra={"source_model": _model_record(a.model), "calibration": prov})
+            log.info("saved transforms to %s (calibration %.1fs, %d process%s)", path, calib_seconds, world,
+                     "es" if world > 1 else "")
+            row = {"method": a.method, "bits": qcfg.tag, "ppl": float("nan"), "calib_seconds": calib_seconds,
+                   "eval_seconds": 0.0, "key": ""}
+            if a.eval:  # folds (and GPTQ) from the checkpoints just written: no layer is trained again
+                qm = quantize_model(weights, method=a.method, qcfg=qcfg, ccfg=ccfg, calib_tokens=calib,
+                                    device=device, workdir=a.out)
+                t0 = time.time()
+                row["ppl"] = perplexity(qm.weights, windows, qcfg, device=device)
+                row["eval_seconds"] = time.time() - t0
+            _write_results(a.out, [row], {"command": " ".join(sys.argv), "calib": ccfg.to_dict(),
+                                          "world_size": world})
+            print(_table([row]))
+            return 0
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
 
 
 def cmd_eval(a: argparse.Namespace) -> int:

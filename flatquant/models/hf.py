@@ -14,9 +14,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from .args import LINEARS, SUPPORTED_ARCHITECTURES, ModelArgs
+from .lazy import LazyLayers, read_tensors, safetensors_index
 from .model import ModelWeights
 
 log = logging.getLogger(__name__)
@@ -139,30 +141,87 @@ def weights_from_hf(model: torch.nn.Module, args: ModelArgs) -> ModelWeights:
                         rope_scaling=float(getattr(rot, "attention_scaling", 1.0)))
 
 
+def _exact_16bit(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in bf16 or fp16 when that stores it exactly (a dequantized GGUF often is not), else unchanged."""
+    if not t.is_floating_point() or t.element_size() <= 2:
+        return t
+    for dt in (torch.bfloat16, torch.float16):
+        c = t.to(dt)
+        if torch.equal(c.to(t.dtype), t):
+            return c
+    return t
+
+
 def _save_cache(path: Path, w: ModelWeights) -> None:
+    """A conversion cache sharded by layer (``top.safetensors``, ``layers/layer_XXX.safetensors``), each tensor
+    in the smallest of bf16/fp16/fp32 that holds it exactly, so it can be read lazily like an HF folder."""
+    from ..calib.workdir import atomic_save_file, atomic_write_text
+
     path.mkdir(parents=True, exist_ok=True)
-    flat = {f"top.{k}": v.contiguous() for k, v in w.top.items() if not (k == "lm_head" and w.args.tie_embeddings)}
+    top = {k: _exact_16bit(v.contiguous()) for k, v in w.top.items()
+           if k != "rope.inv_freq" and not (k == "lm_head" and w.args.tie_embeddings)}
+    top["rope.inv_freq"] = w.top["rope.inv_freq"].float().contiguous()
+    atomic_save_file(top, path / "top.safetensors")
     for i, p in enumerate(w.layers):
-        flat.update({f"layers.{i}.{k}": v.contiguous() for k, v in p.items()})
-    tmp = path / "weights.safetensors.tmp"
-    save_file(flat, str(tmp))
-    tmp.replace(path / "weights.safetensors")
-    (path / "meta.json").write_text(json.dumps({"args": w.args.to_dict(), "rope_scaling": w.rope_scaling}))
+        atomic_save_file({k: _exact_16bit(v.contiguous()) for k, v in p.items()}, path / "layers" / f"layer_{i:03d}"
+                         ".safetensors")
+    atomic_write_text(path / "meta.json", json.dumps({"args": w.args.to_dict(), "rope_scaling": w.rope_scaling}))
 
 
 def _load_cache(path: Path) -> ModelWeights:
+    """The weights of a conversion cache; the layers are read lazily (:class:`LazyLayers`)."""
     meta = json.loads((path / "meta.json").read_text())
     args = ModelArgs(**meta["args"])
-    flat = load_file(str(path / "weights.safetensors"))
-    top = {k[4:]: v for k, v in flat.items() if k.startswith("top.")}
+    top = load_file(str(path / "top.safetensors"))
     if "lm_head" not in top:
         top["lm_head"] = top["embed"]
-    layers = [{} for _ in range(args.n_layers)]
-    for k, v in flat.items():
-        if k.startswith("layers."):
-            _, i, name = k.split(".", 2)
-            layers[int(i)][name] = v
-    return ModelWeights(args=args, top=top, layers=tuple(layers), rope_scaling=meta["rope_scaling"])
+    files = [path / "layers" / f"layer_{i:03d}.safetensors" for i in range(args.n_layers)]
+    entries = []
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            entries.append(tuple((k, str(f), k) for k in h.keys()))
+    return ModelWeights(args=args, top=top, layers=LazyLayers(tuple(entries)), rope_scaling=meta["rope_scaling"])
+
+
+def rope_from_config(cfg: object) -> tuple[torch.Tensor, float]:
+    """``(inv_freq (head_dim/2,) fp32, attention_scaling)`` of a transformers config, as its model computes them."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # not the modeling code: 220 MB of imports
+
+    params = getattr(cfg, "rope_parameters", None) or {}
+    kind = params.get("rope_type", "default")
+    if kind != "default":
+        inv, scaling = ROPE_INIT_FUNCTIONS[kind](cfg)
+        return inv.float(), float(scaling)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    base = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    return 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim), 1.0
+
+
+def lazy_weights(folder: Path, cfg: object, args: ModelArgs) -> ModelWeights:
+    """A safetensors HF folder (sharded with an index, or not) as :class:`ModelWeights` whose layers are read
+    one at a time when used (:class:`LazyLayers`), in the checkpoint's dtype; only the embeddings, final norm
+    and LM head are read now.
+
+    Raises:
+        ModelLoadError: the files lack the embeddings or layer 0's linears.
+    """
+    index = safetensors_index(Path(folder))
+    need = ["model.embed_tokens.weight", "model.norm.weight"]
+    if any(k not in index for k in need):
+        raise ModelLoadError(f"{folder}: the safetensors files lack {[k for k in need if k not in index]}; "
+                             "is this a Llama-family model?")
+    has_head = "lm_head.weight" in index and not args.tie_embeddings
+    top = read_tensors([("embed", index[need[0]], need[0]), ("final_norm", index[need[1]], need[1])]
+                       + ([("lm_head", index["lm_head.weight"], "lm_head.weight")] if has_head else []))
+    top.setdefault("lm_head", top["embed"])
+    inv, scaling = rope_from_config(cfg)
+    top["rope.inv_freq"] = inv
+    layers = LazyLayers.from_index(index, args.n_layers, _HF_LAYER_NAMES)
+    missing = [n for n in LINEARS if f"{n}.weight" not in {e[0] for e in layers.entries[0]}] if len(layers) else []
+    if missing:
+        raise ModelLoadError(f"checkpoint lacks {missing} in layer 0; is this a Llama-family model?")
+    return ModelWeights(args=args, top=top, layers=layers, rope_scaling=scaling)
 
 
 def load(source: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, use_cache: bool = True):
@@ -187,6 +246,10 @@ def load(source: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, use
         raise ModelLoadError(f"{Path(folder) / gguf} is truncated or corrupt ({type(e).__name__}: {detail}); "
                              "download or copy it again") from None
     args = args_from_config(cfg)
+    if gguf is None and Path(folder).is_dir() and any(Path(folder).glob("*.safetensors")):
+        log.info("reading %s lazily (one layer at a time)", folder)
+        tok = AutoTokenizer.from_pretrained(folder, **local)
+        return lazy_weights(Path(folder), cfg, args).to(dtype=dtype), tok
     cdir = cache_root() / "models" / _fingerprint(folder, gguf)
     if use_cache and (cdir / "complete").is_file():
         log.info("loading cached conversion %s", cdir)

@@ -21,7 +21,8 @@ class ModelWeights:
         args: shapes and constants.
         top: ``embed`` (vocab, hidden), ``final_norm`` (hidden,), ``lm_head`` (vocab, hidden),
             ``rope.inv_freq`` (head_dim/2,).
-        layers: one parameter dict per decoder layer (see :mod:`flatquant.models.layer`).
+        layers: one parameter dict per decoder layer (see :mod:`flatquant.models.layer`): a tuple, or a
+            :class:`flatquant.models.lazy.LazyLayers` that reads each layer from its files when indexed.
         rope_scaling: HF's ``attention_scaling`` factor on cos/sin.
     """
 
@@ -42,10 +43,12 @@ class ModelWeights:
             keep = k == "rope.inv_freq" or not t.is_floating_point()
             return t.to(device=device, dtype=None if keep else dtype)
 
+        lazy_to = getattr(self.layers, "to", None)  # LazyLayers: cast on access, nothing is read now
         return replace(
             self,
             top={k: cast(k, v) for k, v in self.top.items()},
-            layers=tuple({k: cast(k, v) for k, v in p.items()} for p in self.layers),
+            layers=(lazy_to(device, dtype) if lazy_to is not None
+                    else tuple({k: cast(k, v) for k, v in p.items()} for p in self.layers)),
         )
 
     @property

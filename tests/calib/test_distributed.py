@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flatquant.calib.config import CalibConfig
-from flatquant.calib.distributed import assign_layers, calibrate_parallel, launch_cpu
+from flatquant.calib.distributed import FP_PASS_COST, _block_cost, assign_layers, calibrate_parallel, launch_cpu
 from flatquant.calib.loop import calibrate
 from flatquant.presets import bits_preset, method_config
 from tests.helpers import TINY, tiny_model, tokens
@@ -39,6 +39,11 @@ def test_assign_layers_gives_contiguous_balanced_blocks():
     assert assign_layers(range(5), 2) == [[0, 1, 2], [3, 4]]
     assert assign_layers([1, 4, 6], 2) == [[1, 4], [6]]
     assert assign_layers([0], 3) == [[0], [], []]
+    assert [len(b) for b in assign_layers(range(80), 8, fp_cost=0.0)] == [10] * 8
+    blocks = assign_layers(range(80), 8)  # later ranks pay FP forwards through the earlier layers
+    assert sum(blocks, []) == list(range(80)) and [len(b) for b in blocks] == [14, 13, 11, 10, 9, 8, 8, 7]
+    equal_last = _block_cost(list(range(70, 80)), FP_PASS_COST)  # 8 blocks of 10: the last takes 17 layer-times
+    assert max(_block_cost(b, FP_PASS_COST) for b in blocks) < 14.6 < equal_last
     with pytest.raises(ValueError, match="at least 1"):
         assign_layers([0], 0)
 

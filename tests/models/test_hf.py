@@ -61,17 +61,66 @@ def test_missing_path_is_a_clear_error(tmp_path):
         hf.resolve_source(str(tmp_path / "x.bin"))
 
 
-def test_local_folder_load_and_cache_roundtrip(tmp_path, monkeypatch):
+def test_local_folder_is_read_lazily(tmp_path, monkeypatch):
+    from flatquant.models.lazy import LazyLayers
     from tests.test_cli import make_tiny_hf_folder
 
     monkeypatch.setenv("FLATQUANT_CACHE", str(tmp_path / "cache"))
     folder = make_tiny_hf_folder(tmp_path / "model")
     w1, tok = hf.load(str(folder))
-    w2, _ = hf.load(str(folder))  # from the safetensors cache
-    assert (tmp_path / "cache" / "models").is_dir()
+    w2, _ = hf.load(str(folder))
+    assert isinstance(w1.layers, LazyLayers) and not (tmp_path / "cache").exists()  # no conversion copy
     t = torch.tensor([tok("hello world").input_ids])
     with torch.no_grad():
         torch.testing.assert_close(forward(w1, t), forward(w2, t))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_sharded_bf16_folder_matches_transformers(tmp_path, arch):
+    """A sharded bf16 safetensors folder with its index, read layer by layer in bf16, equals transformers."""
+    from flatquant.models.lazy import LazyLayers
+
+    torch.manual_seed(0)
+    m = _tiny_hf(arch).eval()
+    if arch == "qwen2":
+        for layer in m.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(lin.bias, std=0.5)
+    m = m.to(torch.bfloat16)
+    m.save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    assert (tmp_path / "m" / "model.safetensors.index.json").is_file()
+    cfg = m.config
+    w = hf.lazy_weights(tmp_path / "m", cfg, hf.args_from_config(cfg))
+    assert isinstance(w.layers, LazyLayers) and len({e[1] for layer in w.layers.entries for e in layer}) > 2
+    assert all(v.dtype == torch.bfloat16 for v in w.layers[1].values())  # the checkpoint's dtype at rest
+    assert all(v.dtype == torch.float32 for v in w.to(dtype=torch.float32).layers[1].values())
+    tok = torch.randint(0, 64, (2, 17))
+    with torch.no_grad():
+        ref = m.float()(tok).logits
+        torch.testing.assert_close(forward(w.to(dtype=torch.float32), tok), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_conversion_cache_is_per_layer_and_exact(tmp_path):
+    """The GGUF conversion cache: one file per layer, 16-bit where that is exact, read back lazily and equal."""
+    from safetensors import safe_open
+
+    from flatquant.models.random import random_weights
+    from tests.helpers import TINY
+
+    w = random_weights(TINY, generator=torch.Generator().manual_seed(0))  # fp32 values: not 16-bit exact
+    w = w.with_layers([{k: (v.bfloat16().float() if i == 0 else v) for k, v in p.items()}
+                       for i, p in enumerate(w.layers)])
+    hf._save_cache(tmp_path, w)
+    assert sorted(p.name for p in (tmp_path / "layers").iterdir()) == ["layer_000.safetensors",
+                                                                       "layer_001.safetensors"]
+    with safe_open(str(tmp_path / "layers" / "layer_000.safetensors"), "pt") as f:
+        assert f.get_slice("q_proj.weight").get_dtype() == "BF16"
+    with safe_open(str(tmp_path / "layers" / "layer_001.safetensors"), "pt") as f:
+        assert f.get_slice("q_proj.weight").get_dtype() == "F32"
+    back = hf._load_cache(tmp_path).to(dtype=torch.float32)
+    for a, b in zip(w.layers, back.layers, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(w.top[k], back.top[k]) for k in w.top)
 
 
 @pytest.mark.slow
