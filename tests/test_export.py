@@ -387,3 +387,28 @@ def test_export_into_new_nested_folder(exported, tmp_path: Path) -> None:
     out = tmp_path / "a" / "b"
     path = export_checkpoint(w, flats, W4A4KV4, FLATQUANT, out)
     assert path == out.absolute() / "flatquant_config.json" and os.listdir(tmp_path / "a") == ["b"]
+
+
+def test_cli_export_embed_bits_and_auto_dtype(exported, monkeypatch, tmp_path: Path) -> None:
+    from flatquant import cli
+
+    w, flats, _ = exported
+    monkeypatch.setattr(cli, "_load_for_transforms", lambda transforms, model: (w, None))
+    monkeypatch.setattr(cli, "load_transforms", lambda transforms, args: (flats, W4A4KV4, FLATQUANT, {}))
+    assert cli.main(["export", "--transforms", str(tmp_path), "--out", str(tmp_path / "ck"), "--embed-bits", "8"]) == 0
+    meta = read_config(tmp_path / "ck")
+    assert meta["embed_bits"] == 8 and meta["dtype"] == "bfloat16"  # fp32 weights, nothing declared: bf16
+
+
+@pytest.mark.parametrize("edit", [lambda m: m.pop("shards"), lambda m: m["quant"]["v"].update(bits=8)],
+                         ids=["no_shards", "v_bits"])
+def test_cli_bad_config_one_line(exported, edit, capsys, tmp_path: Path) -> None:
+    from flatquant import cli
+
+    ck = _copy(exported[2], tmp_path / "ck")
+    meta = _config(ck)
+    edit(meta)
+    (ck / "flatquant_config.json").write_text(json.dumps(meta))
+    assert cli.main(["generate", "--checkpoint", str(ck), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flatquant: error: ") and "re-export" in err and "\n" not in err
