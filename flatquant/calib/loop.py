@@ -355,7 +355,8 @@ def _train_layers(
         frozen = {k: v.to(device=device, dtype=torch.float32) for k, v in weights.layers[i].items()}
         inps, _ = fp_layer_pass(frozen, inps, rope, args, ccfg.batch_size, want_stats=False)
     if pending[0]:
-        log.info("FP inputs of layer %d: %d layer forwards in %.1fs", pending[0], pending[0], time.time() - t_fwd)
+        log.info("FP inputs of layer %d: FP passes through %d layers in %.1fs", pending[0], pending[0],
+                 time.time() - t_fwd)
     bar = tqdm(range(pending[0], pending[-1] + 1), desc="calibrating layers", disable=None)
     for i in bar:
         frozen = {k: v.to(device=device, dtype=torch.float32) for k, v in weights.layers[i].items()}

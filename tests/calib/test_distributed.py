@@ -70,3 +70,31 @@ def test_two_processes_are_bit_identical_to_one_and_resume_with_another_world_si
         _assert_identical(single, flats)
         assert prov["layer_ranks"] == [0, 0, 1] and prov["resumed_layers"] == [1]
     assert not (tmp_path / "a" / ".lock").exists() and not (tmp_path / "b" / ".lock").exists()
+
+
+def test_cli_calibrate_under_torchrun_matches_one_process(tmp_path, monkeypatch):
+    """``torchrun --nproc-per-node 2 -m flatquant.cli calibrate`` (gloo on CPU) writes the 1-process transforms."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from flatquant.cli import main
+    from tests.test_cli import TEXT, make_tiny_hf_folder
+
+    monkeypatch.setenv("FLATQUANT_CACHE", str(tmp_path / "cache"))
+    folder = make_tiny_hf_folder(tmp_path / "model")
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    argv = ["calibrate", "--model", str(folder), "--device", "cpu", "--data", str(tmp_path / "corpus.txt"),
+            "--nsamples", "4", "--seqlen", "16", "--epochs", "1", "--batch-size", "2"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "flatquant.cli",
+                        *argv, "--out", str(tmp_path / "w2")], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert main([*argv, "--out", str(tmp_path / "w1")]) == 0
+    one, two = (load_file(str(tmp_path / w / "transforms.safetensors")) for w in ("w1", "w2"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    meta = json.loads((tmp_path / "w2" / "transforms.json").read_text())["calibration"]
+    assert meta["world_size"] == 2 and meta["layer_ranks"] == [0, 1]
