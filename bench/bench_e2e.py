@@ -401,7 +401,7 @@ def measure(runner, args: ModelArgs, device: torch.device, batch: int, prefill: 
         return runner.measure(args, batch, prefill, decode, repeats)
     tokens = _prompt(args, batch, prefill, device)
     max_len = prefill + decode
-    runner.prefill(tokens[:, : min(prefill, 16)], 32)  # warm-up: kernel compilation / autotuning
+    runner.prefill(tokens, max_len)  # warm-up at the timed shape: compilation, autotuning, graph capture
     times = []
     for _ in range(repeats):
         _sync(device)
