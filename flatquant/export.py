@@ -582,7 +582,7 @@ def _top_weight(t: Params, name: str, embed_bits: int | None, dtype: torch.dtype
 
 def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", *, dtype: torch.dtype | None = None,
                     verify: bool = True, expect: ModelArgs | None = None,
-                    compile_decode: bool = False) -> RealModel:
+                    compile_decode: bool | None = None) -> RealModel:
     """Load a checkpoint into a :class:`RealModel` (reference ops on CPU, Triton kernels on CUDA).
 
     Args:

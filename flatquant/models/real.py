@@ -614,6 +614,8 @@ class RealModel:
         b, t = prompt.shape
         cache = self.new_cache(b, t + max_new_tokens)
         logits = self.forward(prompt, cache, last_only=True)[:, -1]
+        # On CUDA every decode step is one CUDA-graph replay (captured after the prefill, before the first token).
+        graph = CUDAGraphDecoder(self, cache) if self.device.type == "cuda" and max_new_tokens > 1 else None
         done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
         for _ in range(max_new_tokens):
             nxt = sample(logits, temperature, top_p, generator)
@@ -622,7 +624,7 @@ class RealModel:
                 done |= nxt == eos_token_id
                 if bool(done.all()):
                     return
-            logits = self.forward(nxt[:, None], cache)[:, -1]
+            logits = graph.step(nxt) if graph is not None else self.forward(nxt[:, None], cache)[:, -1]
 
 
 class CUDAGraphPrefill:
