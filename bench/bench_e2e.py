@@ -443,7 +443,8 @@ def engine_builders(args: ModelArgs, device: torch.device) -> dict[str, Callable
 
     return {
         "real-w4a4kv4": lambda: OursRunner(random_real_model(args, bits_preset("w4a4kv4"), device), graph),
-        "real-w4a4kv4-eager": lambda: OursRunner(random_real_model(args, bits_preset("w4a4kv4"), device, compile=False)),
+        "real-w4a4kv4-eager": lambda: OursRunner(
+            random_real_model(args, bits_preset("w4a4kv4"), device, compile=False)),
         "ours-bf16": lambda: OursRunner(random_bf16_engine(args, device), graph),
         "hf-bf16-static": lambda: HFGenerateRunner(hf_model(args, device), device),
         "torchao-fp8": lambda: ao("fp8"),

@@ -113,7 +113,8 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], *, workdir: Path, 
     if CLOZE_TASK in tasks:
         include = str(write_cloze_task(Path(workdir) / "cloze_task", source=cloze_source, n_docs=cloze_docs))
     tm = TaskManager(include_path=include) if include else TaskManager()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=model.config.max_position_embeddings)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              max_length=model.config.max_position_embeddings)
     res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, num_fewshot=num_fewshot,
                                   log_samples=False, bootstrap_iters=0)
     return {t: {k: float(v) for k, v in r.items() if isinstance(v, (int, float))} for t, r in res["results"].items()}

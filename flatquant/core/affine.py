@@ -55,7 +55,8 @@ def random_hadamard(n: int, *, generator: torch.Generator, dtype: torch.dtype = 
     return random_orthogonal(n, generator=generator, dtype=dtype)
 
 
-def init_factor(kind: str, n: int, *, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+def init_factor(kind: str, n: int, *, generator: torch.Generator,
+                dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """Initial parameters of one ``n×n`` factor.
 
     ``svd`` starts its raw U/V matrices at random orthogonal matrices (as the official code does,

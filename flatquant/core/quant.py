@@ -97,7 +97,8 @@ def quantize(
     """Integer codes (int8), scales and zero points of ``x``; the real path's reference.
 
     Returns:
-        ``codes`` with the shape of ``x`` (int8 symmetric / uint8 asymmetric up to 8 bits), ``scale`` and ``zero`` of shape ``(..., 1)``
+        ``codes`` with the shape of ``x`` (int8 symmetric / uint8 asymmetric up to 8 bits), ``scale`` and ``zero``
+        of shape ``(..., 1)``
         (per group: ``(..., n // group_size, 1)``).
     """
     if not spec.enabled:

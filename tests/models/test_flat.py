@@ -13,7 +13,8 @@ from flatquant.models.random import random_weights
 from flatquant.presets import bits_preset
 
 SHAPES = {
-    "llama-tiny": ModelArgs(vocab_size=32, hidden=48, intermediate=96, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=12),
+    "llama-tiny": ModelArgs(vocab_size=32, hidden=48, intermediate=96, n_layers=1, n_heads=4, n_kv_heads=2,
+                            head_dim=12),
     "smollm2-576": ModelArgs(vocab_size=32, hidden=576, intermediate=1536, n_layers=1, n_heads=9, n_kv_heads=3,
                              head_dim=64),
     "qwen2.5-896": ModelArgs(arch="qwen2", vocab_size=32, hidden=896, intermediate=1536, n_layers=1, n_heads=14,
