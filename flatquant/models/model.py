@@ -43,13 +43,12 @@ class ModelWeights:
             keep = k == "rope.inv_freq" or not t.is_floating_point()
             return t.to(device=device, dtype=None if keep else dtype)
 
-        lazy_to = getattr(self.layers, "to", None)  # LazyLayers: cast on access, nothing is read now
-        return replace(
-            self,
-            top={k: cast(k, v) for k, v in self.top.items()},
-            layers=(lazy_to(device, dtype) if lazy_to is not None
-                    else tuple({k: cast(k, v) for k, v in p.items()} for p in self.layers)),
-        )
+        lazy_to = getattr(self.layers, "to", None)
+        if lazy_to is not None and (device is None or torch.device(device).type == "cpu"):
+            layers = lazy_to(device, dtype)  # LazyLayers stay lazy on the host: cast on access, nothing read now
+        else:  # a whole model on an accelerator is read once (as evaluation needs), not per access
+            layers = tuple({k: cast(k, v) for k, v in p.items()} for p in self.layers)
+        return replace(self, top={k: cast(k, v) for k, v in self.top.items()}, layers=layers)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -46,12 +46,11 @@ def test_graph_replay_equals_eager(amp):
 
 def test_cpu_never_captures_and_on_is_refused():
     auto = replace(CFG, cuda_graph="auto")
-    assert not _use_cuda_graph(auto, torch.device("cpu"), None)
-    assert not _use_cuda_graph(CFG, torch.device("cuda"), None)  # default off
-    assert _use_cuda_graph(auto, torch.device("cuda"), None)
-    assert not _use_cuda_graph(auto, torch.device("cuda"), lambda g, m: (g, m))  # data parallel: eager
+    assert not _use_cuda_graph(auto, torch.device("cpu"))
+    assert not _use_cuda_graph(CFG, torch.device("cuda"))  # default off
+    assert _use_cuda_graph(auto, torch.device("cuda"))
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        _use_cuda_graph(replace(CFG, cuda_graph="on"), torch.device("cpu"), None)
+        _use_cuda_graph(replace(CFG, cuda_graph="on"), torch.device("cpu"))
     with pytest.raises(ValueError, match="cuda_graph"):
         CalibConfig(cuda_graph="yes")
 
@@ -67,8 +66,3 @@ def test_cpu_auto_never_attempts_a_capture():
     captures: list[bool] = []
     _, losses = _train("cpu", "auto", torch.float32, captures)
     assert captures == [] and losses[-1] < losses[0]
-
-
-def test_graph_refused_with_data_parallel_on():
-    with pytest.raises(ValueError, match="cross-process"):
-        _use_cuda_graph(replace(CFG, cuda_graph="on"), torch.device("cuda"), lambda g, m: (g, m))

@@ -81,5 +81,12 @@ def test_lazy_layers_read_on_access_and_slice(tmp_path):
     as32 = lazy.to(dtype=torch.float32)
     assert as32[0]["A"].dtype == torch.float32 and as32[1]["N"].dtype == torch.int64  # integers stay
     assert [set(p) for p in as32] == [{"A"}, {"A", "N"}] and len(as32[0:1]) == 1
+    from flatquant.models.model import ModelWeights
+    from tests.helpers import TINY
+
+    mw = ModelWeights(args=TINY, top={"embed": torch.zeros(2, 2)}, layers=lazy)
+    assert isinstance(mw.to("cpu", torch.float32).layers, LazyLayers)  # stays lazy on the host
+    on_meta = mw.to("meta", torch.float32).layers  # an accelerator gets the whole model once
+    assert isinstance(on_meta, tuple) and on_meta[1]["A"].device.type == "meta"
     assert torch.equal(read_tensors([("v", index["model.layers.0.a"], "model.layers.0.a")])["v"],
                        torch.ones(2, dtype=torch.bfloat16))
