@@ -1,7 +1,9 @@
 """Loading Hugging Face checkpoints (local folder, cached hub id, GGUF file) into :class:`ModelWeights`.
 
-The only module that imports transformers. Converted weights are cached as safetensors so a
-second load takes a fraction of a second.
+The only module that imports transformers. A safetensors folder (sharded with its index, or not) is read
+lazily: its layers are loaded one at a time when used (:class:`flatquant.models.lazy.LazyLayers`), in the
+checkpoint's dtype, with no conversion copy. Other sources (GGUF, ``.bin``, hub ids) are converted once through
+transformers into a per-layer safetensors cache that is then read the same way.
 """
 
 from __future__ import annotations
