@@ -29,6 +29,7 @@ from ..models.layer import Rope, fp_forward_with_absmax, layer_forward
 from ..models.model import ModelWeights, embed, rope_for
 from .config import CalibConfig
 from .graph import capturable_linalg, try_capture
+from .guard import check_layer_finite
 from .optim import adamw_apply, schedule
 from .workdir import atomic_save_file, atomic_write_text, layer_ckpt, load_layer, workdir_lock
 
@@ -376,6 +377,7 @@ def _train_layers(
                                                 generator=gen, amp=amp, desc=f"layer {i}",
                                                 on_capture=captures.append, step_fn=step_fn)
             flat = {k: v.detach().float().cpu().contiguous() for k, v in {**trainable, **fixed}.items()}
+            check_layer_finite(i, losses, flat)  # a NaN/inf layer is an error, never a checkpoint
             if workdir is not None:
                 atomic_save_file(flat, layer_ckpt(workdir, i), metadata={
                     "fingerprint": fp, "losses": json.dumps(losses), "rank": str(rank),

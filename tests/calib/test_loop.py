@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from flatquant.calib.config import CalibConfig
 from flatquant.calib.loop import CalibrationMismatch, calibrate, fp_layer_pass, train_layer
+from flatquant.calib.workdir import layer_ckpt
 from flatquant.models.flat import init_flat_params
 from flatquant.models.model import embed, rope_for
 from flatquant.presets import bits_preset, method_config
@@ -99,3 +102,18 @@ def test_layers_share_one_compiled_step(monkeypatch):
     calibrate(w, tokens(4, 16), bits_preset("w4a4kv4"), method_config("flatquant"), cfg)
     assert TINY.n_layers >= 2
     assert counter.frame_count == 1  # one graph for every layer (a per-layer guard failure would recompile)
+
+
+def test_nan_layer_is_an_error_and_never_saved(tmp_path):
+    """A layer whose calibration loss turns NaN stops the run with NonFiniteError naming it; its checkpoint is not
+    written, the layers before it are."""
+    from flatquant.calib.guard import NonFiniteError
+
+    w = tiny_model(TINY)
+    layers = list(w.layers)
+    layers[1] = {**layers[1], "q_proj.weight": torch.full_like(layers[1]["q_proj.weight"], float("nan"))}
+    w = dataclasses.replace(w, layers=tuple(layers))
+    ccfg = CalibConfig(nsamples=2, seqlen=8, batch_size=2, epochs=1)
+    with pytest.raises(NonFiniteError, match=r"^layer 1"):
+        calibrate(w, tokens(2, 8), bits_preset("w4a4kv4"), method_config("flatquant"), ccfg, workdir=tmp_path)
+    assert layer_ckpt(tmp_path, 0).exists() and not layer_ckpt(tmp_path, 1).exists()
