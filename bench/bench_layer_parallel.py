@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -70,9 +71,15 @@ def main() -> int:
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--compare", nargs=2, type=Path, default=None, metavar=("A", "B"))
+    ap.add_argument("--deterministic", action="store_true",
+                    help="torch.use_deterministic_algorithms (warn only) and a fixed cuBLAS workspace: separates GPU "
+                         "run-to-run nondeterminism from anything layer-parallel does")
     a = ap.parse_args()
     if a.compare:
         return compare(*a.compare)
+    if a.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rank, world, dev = init_distributed(torch.device(a.device))
     shape = ModelArgs(**{**SHAPES[a.shape].to_dict(), "n_layers": a.layers, "vocab_size": 16})
@@ -102,8 +109,8 @@ def main() -> int:
         save_file({f"layers.{i}.{k}": v.contiguous() for i, f in enumerate(flats) for k, v in f.items()},
                   str(out / "transforms.safetensors"))
         res = {"shape": a.shape, "layers": a.layers, "world_size": world, "wall_s": wall, "ranks": ranks,
-               "provenance": prov, "settings": ccfg.to_dict(), "command": " ".join(sys.argv),
-               "env": environment()}
+               "provenance": prov, "settings": ccfg.to_dict(), "deterministic": a.deterministic,
+               "command": " ".join(sys.argv), "env": environment()}
         (out / "bench.json").write_text(json.dumps(res, indent=1))
         print(f"{a.shape} {a.layers} layers, {a.epochs} epochs, {world} process(es): {wall:.1f} s wall; "
               + ", ".join(f"rank {r['rank']} {r['seconds']:.1f} s" + (f" / {r['peak_alloc_gib']:.1f} GiB"
