@@ -41,6 +41,7 @@ from ..core.kron import head_mix, head_transform, kron_transform
 from ..core.quant import fake_quant
 from ..core.spec import QuantConfig, QuantSpec
 from ..ops import kron_quant, kron_quant_multi, kv_quant, pack_int4, w4a4_matmul
+from ..ops import reference as ref
 from ..ops.kv_attention import dequantize_kv_ref, kv4_decode_attention
 from ..ops.matmul import GEMV_MAX_M
 from ..ops.qlinear import QLinearParams, qlinear
@@ -78,6 +79,8 @@ class RealConfig:
         rope_scaling: HF's ``attention_scaling`` on cos/sin.
         real_linears: integer kernels (True) or the fake fallback (False).
         fuse: run q/k/v and gate/up as one transform + quantize and one weight (W4A4; :class:`FusedQLinear`).
+        cpu_codes: on CPU, also keep the W4A4 weight codes unpacked as fp32 (4 bytes per weight, 8x the packed
+            size), so the CPU GEMM does not unpack them on every call (same results; :func:`gemm4`).
     """
 
     args: ModelArgs
@@ -86,6 +89,7 @@ class RealConfig:
     rope_scaling: float = 1.0
     real_linears: bool = True
     fuse: bool = True
+    cpu_codes: bool = True
 
     def __post_init__(self) -> None:
         assert self.dtype in (torch.float32, torch.bfloat16, torch.float16), f"unsupported dtype {self.dtype}"
@@ -133,8 +137,8 @@ class FusedQLinear:
     right: Tensor | None = None  # (n2, n2)
     n1: int = 1
 
-    def __call__(self, x: Tensor) -> list[Tensor]:  # (B, T, K) -> G x (B, T, N_g)
-        """The outputs of the G linears."""
+    def __call__(self, x: Tensor, cpu_codes: Tensor | None = None) -> list[Tensor]:  # (B, T, K) -> G x (B, T, N_g)
+        """The outputs of the G linears (``cpu_codes``: the weight codes unpacked to fp32, see :func:`gemm4`)."""
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         m, g = x2.shape[0], len(self.sizes)
@@ -143,16 +147,26 @@ class FusedQLinear:
         for n in self.sizes:
             bounds.append(bounds[-1] + n)
         if m * g <= GEMV_MAX_M:
-            out = w4a4_matmul(codes.reshape(g * m, -1), scale.reshape(g * m), self.weight, self.w_scale, self.bias,
-                              x.dtype).view(g, m, -1)
+            out = gemm4(codes.reshape(g * m, -1), scale.reshape(g * m), self.weight, self.w_scale, self.bias,
+                        x.dtype, cpu_codes).view(g, m, -1)
             return [out[i, :, bounds[i]:bounds[i + 1]].reshape(*lead, self.sizes[i]) for i in range(g)]
         outs = []
         for i in range(g):
             lo, hi = bounds[i], bounds[i + 1]
             bias = None if self.bias is None else self.bias[lo:hi]
-            y = w4a4_matmul(codes[i], scale[i], self.weight[lo:hi], self.w_scale[lo:hi], bias, x.dtype)
+            y = gemm4(codes[i], scale[i], self.weight[lo:hi], self.w_scale[lo:hi], bias, x.dtype,
+                      None if cpu_codes is None else cpu_codes[lo:hi])
             outs.append(y.reshape(*lead, hi - lo))
         return outs
+
+
+def gemm4(codes: Tensor, scale: Tensor, weight: Tensor, w_scale: Tensor, bias: Tensor | None, dtype: torch.dtype,
+          cpu_codes: Tensor | None = None) -> Tensor:  # (M, K/2) packed codes -> (M, N)
+    """W4A4 GEMM: ``flatquant::w4a4_matmul``, or on CPU with ``cpu_codes`` ((N, K) fp32 weight codes unpacked once at
+    load) the reference's exact fp32 product without unpacking the weight on every call (the same result)."""
+    if cpu_codes is None:
+        return w4a4_matmul(codes, scale, weight, w_scale, bias, dtype)
+    return ref.int_matmul_ref(ref.unpack_int4_ref(codes), cpu_codes, scale, w_scale, bias, dtype, a_bits=4, w_bits=4)
 
 
 def fuse_linears(lins: list[QLinearParams]) -> FusedQLinear | None:
@@ -183,6 +197,7 @@ class RealLayer:
     post_norm: Tensor  # (hidden,)
     linears: dict[str, Linear]
     fused: dict[str, FusedQLinear]  # FUSED_GROUPS name -> fused linears (W4A4 only; empty otherwise)
+    cpu_codes: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # linear or group -> (N, K) fp32 codes
     k_trans: Tensor | None  # (d, d)
     k_trans_inv_t: Tensor | None  # (d, d)
     q_clip: Tensor  # (2,) fp32
@@ -248,8 +263,15 @@ def layer_from_tensors(t: Params, cfg: RealConfig) -> RealLayer:
                     p = linears[n]
                     assert isinstance(p, QLinearParams)
                     linears[n] = dataclasses.replace(p, weight=p.weight.new_empty(0, p.weight.shape[1]))
+    cpu_codes: dict[str, Tensor] = {}
+    if cfg.real_linears and cfg.cpu_codes and dev.type == "cpu":
+        packed = {**{n: p.weight for n, p in linears.items() if isinstance(p, QLinearParams) and p.a_bits == 4
+                     and p.w_bits == 4 and p.weight.shape[0]},
+                  **{g: f.weight for g, f in fused.items()}}
+        cpu_codes = {n: ref.unpack_int4_ref(w).float() for n, w in packed.items()}
     return RealLayer(
         input_norm=t["input_norm"].to(dt), post_norm=t["post_norm"].to(dt), linears=linears, fused=fused,
+        cpu_codes=cpu_codes,
         k_trans=fl("k_trans"), k_trans_inv_t=fl("k_trans_inv_t"),
         q_clip=t.get("q_quant.clip", _ones_clip(dev)).float(), k_clip=t.get("k_cache.clip", _ones_clip(dev)).float(),
         v_clip=t.get("v_cache.clip", _ones_clip(dev)).float())
@@ -337,29 +359,32 @@ def new_cache(cfg: RealConfig, batch: int, max_len: int, device: torch.device | 
 # forward
 
 
-def real_linear(x: Tensor, p: QLinearParams) -> Tensor:  # (..., K) -> (..., N)
-    """:func:`flatquant.ops.qlinear` (``real``), also for an odd right factor: the activation codes are then
-    packed by ``pack_int4`` after the fused transform + quantize instead of inside it."""
+def real_linear(x: Tensor, p: QLinearParams, cpu_codes: Tensor | None = None) -> Tensor:  # (..., K) -> (..., N)
+    """:func:`flatquant.ops.qlinear` (``real``), also for an odd right factor (the activation codes are then
+    packed by ``pack_int4`` after the fused transform + quantize instead of inside it); ``cpu_codes``: see
+    :func:`gemm4`."""
     k = x.shape[-1]
-    if p.a_bits != 4 or (k // p.n1) % 2 == 0:
+    if p.a_bits != 4:
         return qlinear(x, p, "real")
-    codes, scale = kron_quant(x.reshape(-1, k), p.left, p.right, p.clip, p.n1, 4, False)
-    out = w4a4_matmul(pack_int4(codes), scale, p.weight, p.w_scale, p.bias, x.dtype)
+    even = (k // p.n1) % 2 == 0
+    codes, scale = kron_quant(x.reshape(-1, k), p.left, p.right, p.clip, p.n1, 4, even)
+    out = gemm4(codes if even else pack_int4(codes), scale, p.weight, p.w_scale, p.bias, x.dtype, cpu_codes)
     return out.reshape(*x.shape[:-1], p.out_features)
 
 
-def _linear(lin: Linear, x: Tensor) -> Tensor:  # (B, T, K) -> (B, T, N)
+def _linear(layer: RealLayer, name: str, x: Tensor) -> Tensor:  # (B, T, K) -> (B, T, N)
+    lin = layer.linears[name]
     if isinstance(lin, FakeLinear):
         return lin(x)
-    return real_linear(x, lin)
+    return real_linear(x, lin, layer.cpu_codes.get(name))
 
 
 def _project(layer: RealLayer, group: str, h: Tensor) -> list[Tensor]:  # (B, T, K) -> G x (B, T, N_g)
     """The linears of a :data:`FUSED_GROUPS` group on ``h``: fused when the layer holds them fused."""
     fused = layer.fused.get(group)
     if fused is not None:
-        return fused(h)
-    return [_linear(layer.linears[n], h) for n in FUSED_GROUPS[group]]
+        return fused(h, layer.cpu_codes.get(group))
+    return [_linear(layer, n, h) for n in FUSED_GROUPS[group]]
 
 
 def rope_at(inv_freq: Tensor, positions: Tensor, scaling: float) -> Rope:
@@ -453,11 +478,11 @@ def layer_step(
     h = rms_norm(x, layer.input_norm, eps)
     o = attention_step(layer, h, rope, kv, cfg, idx, start, length, n_valid=n_valid, decode=decode,
                        causal_from_zero=causal_from_zero, k_packed=k_packed, v_packed=v_packed)
-    x = x + _linear(layer.linears["o_proj"], o)
+    x = x + _linear(layer, "o_proj", o)
     h = rms_norm(x, layer.post_norm, eps)
     gate, up = _project(layer, "gate_up", h)
     m = F.silu(gate) * up
-    return x + _linear(layer.linears["down_proj"], m)
+    return x + _linear(layer, "down_proj", m)
 
 
 def decode_layer(layer: RealLayer, x: Tensor, rope: Rope, kv: LayerKV, cfg: RealConfig, idx: Tensor,

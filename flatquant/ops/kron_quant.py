@@ -226,8 +226,7 @@ def kron_quant_multi(
     """
     _check(x, left, right, n1, bits, pack)
     _check_clips(clips)
-    outs = [ref.kron_quant_ref(x, left, right, c[0], c[1], n1, bits, pack) for c in clips]
-    return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+    return ref.kron_quant_multi_ref(x, left, right, clips, n1, bits, pack)
 
 
 @kron_quant_multi.register_kernel("cuda")

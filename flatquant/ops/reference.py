@@ -110,6 +110,26 @@ def kron_quant_ref(
     return (pack_int4_ref(codes) if pack else codes), scale.squeeze(-1)
 
 
+def kron_quant_multi_ref(
+    x: Tensor,  # (T, n1 * n2), fp16/bf16
+    left: Tensor | None,  # (n1, n1)
+    right: Tensor | None,  # (n2, n2)
+    clips: Tensor,  # (G, 2) fp32 LAC factors [lo, hi] per clip pair
+    n1: int,
+    bits: int = 4,
+    pack: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """:func:`kron_quant_ref` for G clip pairs over one transform: ``(G, T, n/2 | n)`` codes, ``(G, T)`` scales."""
+    y = kron_transform_ref(x, left, right, n1)
+    spec = QuantSpec(bits=bits, sym=True)
+    codes, scales = [], []
+    for c in clips:
+        q, scale, _ = quantize(y, spec, clip_lo=c[0].float(), clip_hi=c[1].float())
+        codes.append(pack_int4_ref(q) if pack else q)
+        scales.append(scale.squeeze(-1))
+    return torch.stack(codes), torch.stack(scales)
+
+
 def kv_quant_ref(
     x: Tensor,  # (T, H, d), fp16/bf16
     trans: Tensor | None,  # (d, d) per-head transform applied on the right first (K after RoPE), or None

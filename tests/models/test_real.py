@@ -150,13 +150,13 @@ def test_cuda_triton_path_matches_reference_and_graph_decode(tmp_path: Path) -> 
         torch.testing.assert_close(dec.step(x[:, i].cuda()).clone(), eager)
 
 
-def _engine(args, fuse: bool, dtype=torch.float32, device="cpu", seed=0):
+def _engine(args, fuse: bool, dtype=torch.float32, device="cpu", seed=0, cpu_codes: bool = True):
     from flatquant.models.random import random_real_tensors
     from flatquant.models.real import RealConfig, RealModel, RealWeights, layer_from_tensors
 
     top, layers = random_real_tensors(args, generator=torch.Generator().manual_seed(seed), device=device,
                                       dtype=dtype)
-    cfg = RealConfig(args=args, qcfg=Q, dtype=dtype, fuse=fuse)
+    cfg = RealConfig(args=args, qcfg=Q, dtype=dtype, fuse=fuse, cpu_codes=cpu_codes)
     return RealModel(RealWeights(cfg=cfg, top=top, layers=tuple(layer_from_tensors(t, cfg) for t in layers)),
                      compile_decode=False)
 
@@ -171,20 +171,23 @@ def _gqa_args(n_heads: int, n_kv_heads: int, qkv_bias: bool):
 @pytest.mark.parametrize("heads,kv_heads,bias", [(4, 4, False), (6, 2, True), (8, 2, False), (7, 1, True)])
 def test_fused_engine_equals_unfused(heads: int, kv_heads: int, bias: bool) -> None:
     """q/k/v and gate/up as one transform + quantize and one weight give the unfused engine's logits bit for bit
-    (reference ops): GQA ratios 1, 3, 4, 7 (odd head counts), biases, left padding, batch 1 and 3, prefill then
-    decode (the decode GEMM stacks the code sets as rows)."""
+    (reference ops; with and without the CPU's unpacked weight codes): GQA ratios 1, 3, 4, 7 (odd head counts),
+    biases, left padding, batch 1 and 3, prefill then decode (the decode GEMM stacks the code sets as rows)."""
     args = _gqa_args(heads, kv_heads, bias)
-    fused, plain = _engine(args, True), _engine(args, False)
+    fused, plain, packed = _engine(args, True), _engine(args, False, cpu_codes=False), _engine(args, True,
+                                                                                          cpu_codes=False)
     assert set(fused.weights.layers[0].fused) == {"qkv", "gate_up"} and not plain.weights.layers[0].fused
+    assert set(fused.weights.layers[0].cpu_codes) == {"qkv", "gate_up", "o_proj", "down_proj"}
+    assert not packed.weights.layers[0].cpu_codes
     for b in (1, 3):
         x = tokens(b, 12, vocab=64, seed=b)
         start = torch.tensor([0, 3, 5][:b], dtype=torch.int32) if b > 1 else None
         out = []
-        for m in (fused, plain):
+        for m in (fused, plain, packed):
             cache = m.new_cache(b, 16, start)
             steps = [m(x[:, :9], cache)] + [m(x[:, i:i + 1], cache) for i in range(9, 12)]
             out.append(torch.cat(steps, 1))
-        assert torch.equal(out[0], out[1])
+        assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
 
 
 @pytest.mark.cuda
