@@ -79,8 +79,9 @@ class RealConfig:
         rope_scaling: HF's ``attention_scaling`` on cos/sin.
         real_linears: integer kernels (True) or the fake fallback (False).
         fuse: run q/k/v and gate/up as one transform + quantize and one weight (W4A4; :class:`FusedQLinear`).
-        cpu_codes: on CPU, also keep the W4A4 weight codes unpacked as fp32 (4 bytes per weight, 8x the packed
-            size), so the CPU GEMM does not unpack them on every call (same results; :func:`gemm4`).
+        cpu_codes: on CPU, also keep the W4A4 weight codes unpacked as int8 (one byte per weight, twice the packed
+            size), so the CPU GEMM runs ``torch._int_mm`` without unpacking them on every call (same results;
+            :func:`gemm4`).
     """
 
     args: ModelArgs
@@ -162,11 +163,13 @@ class FusedQLinear:
 
 def gemm4(codes: Tensor, scale: Tensor, weight: Tensor, w_scale: Tensor, bias: Tensor | None, dtype: torch.dtype,
           cpu_codes: Tensor | None = None) -> Tensor:  # (M, K/2) packed codes -> (M, N)
-    """W4A4 GEMM: ``flatquant::w4a4_matmul``, or on CPU with ``cpu_codes`` ((N, K) fp32 weight codes unpacked once at
-    load) the reference's exact fp32 product without unpacking the weight on every call (the same result)."""
+    """W4A4 GEMM: ``flatquant::w4a4_matmul``, or on CPU with ``cpu_codes`` ((N, K) int8 weight codes unpacked once at
+    load) an exact int8 product (:func:`~flatquant.ops.reference.int8_mm_cpu`) and the same fp32 epilogue, without
+    unpacking the weight on every call (the same result as the reference)."""
     if cpu_codes is None:
         return w4a4_matmul(codes, scale, weight, w_scale, bias, dtype)
-    return ref.int_matmul_ref(ref.unpack_int4_ref(codes), cpu_codes, scale, w_scale, bias, dtype, a_bits=4, w_bits=4)
+    acc = ref.int8_mm_cpu(ref.unpack_int4_ref(codes), cpu_codes)
+    return ref.dequant_epilogue_ref(acc, scale, w_scale, bias, dtype)
 
 
 def fuse_linears(lins: list[QLinearParams]) -> FusedQLinear | None:
@@ -197,7 +200,7 @@ class RealLayer:
     post_norm: Tensor  # (hidden,)
     linears: dict[str, Linear]
     fused: dict[str, FusedQLinear]  # FUSED_GROUPS name -> fused linears (W4A4 only; empty otherwise)
-    cpu_codes: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # linear or group -> (N, K) fp32 codes
+    cpu_codes: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # linear or group -> (N, K) int8 codes
     k_trans: Tensor | None  # (d, d)
     k_trans_inv_t: Tensor | None  # (d, d)
     q_clip: Tensor  # (2,) fp32
@@ -268,7 +271,7 @@ def layer_from_tensors(t: Params, cfg: RealConfig) -> RealLayer:
         packed = {**{n: p.weight for n, p in linears.items() if isinstance(p, QLinearParams) and p.a_bits == 4
                      and p.w_bits == 4 and p.weight.shape[0]},
                   **{g: f.weight for g, f in fused.items()}}
-        cpu_codes = {n: ref.unpack_int4_ref(w).float() for n, w in packed.items()}
+        cpu_codes = {n: ref.unpack_int4_ref(w) for n, w in packed.items()}
     return RealLayer(
         input_norm=t["input_norm"].to(dt), post_norm=t["post_norm"].to(dt), linears=linears, fused=fused,
         cpu_codes=cpu_codes,

@@ -169,7 +169,27 @@ def int_matmul_ref(
     # fp32 only on CPU: a GPU fp32 matmul may run in TF32 (10-bit mantissa), which is not exact
     dt = torch.float32 if bound < 2**24 and a.device.type == "cpu" else torch.float64
     acc = (a.to(dt) @ w.to(dt).mT).to(torch.int32)
+    return dequant_epilogue_ref(acc, a_scale, w_scale, bias, out_dtype)
+
+
+def dequant_epilogue_ref(
+    acc: Tensor,  # (M, N) int32 exact products
+    a_scale: Tensor,  # (M,) fp32
+    w_scale: Tensor,  # (N,) fp32
+    bias: Tensor | None,  # (N,)
+    out_dtype: torch.dtype,
+) -> Tensor:  # (M, N)
+    """The integer GEMMs' fp32 epilogue ``(acc · s_a[m]) · s_w[n] (+ bias[n])``, cast once to ``out_dtype``."""
     out = acc.float() * a_scale.float()[:, None] * w_scale.float()[None, :]
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
+
+
+def int8_mm_cpu(a: Tensor, w: Tensor) -> Tensor:  # (M, K) int8, (N, K) int8 -> (M, N) int32
+    """Exact ``a @ wᵀ`` of int8 codes on CPU: ``torch._int_mm`` (about 4x an fp32 product at decode shapes on two
+    cores), or an fp32 product (exact for int4 codes up to K = 2^18) where ``_int_mm`` refuses the shape."""
+    try:
+        return torch._int_mm(a, w.mT)
+    except RuntimeError:
+        return (a.float() @ w.float().mT).to(torch.int32)

@@ -175,3 +175,17 @@ def test_reference_fp32_path_is_exact_at_the_extremes(k: int) -> None:
     got = ref.int_matmul_ref(a, w, *ones, None, torch.float32, a_bits=4, w_bits=4)
     assert torch.equal(got, (a.long() @ w.long().T).float())
     assert got[0, 0] == 64 * k
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 576, 96), (3, 40, 24), (5, 13, 7), (17, 1536, 64)])
+def test_int8_mm_cpu_is_exact(m: int, k: int, n: int) -> None:
+    """The CPU engine's int8 product (``torch._int_mm``, or the fp32 fallback for shapes it refuses) equals the
+    exact integer product, and with the shared epilogue the reference GEMM bit for bit."""
+    g = torch.Generator().manual_seed(m * k + n)
+    a = torch.randint(-8, 8, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    acc = ref.int8_mm_cpu(a, w)
+    assert acc.dtype == torch.int32 and torch.equal(acc, a.long() @ w.long().T)
+    sa, sw, bias = torch.rand(m, generator=g), torch.rand(n, generator=g), torch.randn(n, generator=g)
+    want = ref.int_matmul_ref(a, w, sa, sw, bias, torch.bfloat16, a_bits=4, w_bits=4)
+    assert torch.equal(ref.dequant_epilogue_ref(acc, sa, sw, bias, torch.bfloat16), want)
