@@ -16,7 +16,6 @@ Usage: ``PYTHONPATH=. python bench/bench_generate.py --transforms bench/results/
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from env import environment  # noqa: E402
+from env import environment, write_json  # noqa: E402
 
 log = logging.getLogger("bench_generate")
 
@@ -131,9 +130,7 @@ def main() -> int:
           f"| flatquant-real | {result['ours']['timed_first_token_s']:.3f} | {result['ours']['timed_tok_s']:.1f} |\n"
           f"| transformers | {result['hf']['timed_first_token_s']:.3f} | {result['hf']['timed_tok_s']:.1f} |\n"
           f"ours / transformers tokens/s: {result['ratio_tok_s']:.2f}")
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=1, default=str))
+    write_json(a.out, result)
     return 0
 
 

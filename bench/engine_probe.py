@@ -8,7 +8,6 @@ This is the engine developer's inner-loop tool; ``bench/bench_e2e.py`` is the si
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from env import environment  # noqa: E402
+from env import environment, write_json  # noqa: E402
 
 from flatquant.models.args import ModelArgs  # noqa: E402
 from flatquant.models.random import LLAMA3_8B, random_real_tensors  # noqa: E402
@@ -140,9 +139,7 @@ def main() -> int:
     for r in result["rows"]:
         print(f"| {r['variant']} | {r['batch']} | {r['prefill_ms']:.1f} | {r['decode_ms_per_step']:.3f} | "
               f"{r['peak_gb']:.2f} |")
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=1, default=str))
+    write_json(a.out, result)
     return 0
 
 

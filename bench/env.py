@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
 import sys
 import time
 from importlib import metadata
+from pathlib import Path
 
 
 def _version(dist: str) -> str:
@@ -50,3 +52,11 @@ def environment() -> dict[str, str]:
         "cwd": os.getcwd(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    """Write a benchmark's result as indented JSON (creating the folder); nothing when ``path`` is None."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=str))
