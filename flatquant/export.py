@@ -46,7 +46,7 @@ from .core.kron import decompose_dim
 from .core.quant import fake_quant, qparams, quantize, quantize_codes
 from .core.spec import QuantConfig, QuantSpec, TransformConfig
 from .io import quant_config_from_dict
-from .models.args import LINEARS, ModelArgs
+from .models.args import HEAD_NORMS, LINEARS, ModelArgs
 from .models.flat import KRON_SITES, fold_layer, site_dim
 from .models.model import ModelWeights
 from .models.real import RealConfig, RealModel, RealWeights, kernel_supported, layer_from_tensors
@@ -85,6 +85,7 @@ def export_layer(
     weights in ``dtype`` (for bit settings the kernels do not implement).
     """
     out: Params = {"input_norm": folded["input_norm"].to(dtype), "post_norm": folded["post_norm"].to(dtype)}
+    out.update({n: folded[n].to(dtype) for n in HEAD_NORMS if n in folded})
     for n in LINEARS:
         w = folded[f"{n}.weight"].to(torch.float64)
         if real:
@@ -486,6 +487,8 @@ def expected_shapes(args: ModelArgs, qcfg: QuantConfig, backend: str, placement:
     for i in range(args.n_layers):
         p = f"layers.{i}."
         shapes[p + "input_norm"] = shapes[p + "post_norm"] = (args.hidden,)
+        if args.qk_norm:
+            shapes[p + "q_norm"] = shapes[p + "k_norm"] = (args.head_dim,)
         for n, (o, k) in args.linear_shapes.items():
             if backend == "real":
                 shapes[p + f"{n}.qweight"] = (o, k // 2) if qcfg.w.bits == 4 else (o, k)

@@ -1,10 +1,12 @@
-"""Architecture description of a Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2)."""
+"""Architecture description of a Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+HEAD_NORMS = ("q_norm", "k_norm")
+"""Per-head RMSNorm weights ``(head_dim,)`` on q and k before RoPE (Qwen3; present when ``qk_norm``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,6 +23,7 @@ class ModelArgs:
     head_dim: int
     rms_eps: float = 1e-5
     qkv_bias: bool = False
+    qk_norm: bool = False
     tie_embeddings: bool = False
     bos_token_id: int | None = None
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .args import LINEARS, SUPPORTED_ARCHITECTURES, ModelArgs
+from .args import HEAD_NORMS, LINEARS, SUPPORTED_ARCHITECTURES, ModelArgs
 from .lazy import LazyLayers, read_tensors, safetensors_index
 from .model import ModelWeights
 
@@ -31,6 +31,7 @@ _HF_LAYER_NAMES = {
     "post_attention_layernorm.weight": "post_norm",
     **{f"self_attn.{n}.{w}": f"{n}.{w}" for n in LINEARS[:4] for w in ("weight", "bias")},
     **{f"mlp.{n}.weight": f"{n}.weight" for n in LINEARS[4:]},
+    **{f"self_attn.{n}.weight": n for n in HEAD_NORMS},
 }
 
 
@@ -117,6 +118,7 @@ def args_from_config(cfg: object) -> ModelArgs:
         head_dim=head_dim,
         rms_eps=float(cfg.rms_norm_eps),
         qkv_bias=arch == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
+        qk_norm=arch == "qwen3",
         tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         bos_token_id=getattr(cfg, "bos_token_id", None),
     )

@@ -105,6 +105,8 @@ def attention(
     q = linear_fn(p, "q_proj", x, qcfg.a).view(b, t, args.n_heads, args.head_dim).transpose(1, 2)
     k = linear_fn(p, "k_proj", x, qcfg.a).view(b, t, args.n_kv_heads, args.head_dim).transpose(1, 2)
     v = linear_fn(p, "v_proj", x, qcfg.a).view(b, t, args.n_kv_heads, args.head_dim).transpose(1, 2)
+    if "q_norm" in p:  # Qwen3: per-head RMSNorm of q and k before RoPE
+        q, k = rms_norm(q, p["q_norm"], args.rms_eps), rms_norm(k, p["k_norm"], args.rms_eps)
     q, k = apply_rope(q, rope), apply_rope(k, rope)
     if "k_trans" in p:
         q = head_transform(q, p["k_trans_inv_t"])

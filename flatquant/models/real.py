@@ -203,6 +203,8 @@ class RealLayer:
     cpu_codes: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # linear or group -> (N, K) int8 codes
     k_trans: Tensor | None  # (d, d)
     k_trans_inv_t: Tensor | None  # (d, d)
+    q_norm: Tensor | None  # (d,) Qwen3 per-head RMSNorm weights before RoPE
+    k_norm: Tensor | None  # (d,)
     q_clip: Tensor  # (2,) fp32
     k_clip: Tensor  # (2,) fp32
     v_clip: Tensor  # (2,) fp32
@@ -275,7 +277,7 @@ def layer_from_tensors(t: Params, cfg: RealConfig) -> RealLayer:
     return RealLayer(
         input_norm=t["input_norm"].to(dt), post_norm=t["post_norm"].to(dt), linears=linears, fused=fused,
         cpu_codes=cpu_codes,
-        k_trans=fl("k_trans"), k_trans_inv_t=fl("k_trans_inv_t"),
+        k_trans=fl("k_trans"), k_trans_inv_t=fl("k_trans_inv_t"), q_norm=fl("q_norm"), k_norm=fl("k_norm"),
         q_clip=t.get("q_quant.clip", _ones_clip(dev)).float(), k_clip=t.get("k_cache.clip", _ones_clip(dev)).float(),
         v_clip=t.get("v_cache.clip", _ones_clip(dev)).float())
 
@@ -444,8 +446,11 @@ def attention_step(
     # RoPE and q's K^{-T} run on the (B, T, heads, d) layout the projections produce: one GEMM over all rows
     # for the transform (a (B, heads, T, d) view made cuBLAS run one small batched GEMM per row).
     rope_t = Rope(cos=rope.cos.transpose(1, 2), sin=rope.sin.transpose(1, 2))  # (B, T, 1, d)
-    q = apply_rope(q.reshape(b, t, a.n_heads, a.head_dim), rope_t)
-    k = apply_rope(k.reshape(b, t, a.n_kv_heads, a.head_dim), rope_t).transpose(1, 2)
+    q, k = q.reshape(b, t, a.n_heads, a.head_dim), k.reshape(b, t, a.n_kv_heads, a.head_dim)
+    if layer.q_norm is not None and layer.k_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
+        q, k = rms_norm(q, layer.q_norm, a.rms_eps), rms_norm(k, layer.k_norm, a.rms_eps)
+    q = apply_rope(q, rope_t)
+    k = apply_rope(k, rope_t).transpose(1, 2)
     v = v.reshape(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
     if layer.k_trans_inv_t is not None:
         q = head_transform(q, layer.k_trans_inv_t)

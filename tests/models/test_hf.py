@@ -22,6 +22,11 @@ def _tiny_hf(arch: str):
                                        num_attention_heads=5, num_key_value_heads=1, max_position_embeddings=64,
                                        tie_word_embeddings=True)
         return transformers.Qwen2ForCausalLM(cfg)
+    if arch == "qwen3":
+        cfg = transformers.Qwen3Config(vocab_size=64, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
+                                       num_attention_heads=5, num_key_value_heads=1, head_dim=8,
+                                       max_position_embeddings=64, tie_word_embeddings=True)
+        return transformers.Qwen3ForCausalLM(cfg)
     cfg = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return transformers.MistralForCausalLM(cfg)
@@ -75,7 +80,7 @@ def test_local_folder_is_read_lazily(tmp_path, monkeypatch):
         torch.testing.assert_close(forward(w1, t), forward(w2, t))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_sharded_bf16_folder_matches_transformers(tmp_path, arch):
     """A sharded bf16 safetensors folder with its index, read layer by layer in bf16, equals transformers."""
     from flatquant.models.lazy import LazyLayers
@@ -86,6 +91,10 @@ def test_sharded_bf16_folder_matches_transformers(tmp_path, arch):
         for layer in m.model.layers:
             for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 torch.nn.init.normal_(lin.bias, std=0.5)
+    if arch == "qwen3":  # q/k norm weights far from 1, read from the folder like every other layer tensor
+        for layer in m.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                torch.nn.init.normal_(norm.weight, mean=1.0, std=0.5)
     m = m.to(torch.bfloat16)
     m.save_pretrained(tmp_path / "m", max_shard_size="20KB")
     assert (tmp_path / "m" / "model.safetensors.index.json").is_file()

@@ -1,11 +1,13 @@
-"""Qwen2 family on the real path (issue 12): q/k/v biases, GQA ratios 1 and 7, odd head counts.
+"""The Qwen families on the fake and real paths: Qwen2 (q/k/v biases) and Qwen3 (per-head q/k RMSNorm before
+RoPE, no biases), GQA ratios 1 and 7, odd head counts.
 
-Tiny random ``transformers.Qwen2ForCausalLM`` models with large q/k/v biases (std 1-4, so a bias applied before
-or after the wrong transform, or a v bias not mixed by the V transform, moves the logits by far more than the
-tolerance) go through the project's own path: loader -> calibration -> export -> real model, against the fake
-forward of the same folded model, in prefill and prefill + decode, with the tolerance of the Llama real == fake
-tests (``tests/models/test_real.py``). The fake path itself is checked against transformers' Qwen2 with all
-quantizers off, with and without (non-orthogonal) transforms folded in.
+Tiny random transformers models go through the project's own path: loader -> calibration -> export -> real model,
+against the fake forward of the same folded model, in prefill and prefill + decode, with the tolerance of the
+Llama real == fake tests (``tests/models/test_real.py``). Qwen2 gets large q/k/v biases (std 1-4, so a bias
+applied before or after the wrong transform, or a v bias not mixed by the V transform, moves the logits by far
+more than the tolerance); Qwen3 gets q/k norm weights far from 1 (a norm skipped or applied after RoPE fails).
+The fake path itself is checked against transformers with all quantizers off, with and without (non-orthogonal)
+transforms folded in.
 """
 
 from __future__ import annotations
@@ -29,26 +31,35 @@ Q = bits_preset("w4a4kv4")
 T = method_config("flatquant")
 VOCAB = 96
 
-# (heads, kv_heads, head_dim, intermediate): GQA 7 (7:1 and Qwen2.5-0.5B's 14:2), GQA 1 with an odd head count;
-# intermediate 72 = 8 x 9 gives down_proj an odd right Kronecker factor (unfused, packed after the transform)
-CONFIGS = {"gqa7_7x1": (7, 1, 16, 96), "gqa7_14x2": (14, 2, 8, 72), "gqa1_5x5": (5, 5, 8, 72)}
+# (family, heads, kv_heads, head_dim, intermediate): GQA 7 (7:1 and Qwen2.5-0.5B's 14:2), GQA 1 with an odd head
+# count; intermediate 72 = 8 x 9 gives down_proj an odd right Kronecker factor (unfused, packed after the transform)
+CONFIGS = {"qwen2_gqa7_7x1": ("qwen2", 7, 1, 16, 96), "qwen2_gqa7_14x2": ("qwen2", 14, 2, 8, 72),
+           "qwen2_gqa1_5x5": ("qwen2", 5, 5, 8, 72), "qwen3_gqa7_7x1": ("qwen3", 7, 1, 16, 96),
+           "qwen3_gqa1_5x5": ("qwen3", 5, 5, 8, 72)}
 
 
-def _qwen2(heads: int, kv_heads: int, head_dim: int, intermediate: int, seed: int = 0):
-    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=intermediate,
-                                   num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                   head_dim=head_dim, max_position_embeddings=64, tie_word_embeddings=True,
-                                   rope_theta=1e6, rms_norm_eps=1e-6)
+def _model(family: str, heads: int, kv_heads: int, head_dim: int, intermediate: int, seed: int = 0):
+    kw = dict(vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=intermediate, num_hidden_layers=2,
+              num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+              max_position_embeddings=64, tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6)
     torch.manual_seed(seed)
-    m = transformers.Qwen2ForCausalLM(cfg).eval()
+    if family == "qwen2":
+        m = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw)).eval()
+    else:
+        m = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw)).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for layer in m.model.layers:
             a = layer.self_attn
-            for lin, std in ((a.q_proj, 1.0), (a.k_proj, 4.0), (a.v_proj, 1.0)):  # Qwen's k biases are the largest
-                lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * std)
+            if family == "qwen2":
+                for lin, std in ((a.q_proj, 1.0), (a.k_proj, 4.0), (a.v_proj, 1.0)):  # Qwen's k biases: largest
+                    lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * std)
+            else:
+                for norm in (a.q_norm, a.k_norm):
+                    norm.weight.copy_(torch.exp(0.7 * torch.randn(norm.weight.shape, generator=g)))
     args = hf.args_from_config(m.config)
-    assert args.qkv_bias and args.n_heads // args.n_kv_heads == heads // kv_heads
+    assert args.qkv_bias == (family == "qwen2") and args.qk_norm == (family == "qwen3")
+    assert args.n_heads // args.n_kv_heads == heads // kv_heads
     return m, hf.weights_from_hf(m, args)
 
 
@@ -59,8 +70,8 @@ def _tokens(n: int, t: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fake_path_equals_transformers_with_quantizers_off(name: str) -> None:
     """Untransformed and transformed (random non-orthogonal factors, diag scales, V mixing the v bias) fake
-    models with bits 16 reproduce transformers' Qwen2 logits."""
-    m, w = _qwen2(*CONFIGS[name])
+    models with bits 16 reproduce transformers' logits."""
+    m, w = _model(*CONFIGS[name])
     x = _tokens(2, 17, seed=3)
     with torch.no_grad():
         want = m(x).logits
@@ -77,22 +88,25 @@ def test_fake_path_equals_transformers_with_quantizers_off(name: str) -> None:
         assert {"ln_trans.left.u", "v_trans.u", "o_trans.u", "k_trans.u", "down_trans.diag"} <= set(flat)
         f64 = {k: v.double() for k, v in p.items()}
         folded = fold_layer(flat, f64, w.args, QuantConfig(), T.kind, quantize_weights=False)
-        assert not torch.equal(folded["v_proj.bias"], f64["v_proj.bias"])  # the V transform mixes the v bias
+        if w.args.qkv_bias:
+            assert not torch.equal(folded["v_proj.bias"], f64["v_proj.bias"])  # the V transform mixes the v bias
+        if w.args.qk_norm:
+            assert torch.equal(folded["q_norm"], f64["q_norm"])  # before RoPE and every transform: unchanged
         layers.append({k: v.float() for k, v in folded.items()})
     torch.testing.assert_close(forward(w.with_layers(layers), x), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def qwen2_pair(request, tmp_path_factory):
-    _, w = _qwen2(*CONFIGS[request.param])
+def family_pair(request, tmp_path_factory):
+    _, w = _model(*CONFIGS[request.param])
     flats = calibrate(w, _tokens(4, 16, seed=1), Q, T, CalibConfig(nsamples=4, seqlen=16, batch_size=2, epochs=1))
-    out = tmp_path_factory.mktemp("qwen2") / request.param
+    out = tmp_path_factory.mktemp("family") / request.param
     export_checkpoint(w, flats, Q, T, out)
     return reparameterize(w, flats, Q, T), Path(out)
 
 
-def test_real_prefill_equals_fake(qwen2_pair) -> None:
-    fake, ck = qwen2_pair
+def test_real_prefill_equals_fake(family_pair) -> None:
+    fake, ck = family_pair
     x = _tokens(2, 24, seed=7)
     want = forward(fake, x, Q)
     no_kv = forward(fake, x, bits_preset("w4a4"))
@@ -100,8 +114,8 @@ def test_real_prefill_equals_fake(qwen2_pair) -> None:
     torch.testing.assert_close(load_checkpoint(ck)(x), want, rtol=1e-5, atol=1e-5)
 
 
-def test_real_prefill_then_decode_equals_fake(qwen2_pair) -> None:
-    fake, ck = qwen2_pair
+def test_real_prefill_then_decode_equals_fake(family_pair) -> None:
+    fake, ck = family_pair
     real = load_checkpoint(ck)
     x = _tokens(3, 20, seed=11)
     want = forward(fake, x, Q)
