@@ -1,0 +1,130 @@
+"""The linears of the real engine: integer W4A4/W4A8/W8A8 (one site fused), the fake fallback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...core.kron import head_mix, kron_transform
+from ...core.quant import fake_quant
+from ...core.spec import QuantSpec
+from ...ops import kron_quant, kron_quant_multi, pack_int4, w4a4_matmul
+from ...ops import reference as ref
+from ...ops.matmul import GEMV_MAX_M
+from ...ops.qlinear import QLinearParams, qlinear
+
+SITE_OF = {"q_proj": "ln_trans", "k_proj": "ln_trans", "v_proj": "ln_trans", "gate_proj": "up_gate_trans",
+           "up_proj": "up_gate_trans", "down_proj": "down_trans"}
+
+FUSED_GROUPS: dict[str, tuple[str, ...]] = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+"""Linears that read one transformed activation and run as one :class:`FusedQLinear` on the W4A4 path."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FakeLinear:
+    """Fallback linear: online transform, fake activation quantization, dequantized weight (the fake path)."""
+
+    weight: Tensor  # (N, K) compute dtype
+    bias: Tensor | None
+    clip: Tensor  # (2,) fp32
+    spec: QuantSpec
+    left: Tensor | None = None  # (n1, n1)
+    right: Tensor | None = None  # (n2, n2)
+
+    def __call__(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
+        """The fake-quantized linear of ``x``."""
+        if self.left is not None and self.right is not None:
+            x = kron_transform(x, self.left, self.right)
+        elif self.left is not None:
+            x = head_mix(x, self.left)
+        if self.spec.enabled:
+            x = fake_quant(x, self.spec, clip_lo=self.clip[0], clip_hi=self.clip[1])
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FusedQLinear:
+    """W4A4 linears that share one online transform (q/k/v, gate/up), each with its own LAC pair.
+
+    One ``flatquant::kron_quant_multi`` transforms the input once and writes one set of codes per linear. At up to
+    ``GEMV_MAX_M`` rows in all (decode), one split-K GEMM runs over the concatenated weights with the code sets
+    stacked as rows, and each linear keeps its own diagonal block (the extra rows are free: the MMA pads the token
+    side to 16); with more rows, one GEMM per linear over its slice of the concatenated weights.
+    """
+
+    weight: Tensor  # (N_total, K/2) uint8, the linears' packed rows one after another
+    w_scale: Tensor  # (N_total,) fp32
+    bias: Tensor | None  # (N_total,) or None (zeros for linears without a bias when another has one)
+    clips: Tensor  # (G, 2) fp32
+    sizes: tuple[int, ...]  # output features of each linear
+    left: Tensor | None = None  # (n1, n1)
+    right: Tensor | None = None  # (n2, n2)
+    n1: int = 1
+
+    def __call__(self, x: Tensor, cpu_codes: Tensor | None = None) -> list[Tensor]:  # (B, T, K) -> G x (B, T, N_g)
+        """The outputs of the G linears (``cpu_codes``: the weight codes unpacked to fp32, see :func:`gemm4`)."""
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        m, g = x2.shape[0], len(self.sizes)
+        codes, scale = kron_quant_multi(x2, self.left, self.right, self.clips, self.n1, 4, True)
+        bounds = [0]
+        for n in self.sizes:
+            bounds.append(bounds[-1] + n)
+        if m * g <= GEMV_MAX_M:
+            out = gemm4(codes.reshape(g * m, -1), scale.reshape(g * m), self.weight, self.w_scale, self.bias,
+                        x.dtype, cpu_codes).view(g, m, -1)
+            return [out[i, :, bounds[i]:bounds[i + 1]].reshape(*lead, self.sizes[i]) for i in range(g)]
+        outs = []
+        for i in range(g):
+            lo, hi = bounds[i], bounds[i + 1]
+            bias = None if self.bias is None else self.bias[lo:hi]
+            y = gemm4(codes[i], scale[i], self.weight[lo:hi], self.w_scale[lo:hi], bias, x.dtype,
+                      None if cpu_codes is None else cpu_codes[lo:hi])
+            outs.append(y.reshape(*lead, hi - lo))
+        return outs
+
+
+def gemm4(codes: Tensor, scale: Tensor, weight: Tensor, w_scale: Tensor, bias: Tensor | None, dtype: torch.dtype,
+          cpu_codes: Tensor | None = None) -> Tensor:  # (M, K/2) packed codes -> (M, N)
+    """W4A4 GEMM: ``flatquant::w4a4_matmul``, or on CPU with ``cpu_codes`` ((N, K) int8 weight codes unpacked once at
+    load) an exact int8 product (:func:`~flatquant.ops.reference.int8_mm_cpu`) and the same fp32 epilogue, without
+    unpacking the weight on every call (the same result as the reference)."""
+    if cpu_codes is None:
+        return w4a4_matmul(codes, scale, weight, w_scale, bias, dtype)
+    acc = ref.int8_mm_cpu(ref.unpack_int4_ref(codes), cpu_codes)
+    return ref.dequant_epilogue_ref(acc, scale, w_scale, bias, dtype)
+
+
+def fuse_linears(lins: list[QLinearParams]) -> FusedQLinear | None:
+    """One :class:`FusedQLinear` for W4A4 linears with the same online transform, else None."""
+    first = lins[0]
+    if any(p.a_bits != 4 or p.w_bits != 4 or p.left is not first.left or p.right is not first.right
+           or p.n1 != first.n1 for p in lins):
+        return None
+    if (first.in_features // first.n1) % 2:
+        return None  # an odd right factor packs after the transform (real_linear); keep those separate
+    bias = None
+    given = [p.bias for p in lins if p.bias is not None]
+    if given:
+        bias = torch.cat([p.bias if p.bias is not None else given[0].new_zeros(p.out_features) for p in lins])
+    return FusedQLinear(weight=torch.cat([p.weight for p in lins]), w_scale=torch.cat([p.w_scale for p in lins]),
+                        bias=bias, clips=torch.stack([p.clip for p in lins]),
+                        sizes=tuple(p.out_features for p in lins), left=first.left, right=first.right, n1=first.n1)
+
+Linear = QLinearParams | FakeLinear
+
+
+def real_linear(x: Tensor, p: QLinearParams, cpu_codes: Tensor | None = None) -> Tensor:  # (..., K) -> (..., N)
+    """:func:`flatquant.ops.qlinear` (``real``), also for an odd right factor (the activation codes are then
+    packed by ``pack_int4`` after the fused transform + quantize instead of inside it); ``cpu_codes``: see
+    :func:`gemm4`."""
+    k = x.shape[-1]
+    if p.a_bits != 4:
+        return qlinear(x, p, "real")
+    even = (k // p.n1) % 2 == 0
+    codes, scale = kron_quant(x.reshape(-1, k), p.left, p.right, p.clip, p.n1, 4, even)
+    out = gemm4(codes if even else pack_int4(codes), scale, p.weight, p.w_scale, p.bias, x.dtype, cpu_codes)
+    return out.reshape(*x.shape[:-1], p.out_features)

@@ -1,0 +1,118 @@
+"""One decoder layer of the real engine (prefill and decode): projections, RoPE, cache write, attention, MLP."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...core.kron import head_transform
+from ...core.quant import fake_quant
+from ...ops.kv_attention import kv4_decode_attention
+from ..layer import Rope, apply_rope, rms_norm
+from .cache import LayerKV, read_kv, write_kv
+from .config import RealConfig
+from .linear import FUSED_GROUPS, FakeLinear, real_linear
+from .weights import RealLayer
+
+
+def _linear(layer: RealLayer, name: str, x: Tensor) -> Tensor:  # (B, T, K) -> (B, T, N)
+    lin = layer.linears[name]
+    if isinstance(lin, FakeLinear):
+        return lin(x)
+    return real_linear(x, lin, layer.cpu_codes.get(name))
+
+
+def _project(layer: RealLayer, group: str, h: Tensor) -> list[Tensor]:  # (B, T, K) -> G x (B, T, N_g)
+    """The linears of a :data:`FUSED_GROUPS` group on ``h``: fused when the layer holds them fused."""
+    fused = layer.fused.get(group)
+    if fused is not None:
+        return fused(h, layer.cpu_codes.get(group))
+    return [_linear(layer, n, h) for n in FUSED_GROUPS[group]]
+
+
+def rope_at(inv_freq: Tensor, positions: Tensor, scaling: float) -> Rope:
+    """Rotary tables for per-row positions ``(B, T)``, shaped ``(B, 1, T, d)`` to broadcast over heads."""
+    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(torch.float32)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return Rope(cos=(emb.cos() * scaling)[:, None], sin=(emb.sin() * scaling)[:, None])
+
+
+def attention_step(
+    layer: RealLayer,
+    h: Tensor,  # (B, T, hidden) normalised input
+    rope: Rope,  # (B, 1, T, d)
+    kv: LayerKV,
+    cfg: RealConfig,
+    idx: Tensor,  # (T,) int64 cache positions of these tokens
+    start: Tensor,  # (B,) int32
+    length: Tensor,  # (B,) int32 = seen + T
+    *,
+    n_valid: int,
+    decode: bool,
+    causal_from_zero: bool,
+    k_packed: bool,
+    v_packed: bool,
+) -> Tensor:  # (B, T, H*d)
+    """Q/K/V projections, RoPE, cache write, attention over the cache (positions ``< length``)."""
+    a, qc = cfg.args, cfg.qcfg
+    b, t, _ = h.shape
+    q, k, v = _project(layer, "qkv", h)
+    # RoPE and q's K^{-T} run on the (B, T, heads, d) layout the projections produce: one GEMM over all rows
+    # for the transform (a (B, heads, T, d) view made cuBLAS run one small batched GEMM per row).
+    rope_t = Rope(cos=rope.cos.transpose(1, 2), sin=rope.sin.transpose(1, 2))  # (B, T, 1, d)
+    q, k = q.reshape(b, t, a.n_heads, a.head_dim), k.reshape(b, t, a.n_kv_heads, a.head_dim)
+    if layer.q_norm is not None and layer.k_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
+        q, k = rms_norm(q, layer.q_norm, a.rms_eps), rms_norm(k, layer.k_norm, a.rms_eps)
+    q = apply_rope(q, rope_t)
+    k = apply_rope(k, rope_t).transpose(1, 2)
+    v = v.reshape(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    if layer.k_trans_inv_t is not None:
+        q = head_transform(q, layer.k_trans_inv_t)
+    q = q.transpose(1, 2)
+    if qc.q.enabled:
+        q = fake_quant(q, qc.q, clip_lo=layer.q_clip[0], clip_hi=layer.q_clip[1])
+    write_kv(k, layer.k_trans, layer.k_clip, qc.k, k_packed, kv.k, kv.k_scale, kv.k_zero, idx)
+    write_kv(v, None, layer.v_clip, qc.v, v_packed, kv.v, kv.v_scale, kv.v_zero, idx)
+    scale = 1.0 / math.sqrt(a.head_dim)
+    if decode and k_packed and v_packed:
+        o = kv4_decode_attention(q[:, :, 0], kv.k, kv.k_scale, kv.k_zero, kv.v, kv.v_scale, kv.v_zero, start,
+                                 length, scale)
+        return o.reshape(b, 1, a.q_dim)
+    kk = read_kv(kv.k, kv.k_scale, kv.k_zero, k_packed, n_valid, q.dtype)
+    vv = read_kv(kv.v, kv.v_scale, kv.v_zero, v_packed, n_valid, q.dtype)
+    gqa = a.n_heads != a.n_kv_heads  # SDPA maps query heads to KV heads itself: the cache is never expanded
+    if causal_from_zero:
+        o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+    else:
+        j = torch.arange(kk.shape[2], device=h.device)
+        allowed = (j[None, None, :] >= start[:, None, None]) & (j[None, None, :] <= idx[None, :, None])
+        o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed[:, None], enable_gqa=gqa)
+    return o.transpose(1, 2).reshape(b, t, a.q_dim)
+
+
+def layer_step(
+    layer: RealLayer, x: Tensor, rope: Rope, kv: LayerKV, cfg: RealConfig, idx: Tensor, start: Tensor,
+    length: Tensor, *, n_valid: int, decode: bool, causal_from_zero: bool, k_packed: bool, v_packed: bool,
+) -> Tensor:  # (B, T, hidden) -> (B, T, hidden)
+    """One decoder layer on new tokens ``x (B, T, hidden)``, writing their K/V into ``kv`` at ``idx``;
+    attention covers cache positions ``< n_valid``."""
+    eps = cfg.args.rms_eps
+    h = rms_norm(x, layer.input_norm, eps)
+    o = attention_step(layer, h, rope, kv, cfg, idx, start, length, n_valid=n_valid, decode=decode,
+                       causal_from_zero=causal_from_zero, k_packed=k_packed, v_packed=v_packed)
+    x = x + _linear(layer, "o_proj", o)
+    h = rms_norm(x, layer.post_norm, eps)
+    gate, up = _project(layer, "gate_up", h)
+    m = F.silu(gate) * up
+    return x + _linear(layer, "down_proj", m)
+
+
+def decode_layer(layer: RealLayer, x: Tensor, rope: Rope, kv: LayerKV, cfg: RealConfig, idx: Tensor,
+                 start: Tensor, length: Tensor) -> Tensor:  # (B, 1, hidden) -> (B, 1, hidden)
+    """One decode step of one layer (the function to ``torch.compile``): packed K/V use
+    ``kv4_decode_attention``, floating caches a masked SDPA over the preallocated positions."""
+    return layer_step(layer, x, rope, kv, cfg, idx, start, length, n_valid=kv.k.shape[2], decode=True,
+                      causal_from_zero=False, k_packed=kv.k.dtype == torch.uint8, v_packed=kv.v.dtype == torch.uint8)

@@ -1,0 +1,107 @@
+"""A real model's tensors: per-layer :class:`RealLayer` built from the checkpoint schema, :class:`RealWeights`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ...ops import reference as ref
+from ...ops.qlinear import QLinearParams
+from ..args import LINEARS
+from .config import RealConfig
+from .linear import FUSED_GROUPS, SITE_OF, FakeLinear, FusedQLinear, Linear, fuse_linears
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RealLayer:
+    """One decoder layer's inference tensors."""
+
+    input_norm: Tensor  # (hidden,)
+    post_norm: Tensor  # (hidden,)
+    linears: dict[str, Linear]
+    fused: dict[str, FusedQLinear]  # FUSED_GROUPS name -> fused linears (W4A4 only; empty otherwise)
+    cpu_codes: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # linear or group -> (N, K) int8 codes
+    k_trans: Tensor | None  # (d, d)
+    k_trans_inv_t: Tensor | None  # (d, d)
+    q_norm: Tensor | None  # (d,) Qwen3 per-head RMSNorm weights before RoPE
+    k_norm: Tensor | None  # (d,)
+    q_clip: Tensor  # (2,) fp32
+    k_clip: Tensor  # (2,) fp32
+    v_clip: Tensor  # (2,) fp32
+
+
+@dataclass(frozen=True, kw_only=True)
+class RealWeights:
+    """A whole real model: config, top-level tensors (``embed``, ``final_norm``, ``lm_head``, ``rope.inv_freq``)
+    and layers."""
+
+    cfg: RealConfig
+    top: Params
+    layers: tuple[RealLayer, ...]
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the embedding table."""
+        return self.top["embed"].device
+
+
+def _ones_clip(device: torch.device) -> Tensor:
+    return torch.ones(2, dtype=torch.float32, device=device)
+
+
+def layer_from_tensors(t: Params, cfg: RealConfig) -> RealLayer:
+    """Build a :class:`RealLayer` from its checkpoint tensors (see the module docstring), cast to ``cfg.dtype``."""
+    dt = cfg.dtype
+    dev = t["input_norm"].device
+
+    def fl(k: str) -> Tensor | None:
+        return t[k].to(dt) if k in t else None
+
+    linears: dict[str, Linear] = {}
+    factors: dict[str | None, tuple[Tensor | None, Tensor | None]] = {}
+    for n in LINEARS:
+        site = SITE_OF.get(n)
+        if site not in factors:  # one tensor per site, so linears of a site share (and can fuse) it
+            factors[site] = (fl(f"{site}.left") if site else fl("o_trans"), fl(f"{site}.right") if site else None)
+        left, right = factors[site]
+        clip = t.get(f"{n}.a_clip", _ones_clip(dev)).float()
+        bias = fl(f"{n}.bias")
+        if cfg.real_linears:
+            n1 = left.shape[0] if left is not None else 1
+            linears[n] = QLinearParams(
+                weight=t[f"{n}.qweight"], w_scale=t[f"{n}.w_scale"].float(), bias=bias,
+                weight_halves=(torch.ops.flatquant.int4_halves_layout(t[f"{n}.qweight"])
+                               if (cfg.qcfg.a.bits, cfg.qcfg.w.bits) == (8, 4) else None),
+                left=left, right=right, n1=n1, clip=clip,
+                a_bits=cfg.qcfg.a.bits, w_bits=cfg.qcfg.w.bits)
+        else:
+            linears[n] = FakeLinear(weight=t[f"{n}.weight"].to(dt), bias=bias, clip=clip, spec=cfg.qcfg.a,
+                                    left=left, right=right)
+    fused: dict[str, FusedQLinear] = {}
+    if cfg.real_linears and cfg.fuse:
+        for name, group in FUSED_GROUPS.items():
+            lins = [linears[n] for n in group]
+            f = fuse_linears(lins) if all(isinstance(p, QLinearParams) for p in lins) else None  # type: ignore[arg-type]
+            if f is not None:
+                fused[name] = f
+                for n in group:  # the fused copy replaces the separate weights (no second copy in memory)
+                    p = linears[n]
+                    assert isinstance(p, QLinearParams)
+                    linears[n] = dataclasses.replace(p, weight=p.weight.new_empty(0, p.weight.shape[1]))
+    cpu_codes: dict[str, Tensor] = {}
+    if cfg.real_linears and cfg.cpu_codes and dev.type == "cpu":
+        packed = {**{n: p.weight for n, p in linears.items() if isinstance(p, QLinearParams) and p.a_bits == 4
+                     and p.w_bits == 4 and p.weight.shape[0]},
+                  **{g: f.weight for g, f in fused.items()}}
+        cpu_codes = {n: ref.unpack_int4_ref(w) for n, w in packed.items()}
+    return RealLayer(
+        input_norm=t["input_norm"].to(dt), post_norm=t["post_norm"].to(dt), linears=linears, fused=fused,
+        cpu_codes=cpu_codes,
+        k_trans=fl("k_trans"), k_trans_inv_t=fl("k_trans_inv_t"), q_norm=fl("q_norm"), k_norm=fl("k_norm"),
+        q_clip=t.get("q_quant.clip", _ones_clip(dev)).float(), k_clip=t.get("k_cache.clip", _ones_clip(dev)).float(),
+        v_clip=t.get("v_cache.clip", _ones_clip(dev)).float())
