@@ -7,10 +7,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor
 
 from .calib.config import CalibConfig
+from .calib.workdir import atomic_save_file, atomic_write_text
 from .core.spec import QuantConfig, QuantSpec, TransformConfig
 from .models.args import ModelArgs
 
@@ -30,12 +32,14 @@ def save_transforms(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"layers.{i}.{k}": v.detach().cpu().contiguous() for i, f in enumerate(flats) for k, v in f.items()}
-    save_file(tensors, str(out_dir / "transforms.safetensors"), metadata={"format": FORMAT})
+    # Both files are written atomically (temporary file, then rename), the JSON last: a kill leaves either the old
+    # pair or a complete new one, never a truncated file.
+    atomic_save_file(tensors, out_dir / "transforms.safetensors", metadata={"format": FORMAT})
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": method, "model": args.to_dict(),
             "quant": asdict(qcfg), "transform": asdict(tcfg), "calib": ccfg.to_dict() if ccfg else None,
             **(extra or {})}
     path = out_dir / "transforms.json"
-    path.write_text(json.dumps(meta, indent=1, default=str))
+    atomic_write_text(path, json.dumps(meta, indent=1, default=str))
     return path
 
 
@@ -70,7 +74,13 @@ def load_transforms(path: Path, args: ModelArgs) -> tuple[list[dict[str, Tensor]
             if theirs.get(k) != ours[k]]
     if diff:
         raise TransformFileError(f"{folder} was calibrated for another model: " + ", ".join(diff))
-    flat = load_file(str(tpath))
+    try:
+        flat = load_file(str(tpath))
+    except (SafetensorError, OSError) as e:
+        raise TransformFileError(f"{tpath} is damaged or truncated ({e}); calibrate again") from None
+    bad = [k for k, v in flat.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise TransformFileError(f"{tpath} holds NaN/inf in {len(bad)} tensor(s), e.g. {bad[0]!r}; calibrate again")
     flats: list[dict[str, Tensor]] = [{} for _ in range(args.n_layers)]
     for k, v in flat.items():
         _, i, name = k.split(".", 2)

@@ -36,3 +36,48 @@ def test_other_model_is_refused(tmp_path):
     (tmp_path / "transforms.json").write_text("{")
     with pytest.raises(TransformFileError, match="not valid JSON"):
         load_transforms(tmp_path, TINY)
+
+
+def _quarot_files(tmp_path):
+    w = tiny_model()
+    qm = quantize_model(w, method="quarot", qcfg=bits_preset("w4a4kv4"), ccfg=CalibConfig(), calib_tokens=None)
+    save_transforms(tmp_path, qm.flats, args=w.args, qcfg=qm.qcfg, tcfg=qm.tcfg, ccfg=None, method="quarot")
+    return w, qm
+
+
+def test_damaged_or_nonfinite_transforms_are_refused_in_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    w, _ = _quarot_files(tmp_path)
+    path = tmp_path / "transforms.safetensors"
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(TransformFileError, match="damaged or truncated"):
+        load_transforms(tmp_path, w.args)
+    path.write_bytes(good)
+    tensors = load_file(str(path))
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(path), metadata={"format": "flatquant-transforms"})
+    with pytest.raises(TransformFileError, match="NaN/inf"):
+        load_transforms(tmp_path, w.args)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A save killed while writing the tensors leaves the previous pair loadable and no partial file."""
+    w, qm = _quarot_files(tmp_path)
+    before = (tmp_path / "transforms.safetensors").read_bytes()
+    import safetensors.torch
+
+    def dies(tensors, filename, metadata=None):  # a kill in the middle of writing: a partial file, then death
+        open(filename, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies)
+    monkeypatch.setattr("flatquant.calib.workdir.save_file", dies, raising=False)
+    monkeypatch.setattr("flatquant.io.save_file", dies, raising=False)  # any direct writer too
+    with pytest.raises(KeyboardInterrupt):
+        save_transforms(tmp_path, qm.flats, args=w.args, qcfg=qm.qcfg, tcfg=qm.tcfg, ccfg=None, method="quarot")
+    assert (tmp_path / "transforms.safetensors").read_bytes() == before
+    load_transforms(tmp_path, w.args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["transforms.json", "transforms.safetensors"]
