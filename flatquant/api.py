@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,14 +100,9 @@ class GenerationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
-        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {self.top_p!r}; "
-                             "use temperature 0 for greedy decoding")
+        from .models.real.sampling import check_sampling
+
+        check_sampling(self.max_new_tokens, self.temperature, self.top_p)
 
 
 def fp_model(weights: ModelWeights, device: torch.device | str = "cpu", *,

@@ -211,3 +211,15 @@ def test_cuda_fast_engine_equals_unfused_eager(heads: int, kv_heads: int, bias: 
         want = slow(x[:, i:i + 1], c_slow)[:, -1].float()
         got = dec.step(x[:, i]).float()
         assert (got - want).norm() / want.norm() < 3e-2, i
+
+
+@pytest.mark.parametrize("kw,match", [({"top_p": 0.0}, "top_p"), ({"temperature": -1.0}, "temperature"),
+                                      ({"temperature": float("nan")}, "temperature"), ({"max_new_tokens": 0},
+                                                                                       "max_new_tokens")])
+def test_generate_refuses_bad_settings_in_the_library(pair, kw, match) -> None:
+    """The library refuses what the CLI refuses (one ValueError, before any work), not a multinomial traceback."""
+    _, real = pair
+    args = {"max_new_tokens": 3, **kw}
+    n = args.pop("max_new_tokens")
+    with pytest.raises(ValueError, match=match):
+        next(real.generate(tokens(1, 4), n, **args))

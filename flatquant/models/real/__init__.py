@@ -29,11 +29,11 @@ from .config import RealConfig, kernel_supported, kv_packed
 from .graphs import CUDAGraphDecoder, CUDAGraphPrefill
 from .linear import FUSED_GROUPS, SITE_OF, FakeLinear, FusedQLinear, Linear, fuse_linears, gemm4, real_linear
 from .model import CompiledOrEager, RealModel, window_nlls
-from .sampling import sample
+from .sampling import check_sampling, sample
 from .step import attention_step, decode_layer, layer_step, rope_at
 from .weights import RealLayer, RealWeights, layer_from_tensors
 
 __all__ = ["FUSED_GROUPS", "SITE_OF", "CUDAGraphDecoder", "CUDAGraphPrefill", "CompiledOrEager", "FakeLinear",
            "FusedQLinear", "KVCache", "LayerKV", "Linear", "RealConfig", "RealLayer", "RealModel", "RealWeights",
-           "attention_step", "decode_layer", "fuse_linears", "gemm4", "kernel_supported", "kv_packed",
+           "attention_step", "check_sampling", "decode_layer", "fuse_linears", "gemm4", "kernel_supported", "kv_packed",
            "layer_from_tensors", "layer_step", "new_cache", "real_linear", "rope_at", "sample", "window_nlls"]

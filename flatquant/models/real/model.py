@@ -12,7 +12,7 @@ from torch import Tensor
 from ..layer import rms_norm
 from .cache import KVCache, new_cache
 from .graphs import CUDAGraphDecoder, CUDAGraphPrefill
-from .sampling import sample
+from .sampling import check_sampling, sample
 from .step import decode_layer, layer_step, rope_at
 from .weights import RealWeights
 
@@ -163,6 +163,7 @@ class RealModel:
         Args:
             prompt: ``(B, T)`` token ids (no padding).
         """
+        check_sampling(max_new_tokens, temperature, top_p)
         b, t = prompt.shape
         cache = self.new_cache(b, t + max_new_tokens)
         logits = self.forward(prompt, cache, last_only=True)[:, -1]

@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """Refuse generation settings that cannot work, in one line each (``ValueError``).
+
+    ``max_new_tokens >= 1``; ``temperature`` finite and ``>= 0`` (0 = greedy); ``top_p`` in ``(0, 1]``.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {top_p!r}; "
+                         "use temperature 0 for greedy decoding")
 
 
 def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None) -> Tensor:
