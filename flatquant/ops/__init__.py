@@ -18,6 +18,5 @@ from .pack import pack_int4 as pack_int4
 from .pack import unpack_int4 as unpack_int4
 from .qlinear import Backend as Backend
 from .qlinear import QLinearParams as QLinearParams
-from .qlinear import QuantLinear as QuantLinear
 from .qlinear import make_qlinear as make_qlinear
 from .qlinear import qlinear as qlinear

@@ -2,8 +2,8 @@
 
 ``real`` runs the fused online transform + LAC + quantize op and an integer GEMM; ``fake`` computes the same
 function with :mod:`flatquant.core` fake quantization in floating point. Both are plain functions of a frozen
-:class:`QLinearParams`, so they work from functional model code, from :class:`QuantLinear` (an ``nn.Module``
-wrapper), and under ``torch.compile(fullgraph=True)`` (every op has a fake kernel).
+:class:`QLinearParams`, so they work from functional model code and under ``torch.compile(fullgraph=True)``
+(every op has a fake kernel).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from flatquant.core.kron import head_mix, head_transform, kron_transform
 from flatquant.core.quant import fake_quant, quantize
@@ -146,25 +146,4 @@ def qlinear(
     return out.reshape(*lead, p.out_features)
 
 
-class QuantLinear(nn.Module):
-    """``nn.Module`` face of :func:`qlinear`: the parameters are buffers, the backend is a constructor choice."""
-
-    def __init__(self, params: QLinearParams, backend: Backend = "real") -> None:
-        super().__init__()
-        self.backend: Backend = backend
-        self._static = {"n1": params.n1, "a_bits": params.a_bits, "w_bits": params.w_bits}
-        for f in ("weight", "w_scale", "bias", "weight_halves", "left", "right", "clip"):
-            self.register_buffer(f, getattr(params, f))
-
-    def params(self) -> QLinearParams:
-        """The current buffers as a :class:`QLinearParams` (follows ``.to(device)``)."""
-        return QLinearParams(weight=self.weight, w_scale=self.w_scale, bias=self.bias,
-                             weight_halves=self.weight_halves, left=self.left, right=self.right,
-                             clip=self.clip, **self._static)
-
-    def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
-        """Quantized linear of ``x``."""
-        return qlinear(x, self.params(), self.backend)
-
-
-__all__ = ["Backend", "QLinearParams", "QuantLinear", "dequantized_weight", "make_qlinear", "qlinear", "ref"]
+__all__ = ["Backend", "QLinearParams", "dequantized_weight", "make_qlinear", "qlinear", "ref"]
