@@ -77,7 +77,7 @@ from env import environment  # noqa: E402
 from flatquant.core.kron import decompose_dim  # noqa: E402
 from flatquant.core.spec import QuantConfig  # noqa: E402
 from flatquant.models.args import LINEARS, ModelArgs  # noqa: E402
-from flatquant.models.flat import KRON_SITES, site_dim  # noqa: E402
+from flatquant.models.flat import site_dim  # noqa: E402
 from flatquant.models.random import LLAMA3_8B  # noqa: E402
 from flatquant.models.real import (  # noqa: E402
     RealConfig,
@@ -85,6 +85,7 @@ from flatquant.models.real import (  # noqa: E402
     RealWeights,
     layer_from_tensors,
 )
+from flatquant.models.sites import KRON_SITES  # noqa: E402
 from flatquant.presets import bits_preset  # noqa: E402
 
 log = logging.getLogger("bench_e2e")

@@ -47,9 +47,10 @@ from .core.quant import fake_quant, qparams, quantize, quantize_codes
 from .core.spec import QuantConfig, QuantSpec, TransformConfig
 from .io import quant_config_from_dict
 from .models.args import HEAD_NORMS, LINEARS, ModelArgs
-from .models.flat import KRON_SITES, fold_layer, site_dim
+from .models.flat import fold_layer, site_dim
 from .models.model import ModelWeights
 from .models.real import RealConfig, RealModel, RealWeights, kernel_supported, layer_from_tensors
+from .models.sites import KRON_SITES
 from .ops import pack_int4
 
 log = logging.getLogger(__name__)

@@ -33,6 +33,7 @@ from .core.spec import QuantConfig, TransformConfig
 from .models.flat import fold_layer
 from .models.layer import Rope, layer_forward, linear, quant_act
 from .models.model import ModelWeights, embed, rope_for
+from .models.sites import SITES as SITE_MAP
 
 if TYPE_CHECKING:
     import argparse
@@ -41,12 +42,7 @@ log = logging.getLogger(__name__)
 Params = dict[str, Tensor]
 Reduce = Literal["max", "l2"]
 
-SITES: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o_proj": ("o_proj",),
-    "up_gate": ("up_proj", "gate_proj"),
-    "down": ("down_proj",),
-}
+SITES: dict[str, tuple[str, ...]] = {s.key: s.linears for s in SITE_MAP}
 """Activation sites: the linears that share one input (the first one's input is the site's activation)."""
 
 SITE_TITLES = {"qkv": "q/k/v input (after input norm)", "o_proj": "o_proj input (attention output)",

@@ -14,10 +14,11 @@ from ..core.spec import QuantConfig, QuantSpec
 from ..models.flat import cast_folded
 from ..models.layer import Params, layer_forward, quant_act
 from ..models.model import ModelWeights, embed, rope_for
+from ..models.sites import SITES
 from .config import CalibConfig
 
 log = logging.getLogger(__name__)
-GPTQ_GROUPS = (("k_proj", "v_proj", "q_proj"), ("o_proj",), ("up_proj", "gate_proj"), ("down_proj",))
+GPTQ_GROUPS = tuple(s.linears for s in SITES)  # linears sharing one input share its Hessian; sites in layer order
 
 
 @torch.no_grad()

@@ -70,3 +70,5 @@ class ModelArgs:
 
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+"""The linears of the attention block (HF ``self_attn.*``); the rest are the MLP's (``mlp.*``)."""

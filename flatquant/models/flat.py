@@ -26,12 +26,11 @@ from ..core.quant import fake_quant
 from ..core.recompute import recompute_in_backward
 from ..core.spec import QuantConfig, QuantSpec, TransformConfig
 from .args import HEAD_NORMS, LINEARS, ModelArgs
+from .sites import KRON_SITES, SITES
 
 Params = dict[str, Tensor]
 
-KRON_SITES = ("ln_trans", "up_gate_trans", "down_trans")
-SITE_CONSUMERS = {"ln_trans": ("q_proj", "k_proj", "v_proj"), "up_gate_trans": ("up_proj", "gate_proj"),
-                  "down_trans": ("down_proj",)}
+SITE_CONSUMERS = {s.transform: s.linears for s in SITES if s.kron}
 TRAINABLE_KINDS = ("svd", "inv")
 
 

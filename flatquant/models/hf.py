@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .args import HEAD_NORMS, LINEARS, SUPPORTED_ARCHITECTURES, ModelArgs
+from .args import ATTENTION_LINEARS, HEAD_NORMS, LINEARS, SUPPORTED_ARCHITECTURES, ModelArgs
 from .lazy import LazyLayers, read_tensors, safetensors_index
 from .model import ModelWeights
 
@@ -29,8 +29,8 @@ DEFAULT_MODEL = "smollm2-135m"
 _HF_LAYER_NAMES = {
     "input_layernorm.weight": "input_norm",
     "post_attention_layernorm.weight": "post_norm",
-    **{f"self_attn.{n}.{w}": f"{n}.{w}" for n in LINEARS[:4] for w in ("weight", "bias")},
-    **{f"mlp.{n}.weight": f"{n}.weight" for n in LINEARS[4:]},
+    **{f"self_attn.{n}.{w}": f"{n}.{w}" for n in ATTENTION_LINEARS for w in ("weight", "bias")},
+    **{f"mlp.{n}.weight": f"{n}.weight" for n in LINEARS if n not in ATTENTION_LINEARS},
     **{f"self_attn.{n}.weight": n for n in HEAD_NORMS},
 }
 

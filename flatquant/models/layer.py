@@ -28,6 +28,7 @@ from ..core.quant import fake_quant
 from ..core.recompute import recompute_in_backward
 from ..core.spec import QuantConfig, QuantSpec
 from .args import ModelArgs
+from .sites import SITES
 
 Params = dict[str, Tensor]
 LinearFn = Callable[[Params, str, Tensor, QuantSpec], Tensor]
@@ -159,7 +160,8 @@ def layer_forward(
     return x + linear_fn(p, "down_proj", m, qcfg.a)
 
 
-SITE_INPUTS = {"q_proj": "ln_trans", "up_proj": "up_gate_trans", "down_proj": "down_trans"}
+SITE_INPUTS = {s.linears[0]: s.transform for s in SITES if s.kron}
+"""The first linear of each Kronecker site, whose input is the site's activation."""
 
 
 def fp_forward_with_absmax(
@@ -167,7 +169,7 @@ def fp_forward_with_absmax(
 ) -> tuple[Tensor, dict[str, Tensor]]:  # x: (B, T, hidden)
     """FP layer output and the per-channel max |activation| at the three diag-scale sites, in one forward.
 
-    The sites are the inputs of q_proj (shared by q/k/v), up_proj (shared with gate) and down_proj.
+    The sites are the inputs of q_proj (shared by q/k/v), gate_proj (shared with up) and down_proj.
 
     Returns:
         ``(out, {"ln_trans": (hidden,), "up_gate_trans": (hidden,), "down_trans": (intermediate,)})``.

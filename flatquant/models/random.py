@@ -58,7 +58,8 @@ def random_real_tensors(args: ModelArgs, *, generator: torch.Generator, device: 
     the weights' size is kept, so LLaMA-3-8B shapes fit for speed benchmarks.
     """
     from ..core.kron import decompose_dim
-    from .flat import KRON_SITES, site_dim
+    from .flat import site_dim
+    from .sites import KRON_SITES
 
     def orth(n: int) -> torch.Tensor:
         return torch.linalg.qr(torch.randn(n, n, generator=generator))[0].to(device)

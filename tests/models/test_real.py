@@ -176,8 +176,8 @@ def test_fused_engine_equals_unfused(heads: int, kv_heads: int, bias: bool) -> N
     args = _gqa_args(heads, kv_heads, bias)
     fused, plain, packed = _engine(args, True), _engine(args, False, cpu_codes=False), _engine(args, True,
                                                                                           cpu_codes=False)
-    assert set(fused.weights.layers[0].fused) == {"qkv", "gate_up"} and not plain.weights.layers[0].fused
-    assert set(fused.weights.layers[0].cpu_codes) == {"qkv", "gate_up", "o_proj", "down_proj"}
+    assert set(fused.weights.layers[0].fused) == {"qkv", "up_gate"} and not plain.weights.layers[0].fused
+    assert set(fused.weights.layers[0].cpu_codes) == {"qkv", "up_gate", "o_proj", "down_proj"}
     assert not packed.weights.layers[0].cpu_codes
     for b in (1, 3):
         x = tokens(b, 12, vocab=64, seed=b)

@@ -16,12 +16,6 @@ from ...ops import reference as ref
 from ...ops.matmul import GEMV_MAX_M
 from ...ops.qlinear import QLinearParams, qlinear
 
-SITE_OF = {"q_proj": "ln_trans", "k_proj": "ln_trans", "v_proj": "ln_trans", "gate_proj": "up_gate_trans",
-           "up_proj": "up_gate_trans", "down_proj": "down_trans"}
-
-FUSED_GROUPS: dict[str, tuple[str, ...]] = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
-"""Linears that read one transformed activation and run as one :class:`FusedQLinear` on the W4A4 path."""
-
 
 @dataclass(frozen=True, kw_only=True)
 class FakeLinear:

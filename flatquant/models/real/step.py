@@ -12,9 +12,10 @@ from ...core.kron import head_transform
 from ...core.quant import fake_quant
 from ...ops.kv_attention import kv4_decode_attention
 from ..layer import Rope, apply_rope, rms_norm
+from ..sites import FUSED_GROUPS
 from .cache import LayerKV, read_kv, write_kv
 from .config import RealConfig
-from .linear import FUSED_GROUPS, FakeLinear, real_linear
+from .linear import FakeLinear, real_linear
 from .weights import RealLayer
 
 
@@ -105,7 +106,7 @@ def layer_step(
                        causal_from_zero=causal_from_zero, k_packed=k_packed, v_packed=v_packed)
     x = x + _linear(layer, "o_proj", o)
     h = rms_norm(x, layer.post_norm, eps)
-    gate, up = _project(layer, "gate_up", h)
+    gate, up = _project(layer, "up_gate", h)
     m = F.silu(gate) * up
     return x + _linear(layer, "down_proj", m)
 

@@ -11,8 +11,9 @@ from torch import Tensor
 from ...ops import reference as ref
 from ...ops.qlinear import QLinearParams
 from ..args import LINEARS
+from ..sites import FUSED_GROUPS, SITE_OF_LINEAR
 from .config import RealConfig
-from .linear import FUSED_GROUPS, SITE_OF, FakeLinear, FusedQLinear, Linear, fuse_linears
+from .linear import FakeLinear, FusedQLinear, Linear, fuse_linears
 
 Params = dict[str, Tensor]
 
@@ -63,12 +64,13 @@ def layer_from_tensors(t: Params, cfg: RealConfig) -> RealLayer:
         return t[k].to(dt) if k in t else None
 
     linears: dict[str, Linear] = {}
-    factors: dict[str | None, tuple[Tensor | None, Tensor | None]] = {}
+    factors: dict[str, tuple[Tensor | None, Tensor | None]] = {}
     for n in LINEARS:
-        site = SITE_OF.get(n)
-        if site not in factors:  # one tensor per site, so linears of a site share (and can fuse) it
-            factors[site] = (fl(f"{site}.left") if site else fl("o_trans"), fl(f"{site}.right") if site else None)
-        left, right = factors[site]
+        site = SITE_OF_LINEAR[n]
+        if site.transform not in factors:  # one tensor per site, so linears of a site share (and can fuse) it
+            factors[site.transform] = ((fl(f"{site.transform}.left"), fl(f"{site.transform}.right")) if site.kron
+                                       else (fl(site.transform), None))
+        left, right = factors[site.transform]
         clip = t.get(f"{n}.a_clip", _ones_clip(dev)).float()
         bias = fl(f"{n}.bias")
         if cfg.real_linears:
