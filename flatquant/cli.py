@@ -29,15 +29,16 @@ from .data import (
     tokenize_corpus,
 )
 from .evaluate import EvalConfig, perplexity, perplexity_from_nlls
-from .export import CheckpointError
 from .io import TransformFileError, load_transforms, save_transforms
 from .lmeval import LMEvalUnavailable
 from .models.hf import DEFAULT_MODEL, ModelLoadError, load
 from .presets import BIT_PRESETS, METHODS, bits_config, bits_preset, method_config
 
 log = logging.getLogger("flatquant")
-USER_ERRORS = (ModelLoadError, DataError, TransformFileError, CalibrationMismatch, CheckpointError, LMEvalUnavailable,
-               ValueError, FileNotFoundError)
+USER_ERRORS = (ModelLoadError, DataError, TransformFileError, CalibrationMismatch, LMEvalUnavailable, ValueError,
+               FileNotFoundError)
+"""Errors reported in one line with exit 2 (``export.CheckpointError`` is a ``ValueError``; the export module, and
+with it Triton, is imported only by the commands that need it, so ``--help`` stays light)."""
 
 
 def _add_model(p: argparse.ArgumentParser, *, default: str | None = DEFAULT_MODEL) -> None:
@@ -486,7 +487,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def _load_real(checkpoint: Path, device: str, model: str | None = None):
     """``(real model, tokenizer, device)``; the tokenizer comes from ``model`` when the checkpoint has none."""
-    from .export import load_checkpoint, load_tokenizer
+    from .export import CheckpointError, load_checkpoint, load_tokenizer
 
     dev = resolve_device(device)
     real = load_checkpoint(checkpoint, dev)

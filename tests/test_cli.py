@@ -375,3 +375,13 @@ def test_truncated_gguf_is_named(tiny, tmp_path, monkeypatch, capsys):
     cut.write_bytes(good[: len(good) // 2])
     line = _main_error(["eval", "--model", str(cut), "--device", "cpu"], capsys)
     assert f"{cut} is truncated or corrupt" in line
+
+
+def test_help_imports_no_triton_and_registers_no_op():
+    """``flatquant --help`` (and any subcommand's) loads neither Triton nor the custom ops (a fresh interpreter)."""
+    code = ("import sys, flatquant.cli as c\n"
+            "for argv in (['--help'], ['generate', '--help'], ['export', '--help']):\n"
+            "    try:\n        c.main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('triton', 'flatquant.ops', 'flatquant.export') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
