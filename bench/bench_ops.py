@@ -27,7 +27,7 @@ from timing import copy_bandwidth, graph_time, rotating, time_all  # noqa: E402
 from flatquant.core.kron import decompose_dim
 from flatquant.ops import kron_quant, make_qlinear, qlinear, w4a4_matmul, w4a8_matmul, w8a8_matmul
 from flatquant.ops import reference as ref
-from flatquant.ops.matmul import MODE_W4A4, _qmatmul_tuned, qmatmul_triton
+from flatquant.ops.matmul import MODE_W4A4, qmatmul_triton, qmatmul_tuned
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 11008), (11008, 4096)]  # (K, N)
 MS = [1, 16, 64, 256, 2048, 8192, 16384]
@@ -74,7 +74,7 @@ def bench_shape(k: int, n: int, ms: list[int], dev: torch.device, first_of_k: bo
         r["kron_quant_torch"] = (
             graph_time(lambda: ref.kron_quant_ref(x, p4.left, p4.right, p4.clip[0], p4.clip[1], n1))
             if first_of_k else float("nan"))
-        r["best_config_w4a4"] = str(_qmatmul_tuned.best_config)
+        r["best_config_w4a4"] = str(qmatmul_tuned.best_config)
         ops = 2 * m * n * k
         r["tops_w4a4"] = ops / r["ours_w4a4"] * 1e-6
         r["tops_bf16"] = ops / r["bf16"] * 1e-6

@@ -30,10 +30,9 @@ from env import environment  # noqa: E402
 from timing import rotating, time_all  # noqa: E402
 
 from flatquant.ops import reference as ref  # noqa: E402
-from flatquant.ops import w4a4_matmul, w4a8_matmul, w8a8_matmul  # noqa: E402
-from flatquant.ops._launch import sm_count  # noqa: E402
+from flatquant.ops import sm_count, w4a4_matmul, w4a8_matmul, w8a8_matmul  # noqa: E402
 from flatquant.ops.gemv import default_blocks, default_split_k, qgemv_triton, split_plan  # noqa: E402
-from flatquant.ops.matmul import MODE_W4A4, MODE_W4A8, MODE_W8A8, _qmatmul_kernel, m_bucket  # noqa: E402
+from flatquant.ops.matmul import MODE_W4A4, MODE_W4A8, MODE_W8A8, m_bucket, qmatmul_kernel  # noqa: E402
 
 SHAPES = [(8192, 4096, 14336), (8192, 4096, 4096), (16, 4096, 4096), (16, 4096, 14336)]  # (M, K, N)
 TILES = {  # (BLOCK_M tokens, BLOCK_N features, BLOCK_K, warps, stages)
@@ -92,8 +91,8 @@ def probe_tiles(rows: list[dict]) -> None:
                 kw = dict(MODE=mode, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=k % bk == 0,
                           SWAP_AB=swap, num_warps=warps, num_stages=stages)
                 try:
-                    compiled = _qmatmul_kernel[grid](*args, **kw)
-                    us = do_bench(lambda: _qmatmul_kernel[grid](*args, **kw), rep=50) * 1e3
+                    compiled = qmatmul_kernel[grid](*args, **kw)
+                    us = do_bench(lambda: qmatmul_kernel[grid](*args, **kw), rep=50) * 1e3
                 except Exception as e:  # noqa: BLE001 -- out of shared memory etc.: record and go on
                     rows.append({"m": m, "k": k, "n": n, "mode": mode, "swap": swap,
                                  "tile": [bm, bn, bk, warps, stages], "error": str(e)[:200]})

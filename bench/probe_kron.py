@@ -18,7 +18,7 @@ from env import environment  # noqa: E402
 from timing import copy_bandwidth, graph_time  # noqa: E402
 
 from flatquant.core.kron import decompose_dim  # noqa: E402
-from flatquant.ops.kron_quant import _programs, kron_quant_triton  # noqa: E402
+from flatquant.ops.kron_quant import grid_programs, kron_quant_triton  # noqa: E402
 
 
 def main() -> int:
@@ -28,7 +28,7 @@ def main() -> int:
     dev = torch.device("cuda")
     bw = copy_bandwidth()
     rows = []
-    print(f"# copy bandwidth {bw * 1e-9:.0f} GB/s; default grid cap {_programs(dev)} programs")
+    print(f"# copy bandwidth {bw * 1e-9:.0f} GB/s; default grid cap {grid_programs(dev)} programs")
     print(f"{'K':>6} {'M':>6} | {'per-token':>9} {'looped':>8} {'floor':>7} | {'speed-up':>8} "
           f"{'floor/looped':>12} equal")
     for k in (4096, 11008, 14336):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -28,3 +29,26 @@ def test_setup_installs_the_linter():
     test_extra = re.search(r"^test = \[(.*)\]$", pyproject, re.M)
     assert test_extra and '"ruff' in test_extra.group(1)
     assert ".[test" in (ROOT / "scripts/setup.sh").read_text()
+
+
+def _private_flatquant_imports(source: str) -> list[str]:
+    """``lineno name`` for each import of a ``flatquant`` module or name whose dotted path has a ``_x`` part."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flatquant"):
+            paths = [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            paths = [a.name for a in node.names if a.name.startswith("flatquant")]
+        else:
+            continue
+        found += [f"{node.lineno} {p}" for p in paths if any(part.startswith("_") for part in p.split("."))]
+    return found
+
+
+def test_bench_imports_only_public_flatquant_names():
+    """bench/ is a client of the package: no ``flatquant._x`` module and no ``_x`` name."""
+    bad = "from flatquant.ops._launch import sm_count"
+    assert _private_flatquant_imports(bad) == ["1 flatquant.ops._launch.sm_count"]
+    private = [f"{p.name}:{hit}" for p in sorted((ROOT / "bench").glob("*.py"))
+               for hit in _private_flatquant_imports(p.read_text())]
+    assert private == []

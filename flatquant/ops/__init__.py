@@ -6,6 +6,7 @@ plus a fake kernel for ``torch.compile``. Importing this package registers the o
 
 from __future__ import annotations
 
+from ._launch import sm_count as sm_count
 from .kron_quant import kron_quant as kron_quant
 from .kron_quant import kron_quant_multi as kron_quant_multi
 from .kv_attention import kv4_decode_attention as kv4_decode_attention

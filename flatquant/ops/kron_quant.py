@@ -118,7 +118,7 @@ def _check(x: Tensor, left: Tensor | None, right: Tensor | None, n1: int, bits: 
         raise ValueError(f"bits must be in [2, 8], got {bits}")
 
 
-def _programs(device: torch.device) -> int:
+def grid_programs(device: torch.device) -> int:
     """Default grid cap: 4 programs per SM on CUDA (3 on CPU, so the interpreter exercises the token loop)."""
     if device.type != "cuda":
         return 3
@@ -162,7 +162,7 @@ def kron_quant_triton(
         cpu = on_cpu(x)
         kernel = cpu_kernel(_kron_quant_kernel) if cpu else _kron_quant_kernel
         extra = {} if cpu else {"num_warps": 8 if n1p * n2p >= 128 * 128 else 4, "num_stages": 1}
-        kernel[(min(t, programs or _programs(x.device)),)](
+        kernel[(min(t, programs or grid_programs(x.device)),)](
             x, left if left is not None else x, right if right is not None else x, clips,
             codes, scale, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
             N1P=n1p, N2P=n2p, G=g, HAS_LEFT=left is not None, HAS_RIGHT=right is not None,
