@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import reference as ref
 from ._launch import cpu_kernel, dequant_epilogue, next_pow2, nibble_hi, nibble_lo, on_cpu, sm_count
-from .matmul import MODE_W4A4, MODE_W4A8, MODE_W8A8, _check, _halves_cols
+from ._modes import MODE_W4A4, MODE_W4A8, MODE_W8A8, check_operands, halves_cols
 
 _MAX_BLOCK_M = 64
 
@@ -244,10 +244,10 @@ def qgemv_triton(
     """
     if mode not in (MODE_W8A8, MODE_W4A4, MODE_W4A8):
         raise ValueError(f"unknown mode {mode}")
-    a_cols, w_cols = {MODE_W4A4: (k // 2, k // 2), MODE_W4A8: (k, _halves_cols(k)), MODE_W8A8: (k, k)}[mode]
+    a_cols, w_cols = {MODE_W4A4: (k // 2, k // 2), MODE_W4A8: (k, halves_cols(k)), MODE_W8A8: (k, k)}[mode]
     if a.dim() != 2 or a.shape[1] != a_cols:
         raise ValueError(f"activations must be (M, {a_cols}) for K={k} in this mode, got {tuple(a.shape)}")
-    _check(a, a_scale, w, w_scale, k, w_cols)
+    check_operands(a, a_scale, w, w_scale, k, w_cols)
     m, n = a.shape[0], w.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:

@@ -34,9 +34,13 @@ from torch import Tensor
 
 from . import reference as ref
 from ._launch import cpu_kernel, dequant_epilogue, nibble_hi, nibble_lo, on_cpu
+from ._modes import MODE_W4A4 as MODE_W4A4
+from ._modes import MODE_W4A8 as MODE_W4A8
+from ._modes import MODE_W8A8 as MODE_W8A8
+from ._modes import check_operands, halves_cols
+from .gemv import qgemv_triton
 from .pack import unpack_int4_triton
 
-MODE_W8A8, MODE_W4A4, MODE_W4A8 = 0, 1, 2
 UNPACK_MIN_M = 128  # tokens from which 4-bit operands are unpacked to int8 before the GEMM (module docstring)
 UNPACK_MIN_M_W4A8 = 4096  # the same for W4A8: its halves layout takes three passes to unpack (slower at M=256)
 GEMV_MAX_M = 16  # tokens up to which 4-bit weights go through the split-K kernel of flatquant.ops.gemv
@@ -363,8 +367,6 @@ def _w4_triton(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Ten
                out_dtype: torch.dtype, mode: int, unpack_min_m: int) -> Tensor:
     """4-bit-weight GEMM dispatch by token count: split-K kernel up to ``GEMV_MAX_M`` tokens, the fused-unpack
     kernel below ``unpack_min_m``, else unpack both operands to int8 codes + the W8A8 kernel."""
-    from .gemv import qgemv_triton  # gemv builds on this module's modes
-
     m = a.shape[0]
     k = a.shape[1] * 2 if mode == MODE_W4A4 else a.shape[1]
     if m == 0 or w.shape[0] == 0 or k == 0:
@@ -413,15 +415,6 @@ def w4a8_triton(
     return _w4_triton(a, a_scale, w, w_scale, bias, out_dtype, MODE_W4A8, unpack_min_m)
 
 
-def _check(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, k: int, kw: int) -> None:
-    if a.dim() != 2 or w.dim() != 2:
-        raise ValueError(f"a and w must be 2-D, got {tuple(a.shape)} and {tuple(w.shape)}")
-    if w.shape[1] != kw:
-        raise ValueError(f"weight has {w.shape[1]} columns, expected {kw} for K={k}")
-    if a_scale.shape != (a.shape[0],) or w_scale.shape != (w.shape[0],):
-        raise ValueError("a_scale must be (M,) and w_scale (N,)")
-
-
 def _fake(a: Tensor, w: Tensor, out_dtype: torch.dtype) -> Tensor:
     return a.new_empty(a.shape[0], w.shape[0], dtype=out_dtype)
 
@@ -440,7 +433,7 @@ def w4a4_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Te
         ``(M, N)`` in ``out_dtype``.
     """
     k = a.shape[1] * 2
-    _check(a, a_scale, w, w_scale, k, k // 2)
+    check_operands(a, a_scale, w, w_scale, k, k // 2)
     return ref.int_matmul_ref(ref.unpack_int4_ref(a), ref.unpack_int4_ref(w), a_scale, w_scale, bias, out_dtype,
                               a_bits=4, w_bits=4)
 
@@ -448,7 +441,7 @@ def w4a4_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Te
 @w4a4_matmul.register_kernel("cuda")
 def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     k = a.shape[1] * 2
-    _check(a, a_scale, w, w_scale, k, k // 2)
+    check_operands(a, a_scale, w, w_scale, k, k // 2)
     return w4a4_triton(a, a_scale, w, w_scale, bias, out_dtype)
 
 
@@ -457,23 +450,19 @@ def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | Non
     return _fake(a, w, out_dtype)
 
 
-def _halves_cols(k: int) -> int:
-    return -(-k // ref.W4A8_BLOCK_K) * ref.W4A8_BLOCK_K // 2
-
-
 @torch.library.custom_op("flatquant::w4a8_matmul", mutates_args=())
 def w4a8_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
                 out_dtype: torch.dtype) -> Tensor:
     """int8 activations ``(M, K)`` × int4 weights in the ``halves`` layout ``(N, Kp/2)`` uint8, fp32 epilogue."""
     k = a.shape[1]
-    _check(a, a_scale, w, w_scale, k, _halves_cols(k))
+    check_operands(a, a_scale, w, w_scale, k, halves_cols(k))
     return ref.int_matmul_ref(a, ref.halves_to_codes_ref(w)[:, :k], a_scale, w_scale, bias, out_dtype, w_bits=4)
 
 
 @w4a8_matmul.register_kernel("cuda")
 def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     k = a.shape[1]
-    _check(a, a_scale, w, w_scale, k, _halves_cols(k))
+    check_operands(a, a_scale, w, w_scale, k, halves_cols(k))
     return w4a8_triton(a, a_scale, w, w_scale, bias, out_dtype)
 
 
@@ -487,14 +476,14 @@ def w8a8_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Te
                 out_dtype: torch.dtype) -> Tensor:
     """int8 activations ``(M, K)`` × int8 weights ``(N, K)``, exact int32 accumulation, fp32 epilogue."""
     k = a.shape[1]
-    _check(a, a_scale, w, w_scale, k, k)
+    check_operands(a, a_scale, w, w_scale, k, k)
     return ref.int_matmul_ref(a, w, a_scale, w_scale, bias, out_dtype)
 
 
 @w8a8_matmul.register_kernel("cuda")
 def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     k = a.shape[1]
-    _check(a, a_scale, w, w_scale, k, k)
+    check_operands(a, a_scale, w, w_scale, k, k)
     if a.shape[0] >= UNPACK_MIN_M:
         return int8_gemm_triton(a, a_scale, w, w_scale, bias, out_dtype)
     return qmatmul_triton(a, a_scale, w, w_scale, bias, k, MODE_W8A8, out_dtype)
