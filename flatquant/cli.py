@@ -4,12 +4,14 @@ The only argparse user."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
 import os
 import sys
 import time
+import typing
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -70,26 +72,41 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
 
 
-def _add_calib(p: argparse.ArgumentParser, *, nsamples: int = 128, seqlen: int = 2048, epochs: int = 15) -> None:
+def _config_field(cls: type, name: str) -> tuple[object, tuple[str, ...] | None]:
+    """The default of a config dataclass field and, for a ``Literal`` field, its choices (the CLI takes both from the
+    config, so the two cannot drift apart)."""
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    hint = typing.get_type_hints(cls)[name]
+    return field.default, (typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None)
+
+
+def _add_calib(p: argparse.ArgumentParser, *, nsamples: int | None = None, seqlen: int | None = None,
+               epochs: int | None = None) -> None:
+    """The calibration flags; defaults and choices come from :class:`CalibConfig` (``nsamples``/``seqlen``/``epochs``
+    override the defaults, e.g. for the quick demo)."""
     g = p.add_argument_group("calibration")
+
+    def add(flag: str, name: str, help_: str, override: object = None, **kw: object) -> None:
+        default, choices = _config_field(CalibConfig, name)
+        default = default if override is None else override
+        if choices is not None:
+            kw["choices"] = choices
+        g.add_argument(flag, default=default, help=f"{help_} (default {default})", **kw)
+
     g.add_argument("--data", default=DEFAULT_CORPUS,
                    help="calibration corpus (train split); same choices as --eval-data")
-    g.add_argument("--nsamples", type=int, default=nsamples, help=f"calibration windows (default {nsamples})")
-    g.add_argument("--seqlen", type=int, default=seqlen, help=f"calibration window length (default {seqlen})")
-    g.add_argument("--epochs", type=int, default=epochs, help=f"epochs per layer (default {epochs})")
-    g.add_argument("--batch-size", type=int, default=4, help="calibration batch size (default 4)")
-    g.add_argument("--lr", type=float, default=5e-3, help="transform learning rate; clipping uses 10x (default 5e-3)")
-    g.add_argument("--weight-quant", choices=("rtn", "gptq"), default="rtn", help="weight quantizer (default rtn)")
-    g.add_argument("--amp", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="training-forward dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    add("--nsamples", "nsamples", "calibration windows", nsamples, type=int)
+    add("--seqlen", "seqlen", "calibration window length", seqlen, type=int)
+    add("--epochs", "epochs", "epochs per layer", epochs, type=int)
+    add("--batch-size", "batch_size", "calibration batch size", type=int)
+    add("--lr", "lr", "transform learning rate; clipping uses 10x", type=float)
+    add("--weight-quant", "weight_quantizer", "weight quantizer")
+    add("--amp", "amp_dtype", "training-forward dtype (auto: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--shuffle", action="store_true", help="shuffle calibration batches each epoch")
-    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile the calibration step (auto, the default: on CUDA; 3x faster, 2.7x less memory)")
-    g.add_argument("--recompute", choices=("auto", "on", "off"), default="auto",
-                   help="eager step only: recompute quantizer intermediates in backward (auto: off)")
-    g.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="off",
-                   help="replay the calibration step as a CUDA graph (auto: on CUDA, checked against eager first; "
-                        "default off)")
+    add("--compile", "compile", "torch.compile the calibration step (auto: on CUDA; 3x faster, 2.7x less memory)")
+    add("--recompute", "recompute", "eager step only: recompute quantizer intermediates in backward (auto: off)")
+    add("--cuda-graph", "cuda_graph", "replay the calibration step as a CUDA graph (auto: on CUDA, checked against "
+                                      "eager first)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -359,11 +359,14 @@ def test_nan_perplexity_is_an_error(tiny, calibrated, tmp_path, monkeypatch, cap
     bad = tmp_path / "nan"
     shutil.copytree(tr, bad)
     t = load_file(str(bad / "transforms.safetensors"))
-    t["layers.1.down_trans.diag"] = t["layers.1.down_trans.diag"] * float("nan")
+    diag = t["layers.1.down_trans.diag"]
+    t["layers.1.down_trans.diag"] = diag * 0.0  # finite in the file; folding divides by it: inf/NaN forward
     save_file(t, str(bad / "transforms.safetensors"))
-    line = _main_error(["eval", "--device", "cpu", "--transforms", str(bad), "--eval-data", str(data),
-                        "--eval-seqlen", "64"], capsys)
-    assert "non-finite loss" in line
+    argv = ["eval", "--device", "cpu", "--transforms", str(bad), "--eval-data", str(data), "--eval-seqlen", "64"]
+    assert "non-finite loss" in _main_error(argv, capsys)
+    t["layers.1.down_trans.diag"] = diag * float("nan")  # NaN in the file itself: refused when loading it
+    save_file(t, str(bad / "transforms.safetensors"))
+    assert "NaN/inf" in _main_error(argv, capsys)
 
 
 def test_truncated_gguf_is_named(tiny, tmp_path, monkeypatch, capsys):
