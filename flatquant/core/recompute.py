@@ -39,7 +39,7 @@ class _Recompute(torch.autograd.Function):
                 full[i] = y
             return ctx.fn(*full)
 
-        _, vjp_fn = torch.func.vjp(of_needed, *(xs[i] for i in idx))
+        vjp_fn = torch.func.vjp(of_needed, *(xs[i] for i in idx))[1]
         grads = dict(zip(idx, vjp_fn(grad)))
         return (None, *(grads.get(i) for i in range(len(xs))))
 

@@ -251,10 +251,10 @@ def qmatmul_triton(
                                           EVEN_K=k % cfg["BLOCK_K"] == 0,
                      INTERPRET_BF16=on_cpu(a) and out_dtype == torch.bfloat16, **cfg)
     else:
-        def grid(meta: dict) -> tuple[int]:
+        def tuned_grid(meta: dict) -> tuple[int]:
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        qmatmul_tuned[grid](*args, MODE=mode, HAS_BIAS=bias is not None)
+        qmatmul_tuned[tuned_grid](*args, MODE=mode, HAS_BIAS=bias is not None)
     return out
 
 
@@ -340,10 +340,10 @@ def w8a8_tma_triton(
     bm, bn, bk = _TMA_TILES[0][:3]  # block shapes are reset per tile by the autotuner's pre-hook
     a_desc, w_desc = TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk])
 
-    def grid(meta: dict) -> tuple[int]:
+    def tuned_grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _w8a8_tma_tuned[grid](a_desc, w_desc, sa, sw, b, out, m, n, k, out.stride(0), m_bucket(m),
+    _w8a8_tma_tuned[tuned_grid](a_desc, w_desc, sa, sw, b, out, m, n, k, out.stride(0), m_bucket(m),
                           HAS_BIAS=bias is not None)
     return out
 
