@@ -45,7 +45,7 @@ from torch import Tensor
 from .core.kron import decompose_dim
 from .core.quant import fake_quant, qparams, quantize, quantize_codes
 from .core.spec import QuantConfig, QuantSpec, TransformConfig
-from .io import quant_config_from_dict
+from .io import quant_config_from_dict, read_format_json
 from .models.args import HEAD_NORMS, LINEARS, ModelArgs
 from .models.flat import fold_layer, site_dim
 from .models.model import ModelWeights
@@ -440,12 +440,7 @@ def read_config(path: Path | str) -> dict:
     if not cpath.is_file():
         raise CheckpointError(f"{path} is not a flatquant checkpoint (no {CONFIG_NAME}; export one with "
                               "`flatquant export`)")
-    try:
-        meta = json.loads(cpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cpath} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{cpath}: not a {FORMAT} checkpoint config")
+    meta = read_format_json(cpath, FORMAT, CheckpointError)
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{cpath}: checkpoint format v{version}, this flatquant reads v{FORMAT_VERSION} only; "

@@ -48,6 +48,23 @@ def quant_config_from_dict(d: dict) -> QuantConfig:
     return QuantConfig(**{k: QuantSpec(**v) for k, v in d.items()})
 
 
+def read_format_json(path: Path, fmt: str, error: type[Exception]) -> dict:
+    """A JSON object whose ``format`` entry is ``fmt`` (the version is the caller's to check).
+
+    Raises:
+        error: unreadable or invalid JSON, not an object, or another format, in one line naming ``path``.
+    """
+    try:
+        meta = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise error(f"{path}: not a {fmt} file")
+    return meta
+
+
 def load_transforms(path: Path, args: ModelArgs) -> tuple[list[dict[str, Tensor]], QuantConfig, TransformConfig, dict]:
     """Load a transform file (its folder or its .json/.safetensors) calibrated for a model with ``args``.
 
@@ -61,11 +78,8 @@ def load_transforms(path: Path, args: ModelArgs) -> tuple[list[dict[str, Tensor]
     jpath, tpath = folder / "transforms.json", folder / "transforms.safetensors"
     if not jpath.is_file() or not tpath.is_file():
         raise TransformFileError(f"no transforms.json + transforms.safetensors in {folder}")
-    try:
-        meta = json.loads(jpath.read_text())
-    except json.JSONDecodeError as e:
-        raise TransformFileError(f"{jpath} is not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    meta = read_format_json(jpath, FORMAT, TransformFileError)
+    if meta.get("format_version") != FORMAT_VERSION:
         raise TransformFileError(f"{jpath} is not a {FORMAT} v{FORMAT_VERSION} file")
     theirs = meta["model"]
     ours = args.to_dict()
