@@ -70,7 +70,8 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     import safetensors.torch
 
     def dies(tensors, filename, metadata=None):  # a kill in the middle of writing: a partial file, then death
-        open(filename, "wb").write(b"partial")
+        with open(filename, "wb") as f:
+            f.write(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(safetensors.torch, "save_file", dies)
