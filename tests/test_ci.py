@@ -21,13 +21,13 @@ def test_ci_runs_the_readme_test_command():
     lines = [ln.strip() for ln in (ROOT / ".ci/run").read_text().splitlines()]
     body = [ln for ln in lines if ln and not ln.startswith(("#", "set ", "cd "))]
     assert body == [cmd]
-    assert "ruff check ." in cmd and "pytest" in cmd
+    assert "ruff check ." in cmd and "python3 -m mypy" in cmd and "pytest" in cmd
 
 
 def test_setup_installs_the_linter():
     pyproject = (ROOT / "pyproject.toml").read_text()
     test_extra = re.search(r"^test = \[(.*)\]$", pyproject, re.M)
-    assert test_extra and '"ruff' in test_extra.group(1)
+    assert test_extra and '"ruff' in test_extra.group(1) and '"mypy' in test_extra.group(1)
     assert ".[test" in (ROOT / "scripts/setup.sh").read_text()
 
 
