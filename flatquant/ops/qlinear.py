@@ -27,6 +27,10 @@ from .pack import int4_halves_layout, pack_int4, unpack_int4
 Backend = Literal["fake", "real"]
 
 
+KERNEL_BIT_PAIRS: tuple[tuple[int, int], ...] = ((4, 4), (8, 4), (8, 8))
+"""``(activation bits, weight bits)`` the integer GEMMs implement (W4A4, W4A8, W8A8)."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QLinearParams:
     """Everything a quantized linear needs at inference (weights already folded and quantized).
@@ -55,8 +59,8 @@ class QLinearParams:
     w_bits: int = 4
 
     def __post_init__(self) -> None:
-        if (self.a_bits, self.w_bits) not in ((4, 4), (8, 4), (8, 8)):
-            raise ValueError(f"supported (a_bits, w_bits): (4, 4), (8, 4), (8, 8); got {(self.a_bits, self.w_bits)}")
+        if (self.a_bits, self.w_bits) not in KERNEL_BIT_PAIRS:
+            raise ValueError(f"supported (a_bits, w_bits): {KERNEL_BIT_PAIRS}; got {(self.a_bits, self.w_bits)}")
         if self.a_bits == 8 and self.w_bits == 4 and self.weight_halves is None:
             raise ValueError("W4A8 needs weight_halves (see make_qlinear)")
 
@@ -146,4 +150,4 @@ def qlinear(
     return out.reshape(*lead, p.out_features)
 
 
-__all__ = ["Backend", "QLinearParams", "dequantized_weight", "make_qlinear", "qlinear", "ref"]
+__all__ = ["KERNEL_BIT_PAIRS", "Backend", "QLinearParams", "dequantized_weight", "make_qlinear", "qlinear", "ref"]

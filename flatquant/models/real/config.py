@@ -7,13 +7,14 @@ from dataclasses import dataclass
 import torch
 
 from ...core.spec import QuantConfig, QuantSpec
+from ...ops.qlinear import KERNEL_BIT_PAIRS
 from ..args import ModelArgs
 
 
 def kernel_supported(qcfg: QuantConfig) -> bool:
     """Whether the integer kernels implement ``qcfg``'s weight/activation quantizers (else: fake fallback)."""
     w, a = qcfg.w, qcfg.a
-    return ((a.bits, w.bits) in ((4, 4), (8, 4), (8, 8)) and w.sym and a.sym
+    return ((a.bits, w.bits) in KERNEL_BIT_PAIRS and w.sym and a.sym
             and w.granularity == "per_channel" and a.granularity == "per_token")
 
 
