@@ -42,6 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .calib.workdir import fsync_path
 from .core.kron import decompose_dim
 from .core.quant import fake_quant, qparams, quantize, quantize_codes
 from .core.spec import QuantConfig, QuantSpec, TransformConfig
@@ -122,17 +123,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _file_record(folder: Path, path: Path) -> dict:
     """``{file, bytes, sha256}`` of a written file (flushed to disk), ``file`` relative to ``folder``."""
-    _fsync(path)
+    fsync_path(path)
     return {"file": path.relative_to(folder).as_posix(), "bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
@@ -382,7 +375,7 @@ def _write_checkpoint(weights: ModelWeights, flats: list[Params], qcfg: QuantCon
     meta["config_sha256"] = config_checksum(meta)
     path = out_dir / CONFIG_NAME
     path.write_text(json.dumps(meta, indent=1))
-    _fsync(path)
+    fsync_path(path)
     return meta
 
 
