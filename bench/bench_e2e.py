@@ -74,51 +74,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from env import environment  # noqa: E402
 
-from flatquant.core.kron import decompose_dim  # noqa: E402
 from flatquant.core.spec import QuantConfig  # noqa: E402
 from flatquant.models.args import LINEARS, ModelArgs  # noqa: E402
-from flatquant.models.flat import site_dim  # noqa: E402
-from flatquant.models.random import LLAMA3_8B  # noqa: E402
+from flatquant.models.random import LLAMA3_8B, random_real_tensors  # noqa: E402
 from flatquant.models.real import (  # noqa: E402
     RealConfig,
     RealModel,
     RealWeights,
     layer_from_tensors,
 )
-from flatquant.models.sites import KRON_SITES  # noqa: E402
 from flatquant.presets import bits_preset  # noqa: E402
 
 log = logging.getLogger("bench_e2e")
 TINY = ModelArgs(vocab_size=512, hidden=128, intermediate=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32)
 
 
-def _orth(n: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(n, n, generator=g))[0].to(device)
-
-
 def random_real_model(args: ModelArgs, qcfg: QuantConfig, device: torch.device, *, seed: int = 0,
                       dtype: torch.dtype = torch.bfloat16, compile: bool | None = None) -> RealModel:
-    """A real model with random packed weights and random orthogonal online transforms (checkpoint schema)."""
-    g = torch.Generator().manual_seed(seed)
-    gd = torch.Generator(device=device).manual_seed(seed)
+    """A real model with random packed weights and random orthogonal online transforms (checkpoint schema,
+    :func:`flatquant.models.random.random_real_tensors`)."""
+    top, tensors = random_real_tensors(args, generator=torch.Generator().manual_seed(seed), device=device, dtype=dtype)
     cfg = RealConfig(args=args, qcfg=qcfg, dtype=dtype, real_linears=True)
-    layers = []
-    for _ in range(args.n_layers):
-        t: dict[str, torch.Tensor] = {"input_norm": torch.ones(args.hidden, dtype=dtype, device=device),
-                                      "post_norm": torch.ones(args.hidden, dtype=dtype, device=device)}
-        for n, (o, k) in args.linear_shapes.items():
-            t[f"{n}.qweight"] = torch.randint(0, 256, (o, k // 2), generator=gd, device=device, dtype=torch.uint8)
-            t[f"{n}.w_scale"] = torch.full((o,), 0.02 / 4.6, device=device)
-            t[f"{n}.a_clip"] = torch.full((2,), 0.9, device=device)
-        for site in KRON_SITES:
-            n1, n2 = decompose_dim(site_dim(site, args))
-            t[f"{site}.left"], t[f"{site}.right"] = _orth(n1, g, device), _orth(n2, g, device)
-        t["o_trans"] = _orth(args.n_heads, g, device)
-        t["k_trans"] = t["k_trans_inv_t"] = _orth(args.head_dim, g, device)
-        for n in ("k_cache", "v_cache"):
-            t[f"{n}.clip"] = torch.full((2,), 0.95, device=device)
-        layers.append(layer_from_tensors(t, cfg))
-    return RealModel(RealWeights(cfg=cfg, top=_top(args, gd, device, dtype), layers=tuple(layers)),
+    return RealModel(RealWeights(cfg=cfg, top=top, layers=tuple(layer_from_tensors(t, cfg) for t in tensors)),
                      compile_decode=compile, compile_prefill=compile)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -59,14 +60,12 @@ class FusedQLinear:
     n1: int = 1
 
     def __call__(self, x: Tensor, cpu_codes: Tensor | None = None) -> list[Tensor]:  # (B, T, K) -> G x (B, T, N_g)
-        """The outputs of the G linears (``cpu_codes``: the weight codes unpacked to fp32, see :func:`gemm4`)."""
+        """The outputs of the G linears (``cpu_codes``: the weight codes unpacked to int8, see :func:`gemm4`)."""
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         m, g = x2.shape[0], len(self.sizes)
         codes, scale = kron_quant_multi(x2, self.left, self.right, self.clips, self.n1, 4, True)
-        bounds = [0]
-        for n in self.sizes:
-            bounds.append(bounds[-1] + n)
+        bounds = (0, *itertools.accumulate(self.sizes))
         if m * g <= GEMV_MAX_M:
             out = gemm4(codes.reshape(g * m, -1), scale.reshape(g * m), self.weight, self.w_scale, self.bias,
                         x.dtype, cpu_codes).view(g, m, -1)

@@ -24,7 +24,7 @@ class RealLayer:
 
     input_norm: Tensor  # (hidden,)
     post_norm: Tensor  # (hidden,)
-    linears: dict[str, Linear]
+    linears: dict[str, Linear]  # the linears that run on their own (not in ``fused``)
     fused: dict[str, FusedQLinear]  # FUSED_GROUPS name -> fused linears (W4A4 only; empty otherwise)
     cpu_codes: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # linear or group -> (N, K) int8 codes
     k_trans: Tensor | None  # (d, d)
@@ -91,14 +91,12 @@ def layer_from_tensors(t: Params, cfg: RealConfig) -> RealLayer:
             f = fuse_linears(lins) if all(isinstance(p, QLinearParams) for p in lins) else None  # type: ignore[arg-type]
             if f is not None:
                 fused[name] = f
-                for n in group:  # the fused copy replaces the separate weights (no second copy in memory)
-                    p = linears[n]
-                    assert isinstance(p, QLinearParams)
-                    linears[n] = dataclasses.replace(p, weight=p.weight.new_empty(0, p.weight.shape[1]))
+                for n in group:  # the fused copy replaces the separate linears (no second copy in memory)
+                    del linears[n]
     cpu_codes: dict[str, Tensor] = {}
     if cfg.real_linears and cfg.cpu_codes and dev.type == "cpu":
         packed = {**{n: p.weight for n, p in linears.items() if isinstance(p, QLinearParams) and p.a_bits == 4
-                     and p.w_bits == 4 and p.weight.shape[0]},
+                     and p.w_bits == 4},
                   **{g: f.weight for g, f in fused.items()}}
         cpu_codes = {n: ref.unpack_int4_ref(w) for n, w in packed.items()}
     return RealLayer(
