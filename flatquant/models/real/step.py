@@ -35,16 +35,17 @@ def _project(layer: RealLayer, group: str, h: Tensor) -> list[Tensor]:  # (B, T,
 
 
 def rope_at(inv_freq: Tensor, positions: Tensor, scaling: float) -> Rope:
-    """Rotary tables for per-row positions ``(B, T)``, shaped ``(B, 1, T, d)`` to broadcast over heads."""
+    """Rotary tables for per-row positions ``(B, T)``, shaped ``(B, T, 1, d)`` to broadcast over the heads of the
+    ``(B, T, heads, d)`` projections."""
     freqs = positions.to(torch.float32)[..., None] * inv_freq.to(torch.float32)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return Rope(cos=(emb.cos() * scaling)[:, None], sin=(emb.sin() * scaling)[:, None])
+    return Rope(cos=(emb.cos() * scaling)[:, :, None], sin=(emb.sin() * scaling)[:, :, None])
 
 
 def attention_step(
     layer: RealLayer,
     h: Tensor,  # (B, T, hidden) normalised input
-    rope: Rope,  # (B, 1, T, d)
+    rope: Rope,  # (B, T, 1, d)
     kv: LayerKV,
     cfg: RealConfig,
     idx: Tensor,  # (T,) int64 cache positions of these tokens
@@ -63,12 +64,11 @@ def attention_step(
     q, k, v = _project(layer, "qkv", h)
     # RoPE and q's K^{-T} run on the (B, T, heads, d) layout the projections produce: one GEMM over all rows
     # for the transform (a (B, heads, T, d) view made cuBLAS run one small batched GEMM per row).
-    rope_t = Rope(cos=rope.cos.transpose(1, 2), sin=rope.sin.transpose(1, 2))  # (B, T, 1, d)
     q, k = q.reshape(b, t, a.n_heads, a.head_dim), k.reshape(b, t, a.n_kv_heads, a.head_dim)
     if layer.q_norm is not None and layer.k_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
         q, k = rms_norm(q, layer.q_norm, a.rms_eps), rms_norm(k, layer.k_norm, a.rms_eps)
-    q = apply_rope(q, rope_t)
-    k = apply_rope(k, rope_t).transpose(1, 2)
+    q = apply_rope(q, rope)
+    k = apply_rope(k, rope).transpose(1, 2)
     v = v.reshape(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
     if layer.k_trans_inv_t is not None:
         q = head_transform(q, layer.k_trans_inv_t)
