@@ -133,12 +133,14 @@ class RealModel:
                                         decode=False, causal_from_zero=causal0, k_packed=cache.k_packed,
                                         v_packed=cache.v_packed)
         cache.seen += t
-        if last_only:
-            x = x[:, -1:]
-        x = rms_norm(x, w.top["final_norm"].to(cfg.dtype), cfg.args.rms_eps)
-        return F.linear(x, w.top["lm_head"].to(cfg.dtype))
+        return self._logits(x[:, -1:] if last_only else x)
 
     __call__ = forward
+
+    def _logits(self, x: Tensor) -> Tensor:  # (B, T, hidden) -> (B, T, vocab)
+        """Final norm and LM head."""
+        top, cfg = self.weights.top, self.cfg
+        return F.linear(rms_norm(x, top["final_norm"].to(cfg.dtype), cfg.args.rms_eps), top["lm_head"].to(cfg.dtype))
 
     def decode_step(self, tok: Tensor, pos: Tensor, cache: KVCache) -> Tensor:  # (B, 1), (1,) -> (B, vocab)
         """One decode step with the position as a device tensor: no host synchronisation and no Python state
@@ -152,8 +154,7 @@ class RealModel:
         x = F.embedding(tok, w.top["embed"]).to(cfg.dtype)
         for layer, kv in zip(w.layers, cache.layers, strict=True):
             x = self._decode_layer(layer, x, rope, kv, cfg, pos, cache.start, length)
-        x = rms_norm(x, w.top["final_norm"].to(cfg.dtype), cfg.args.rms_eps)
-        return F.linear(x, w.top["lm_head"].to(cfg.dtype))[:, -1]
+        return self._logits(x)[:, -1]
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
