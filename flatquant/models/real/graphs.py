@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,6 +14,21 @@ if TYPE_CHECKING:
     from .model import RealModel
 
 
+def capture(fn: Callable[[], Tensor], device: torch.device) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """``(graph, output)`` of ``fn`` captured as a CUDA graph, after two warm-up calls on a side stream that
+    compile and autotune every kernel (capture must not see first-call work)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = fn()
+    return graph, out
+
+
 class CUDAGraphPrefill:
     """A prefill of ``(batch, length)`` tokens into one empty cache, replayed from a CUDA graph.
 
@@ -22,20 +38,14 @@ class CUDAGraphPrefill:
     """
 
     def __init__(self, model: RealModel, batch: int, length: int, cache: KVCache) -> None:
-        dev = model.device
         self.cache, self.length = cache, length
-        self.tok = torch.zeros(batch, length, dtype=torch.long, device=dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(2):
-                cache.seen = 0
-                model.forward(self.tok, cache, last_only=True)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        cache.seen = 0
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.out = model.forward(self.tok, cache, last_only=True)[:, -1]
+        self.tok = torch.zeros(batch, length, dtype=torch.long, device=model.device)
+
+        def prefill() -> Tensor:  # every call starts from the empty cache
+            cache.seen = 0
+            return model.forward(self.tok, cache, last_only=True)[:, -1]
+
+        self.graph, self.out = capture(prefill, model.device)
         cache.seen = 0
 
     def run(self, tokens: Tensor) -> Tensor:  # (B, T) -> (B, vocab), valid until the next run
@@ -59,15 +69,7 @@ class CUDAGraphDecoder:
         self.model, self.cache = model, cache
         self.tok = torch.zeros(cache.batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.full((1,), cache.seen, dtype=torch.long, device=dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(2):
-                model.decode_step(self.tok, self.pos, cache)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.out = model.decode_step(self.tok, self.pos, cache)
+        self.graph, self.out = capture(lambda: model.decode_step(self.tok, self.pos, cache), dev)
 
     def step(self, tok: Tensor) -> Tensor:  # (B,) -> (B, vocab), valid until the next step
         """Append ``tok`` at the next position and return the next-token logits."""
