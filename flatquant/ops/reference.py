@@ -104,9 +104,12 @@ def kron_quant_ref(
         ``codes``: ``(T, n/2)`` uint8 packed when ``pack`` (needs ``bits <= 4``), else ``(T, n)`` int8;
         ``scale``: ``(T,)`` fp32.
     """
-    y = kron_transform_ref(x, left, right, n1)
-    spec = QuantSpec(bits=bits, sym=True)
-    codes, scale, _ = quantize(y, spec, clip_lo=clip_lo.float(), clip_hi=clip_hi.float())
+    return _quantize_tokens(kron_transform_ref(x, left, right, n1), clip_lo, clip_hi, bits, pack)
+
+
+def _quantize_tokens(y: Tensor, clip_lo: Tensor, clip_hi: Tensor, bits: int, pack: bool) -> tuple[Tensor, Tensor]:
+    """Per-token symmetric codes (packed when ``pack``) and ``(T,)`` scales of transformed ``y (T, n)`` fp32."""
+    codes, scale, _ = quantize(y, QuantSpec(bits=bits, sym=True), clip_lo=clip_lo.float(), clip_hi=clip_hi.float())
     return (pack_int4_ref(codes) if pack else codes), scale.squeeze(-1)
 
 
@@ -121,13 +124,8 @@ def kron_quant_multi_ref(
 ) -> tuple[Tensor, Tensor]:
     """:func:`kron_quant_ref` for G clip pairs over one transform: ``(G, T, n/2 | n)`` codes, ``(G, T)`` scales."""
     y = kron_transform_ref(x, left, right, n1)
-    spec = QuantSpec(bits=bits, sym=True)
-    codes, scales = [], []
-    for c in clips:
-        q, scale, _ = quantize(y, spec, clip_lo=c[0].float(), clip_hi=c[1].float())
-        codes.append(pack_int4_ref(q) if pack else q)
-        scales.append(scale.squeeze(-1))
-    return torch.stack(codes), torch.stack(scales)
+    outs = [_quantize_tokens(y, c[0], c[1], bits, pack) for c in clips]
+    return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
 
 
 def kv_quant_ref(
