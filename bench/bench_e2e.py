@@ -539,11 +539,11 @@ def ppl(a: argparse.Namespace, device: torch.device) -> dict:
     """Real-path vs fake-path perplexity of an exported checkpoint on the first windows of the corpus."""
     from flatquant.api import from_transforms
     from flatquant.data import eval_windows, tokenize_corpus
-    from flatquant.evaluate import window_nlls as fake_nlls
+    from flatquant.evaluation.perplexity import real_window_nlls as window_nlls
+    from flatquant.evaluation.perplexity import window_nlls as fake_nlls
     from flatquant.export import export_checkpoint, load_checkpoint
     from flatquant.io import load_transforms
     from flatquant.models.hf import load
-    from flatquant.models.real import window_nlls
 
     weights, tok = load(a.ppl_model)
     flats, qcfg, tcfg, meta = load_transforms(a.ppl_transforms, weights.args)

@@ -22,7 +22,7 @@ _EXPORTS = {
     "tokenize_corpus": ("flatquant.data", "tokenize_corpus"),
     "calibration_windows": ("flatquant.data", "calibration_windows"),
     "eval_windows": ("flatquant.data", "eval_windows"),
-    "perplexity": ("flatquant.evaluate", "perplexity"),
+    "perplexity": ("flatquant.evaluation.perplexity", "perplexity"),
     "save_transforms": ("flatquant.io", "save_transforms"),
     "load_transforms": ("flatquant.io", "load_transforms"),
     "export_checkpoint": ("flatquant.export", "export_checkpoint"),

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from . import plot as plot_cmd
 from .api import GenerationConfig, fp_model, from_transforms, quantize_model, resolve_device
 from .calib.config import CalibConfig
 from .calib.loop import CalibrationMismatch, needs_data
@@ -30,9 +29,10 @@ from .data import (
     same_local_file,
     tokenize_corpus,
 )
-from .evaluate import EvalConfig, perplexity, perplexity_from_nlls
+from .evaluation import plots
+from .evaluation.lmeval import LMEvalUnavailable
+from .evaluation.perplexity import EvalConfig, perplexity, perplexity_from_nlls, real_window_nlls
 from .io import TransformFileError, load_transforms, save_transforms
-from .lmeval import LMEvalUnavailable
 from .models.hf import DEFAULT_MODEL, ModelLoadError, load
 from .presets import BIT_PRESETS, METHODS, bits_config, bits_preset, method_config
 
@@ -156,9 +156,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(d)
     d.set_defaults(eval_windows=6)
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
-    plot_cmd.add_parser(sub)
+    _add_plot_parser(sub)
     _add_real_parsers(sub)
     return ap
+
+
+def _add_plot_parser(sub: argparse._SubParsersAction) -> None:
+    """``plot`` (:func:`cmd_plot`)."""
+    p = sub.add_parser(
+        "plot", help="flatness figures (paper Fig. 1 and 2) as PNG files",
+        description="Sorted per-channel magnitudes of weights and activations (Fig. 1) and quantization error "
+                    "across layers and tokens (Fig. 2) for original/RTN, SmoothQuant-style, QuaRot-style and "
+                    "FlatQuant (from a transform folder).")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"HF model folder, .gguf file, cached hub id, or {DEFAULT_MODEL!r} (default)")
+    p.add_argument("--transforms", type=Path, default=None,
+                   help="folder written by `flatquant calibrate --method flatquant` (adds the FlatQuant curves "
+                        "and sets the bit setting); without it only the baselines are drawn")
+    p.add_argument("--preset", default="w4a4kv4", choices=sorted(BIT_PRESETS),
+                   help="bit setting when --transforms is not given (default w4a4kv4)")
+    p.add_argument("--layers", default="",
+                   help="comma-separated layer indices for Fig. 1, negative from the end (default: first, middle, "
+                        "last)")
+    p.add_argument("--sites", default="qkv,down",
+                   help=f"comma-separated activation sites for Fig. 1: {', '.join(plots.SITES)} (default qkv,down)")
+    p.add_argument("--reduce", choices=("max", "l2"), default="max",
+                   help="per-channel magnitude: max |.| (default) or L2 norm (the paper's measure)")
+    p.add_argument("--data", default=DEFAULT_CORPUS,
+                   help="corpus: SmoothQuant statistics from its train split, plotted activations from its test "
+                        "split (same choices as `calibrate --data`)")
+    p.add_argument("--nsamples", type=int, default=8, help="windows to measure and to take statistics on (default 8)")
+    p.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and random transforms")
+    p.add_argument("--out", type=Path, required=True, help="output folder for flatness.png and mse.png")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging (per-layer ratios and errors)")
 
 
 def quant_config_from_args(a: argparse.Namespace):
@@ -394,6 +426,30 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(a: argparse.Namespace) -> int:
+    """``flatquant plot``: load the model and transforms, build the baselines, write the two PNGs."""
+    device = resolve_device(a.device)
+    weights, tok = load(a.model)
+    bos = weights.args.bos_token_id
+    fq = None
+    meta: dict = {}
+    if a.transforms is not None:
+        flats_fq, qcfg, tcfg_fq, meta = load_transforms(a.transforms, weights.args)
+        fq = (flats_fq, tcfg_fq)
+        log.info("FlatQuant transforms from %s (%s, method %s)", a.transforms, qcfg.tag, meta.get("method"))
+    else:
+        qcfg = bits_preset(a.preset)
+    layers = plots.parse_layers(a.layers, weights.args.n_layers)
+    sites = [s.strip() for s in a.sites.split(",") if s.strip()]
+    calib = calibration_windows(tokenize_corpus(a.data, "train", tok, bos_token_id=bos), a.nsamples, a.seqlen,
+                                seed=a.seed)
+    test = eval_windows(tokenize_corpus(a.data, "test", tok, bos_token_id=bos), a.seqlen, a.nsamples)
+    plots.write_figures(weights, calib, test, qcfg, a.out, layers=layers, flatquant=fq,
+                        flatquant_calib=meta.get("calib"), sites=sites, reduce=a.reduce, seed=a.seed, device=device,
+                        name=Path(str(a.model)).name)
+    return 0
+
+
 def _add_real_parsers(sub: argparse._SubParsersAction) -> None:
     """``export``, ``generate`` and ``lm-eval``."""
     x = sub.add_parser("export", help="write a real quantized checkpoint (packed int4 + transforms) from transforms",
@@ -567,15 +623,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 def cmd_eval_real(a: argparse.Namespace) -> int:
     """``flatquant eval --real --checkpoint CKPT``: perplexity on the real path."""
-    from .models.real import window_nlls
-
     if a.checkpoint is None:
         raise ValueError("--real needs --checkpoint (a folder written by `flatquant export`)")
     _check_inputs(a, evaluate=True)
     model, tok, _ = _load_real(a.checkpoint, a.device, a.model)
     windows = _test_windows(a, tok, model.cfg.args.bos_token_id)
     t0 = time.time()
-    ppl = perplexity_from_nlls(window_nlls(model, windows), "real-path perplexity")
+    ppl = perplexity_from_nlls(real_window_nlls(model, windows), "real-path perplexity")
     row = {"method": "real", "bits": model.cfg.qcfg.tag, "ppl": ppl, "calib_seconds": 0.0,
            "eval_seconds": time.time() - t0, "key": ""}
     if a.out is not None:
@@ -589,7 +643,7 @@ def cmd_lm_eval(a: argparse.Namespace) -> int:
     """``flatquant lm-eval``."""
     import tempfile
 
-    from .lmeval import run_lm_eval
+    from .evaluation.lmeval import run_lm_eval
     from .models.hf_real import FakeModel, FlatQuantForCausalLM
 
     for flag, value, low in (("--limit", a.limit, 1), ("--batch-size", a.batch_size, 1),
@@ -627,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     handlers = {"calibrate": cmd_calibrate, "eval": cmd_eval, "compare": cmd_compare, "demo": cmd_demo,
-                "plot": plot_cmd.run, "export": cmd_export, "generate": cmd_generate, "lm-eval": cmd_lm_eval}
+                "plot": cmd_plot, "export": cmd_export, "generate": cmd_generate, "lm-eval": cmd_lm_eval}
     try:
         return handlers[a.cmd](a)
     except USER_ERRORS as e:

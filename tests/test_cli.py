@@ -306,6 +306,24 @@ def test_eval_transforms_uses_the_recorded_model(tiny, calibrated, tmp_path, mon
     assert "gone" in line and "pass --model" in line
 
 
+def test_plot_with_transforms(tiny, calibrated, tmp_path, monkeypatch, caplog):
+    """``flatquant plot`` (its command line lives in cli.py): the FlatQuant curves join the baselines."""
+    pytest.importorskip("matplotlib")
+    from flatquant.cli import build_parser, main
+
+    a = build_parser().parse_args(["plot", "--out", "x", "--layers", "0,-1", "--nsamples", "2"])
+    assert (a.layers, a.nsamples, a.sites, a.reduce, a.preset) == ("0,-1", 2, "qkv,down", "max", "w4a4kv4")
+    root, folder, data = tiny
+    tr, _ = calibrated
+    monkeypatch.setenv("FLATQUANT_CACHE", str(root / "c"))
+    out = tmp_path / "out"
+    with caplog.at_level("INFO"):
+        assert main(["plot", "--model", str(folder), "--transforms", str(tr), "--data", str(data),
+                     "--nsamples", "2", "--seqlen", "16", "--out", str(out), "--device", "cpu", "--layers", "1"]) == 0
+    assert "FlatQuant transforms from" in caplog.text and "'flatquant':" in caplog.text
+    assert (out / "flatness.png").stat().st_size > 10_000 and (out / "mse.png").stat().st_size > 10_000
+
+
 def test_generate_without_checkpoint_runs_the_fp_model(tiny, monkeypatch, capsys):
     import torch
 

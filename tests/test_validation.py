@@ -12,7 +12,7 @@ from flatquant.calib.config import CalibConfig
 from flatquant.calib.guard import NonFiniteError, check_layer_finite, check_perplexity_finite
 from flatquant.core.spec import QuantConfig, QuantSpec, TransformConfig
 from flatquant.data import DataError, check_source, eval_windows, load_texts, same_local_file
-from flatquant.evaluate import EvalConfig, perplexity, perplexity_from_nlls
+from flatquant.evaluation.perplexity import EvalConfig, perplexity, perplexity_from_nlls
 from flatquant.models import hf
 from flatquant.presets import bits_config
 from tests.helpers import tiny_model, tokens

@@ -10,9 +10,10 @@ import torch
 
 from flatquant.calib.config import CalibConfig
 from flatquant.calib.loop import calibrate, reparameterize
+from flatquant.evaluation.perplexity import real_window_nlls
 from flatquant.export import export_checkpoint, load_checkpoint
 from flatquant.models.model import forward
-from flatquant.models.real import decode_layer, rope_at, window_nlls
+from flatquant.models.real import decode_layer, rope_at
 from flatquant.presets import bits_preset, method_config
 from tests.helpers import TINY, tiny_model, tokens
 
@@ -107,13 +108,13 @@ def test_decode_layer_compiles_without_graph_breaks(pair) -> None:
     torch.testing.assert_close(compiled(layer, x, rope, kv, real.cfg, idx, start, length), eager)
 
 
-def test_window_nlls(pair) -> None:
+def test_real_window_nlls(pair) -> None:
     fake, real = pair
     x = tokens(2, 12, seed=2)
     logits = forward(fake, x, Q)
     want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), x[:, 1:].reshape(-1),
                                              reduction="none").view(2, -1).mean(1)
-    torch.testing.assert_close(window_nlls(real, x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(real_window_nlls(real, x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_graph_capturable_decode_step_equals_forward(pair) -> None:

@@ -29,7 +29,7 @@ from .cache import KVCache, LayerKV, new_cache
 from .config import RealConfig, kernel_supported, kv_packed
 from .graphs import CUDAGraphDecoder, CUDAGraphPrefill
 from .linear import FakeLinear, FusedQLinear, Linear, fuse_linears, gemm4, real_linear
-from .model import CompiledOrEager, RealModel, window_nlls
+from .model import CompiledOrEager, RealModel
 from .sampling import check_sampling, sample
 from .step import attention_step, decode_layer, layer_step, rope_at
 from .weights import RealLayer, RealWeights, layer_from_tensors
@@ -37,4 +37,4 @@ from .weights import RealLayer, RealWeights, layer_from_tensors
 __all__ = ["FUSED_GROUPS", "CUDAGraphDecoder", "CUDAGraphPrefill", "CompiledOrEager", "FakeLinear",
            "FusedQLinear", "KVCache", "LayerKV", "Linear", "RealConfig", "RealLayer", "RealModel", "RealWeights",
            "attention_step", "check_sampling", "decode_layer", "fuse_linears", "gemm4", "kernel_supported", "kv_packed",
-           "layer_from_tensors", "layer_step", "new_cache", "real_linear", "rope_at", "sample", "window_nlls"]
+           "layer_from_tensors", "layer_step", "new_cache", "real_linear", "rope_at", "sample"]

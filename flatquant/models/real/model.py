@@ -179,16 +179,3 @@ class RealModel:
                 if bool(done.all()):
                     return
             logits = graph.step(nxt) if graph is not None else self.forward(nxt[:, None], cache)[:, -1]
-
-
-@torch.no_grad()
-def window_nlls(model: RealModel, windows: Tensor, *, batch_size: int = 1) -> Tensor:  # (N, T) -> (N,)
-    """Mean next-token cross-entropy of each window on the real path (one prefill per batch, KV4 included)."""
-    out = []
-    for s in range(0, windows.shape[0], batch_size):
-        tok = windows[s:s + batch_size].to(model.device)
-        logits = model.forward(tok).float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tok[:, 1:].reshape(-1),
-                               reduction="none").view(tok.shape[0], -1).mean(1)
-        out.append(loss.cpu())
-    return torch.cat(out)

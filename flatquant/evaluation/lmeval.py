@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .data import DEFAULT_CORPUS, DataError, load_texts
+from ..data import DEFAULT_CORPUS, DataError, load_texts
 
 log = logging.getLogger(__name__)
 CLOZE_TASK = "flatquant_cloze"

@@ -1,20 +1,29 @@
-"""Perplexity over non-overlapping windows (spec §4.1)."""
+"""Perplexity over non-overlapping windows (spec §4.1), on the fake path and on the real engine.
+
+Both paths share one batch loop (:func:`nlls_from_logits`); they differ only in the function that turns a batch of
+windows into logits (the layer-by-layer fake forward, or :meth:`RealModel.forward`).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .calib.guard import NonFiniteError, check_perplexity_finite
-from .core.spec import QuantConfig
-from .data import DEFAULT_CORPUS
-from .models.layer import layer_forward
-from .models.model import ModelWeights, embed, head, rope_for
+from ..calib.guard import NonFiniteError, check_perplexity_finite
+from ..core.spec import QuantConfig
+from ..data import DEFAULT_CORPUS
+from ..models.layer import layer_forward
+from ..models.model import ModelWeights, embed, head, rope_for
+
+if TYPE_CHECKING:
+    from ..models.real import RealModel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +71,40 @@ def perplexity_from_nlls(nlls: Tensor, what: str = "perplexity") -> float:  # nl
 
 
 @torch.no_grad()
+def nlls_from_logits(
+    logits_fn: Callable[[Tensor], Tensor],  # (B, T) int64 on device -> (B, T, vocab)
+    windows: Tensor,  # (N, T) int64
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 1,
+    desc: str | None = None,
+) -> Tensor:  # (N,) fp32 on CPU
+    """Mean next-token cross-entropy of each window, ``batch_size`` windows per call of ``logits_fn``.
+
+    Args:
+        logits_fn: the model: token ids ``(B, T)`` on ``device`` to logits ``(B, T, vocab)``.
+        windows: the windows, on any device (each batch is moved to ``device``).
+        desc: label of a progress bar (shown on a terminal only); ``None``: no bar.
+
+    Raises:
+        ValueError: no windows, windows shorter than 2 tokens, or ``batch_size < 1``.
+    """
+    check_windows(windows)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    out = []
+    starts = range(0, windows.shape[0], batch_size)
+    for s in starts if desc is None else tqdm(starts, desc=desc, leave=False, disable=None):
+        tok = windows[s:s + batch_size].to(device)
+        logits = logits_fn(tok).float()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tok[:, 1:].reshape(-1),
+                               reduction="none").view(tok.shape[0], -1).mean(1)
+        out.append(loss.cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def window_nlls(
     weights: ModelWeights,
     windows: Tensor,  # (N, T) int64
@@ -71,29 +114,33 @@ def window_nlls(
     batch_size: int = 1,
     desc: str = "perplexity",
 ) -> Tensor:  # (N,)
-    """Mean next-token cross-entropy of each window, run layer by layer on ``device``.
+    """Mean next-token cross-entropy of each window on the fake path, run layer by layer on ``device``.
 
     Raises:
         ValueError: no windows, or windows shorter than 2 tokens.
     """
     check_windows(windows)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     qcfg = qcfg or QuantConfig()
     on_dev = weights.to(device)
     rope = rope_for(on_dev, windows.shape[1], device)
-    out = []
-    for s in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False, disable=None):
-        tok = windows[s:s + batch_size].to(device)
+
+    def logits(tok: Tensor) -> Tensor:  # (B, T) -> (B, T, vocab)
         x = embed(on_dev, tok)
         for p in on_dev.layers:
             x = layer_forward(p, x, rope, on_dev.args, qcfg)
-        logits = head(on_dev, x).float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tok[:, 1:].reshape(-1),
-                               reduction="none").view(tok.shape[0], -1).mean(1)
-        out.append(loss.cpu())
-    return torch.cat(out)
+        return head(on_dev, x)
+
+    return nlls_from_logits(logits, windows, device=device, batch_size=batch_size, desc=desc)
+
+
+def real_window_nlls(model: RealModel, windows: Tensor, *, batch_size: int = 1) -> Tensor:  # (N, T) -> (N,)
+    """Mean next-token cross-entropy of each window on the real engine (one prefill per batch, KV4 included).
+
+    Raises:
+        ValueError: no windows, or windows shorter than 2 tokens.
+    """
+    return nlls_from_logits(model.forward, windows, device=model.device, batch_size=batch_size)
 
 
 def perplexity(weights: ModelWeights, windows: Tensor, qcfg: QuantConfig | None = None, **kw) -> float:

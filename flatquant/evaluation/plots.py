@@ -24,19 +24,19 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .core.spec import QuantConfig, TransformConfig
-from .models.flat import fold_layer
-from .models.layer import Rope, layer_forward, linear, quant_act
-from .models.model import ModelWeights, embed, rope_for
-from .models.sites import SITES as SITE_MAP
-
-if TYPE_CHECKING:
-    import argparse
+from ..calib.config import CalibConfig
+from ..calib.loop import calibrate, needs_data
+from ..core.spec import QuantConfig, TransformConfig
+from ..models.flat import fold_layer
+from ..models.layer import Rope, layer_forward, linear, quant_act
+from ..models.model import ModelWeights, embed, rope_for
+from ..models.sites import SITES as SITE_MAP
+from ..presets import method_config
 
 log = logging.getLogger(__name__)
 Params = dict[str, Tensor]
@@ -377,47 +377,6 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
     return out
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register the ``plot`` subcommand on an argparse ``subparsers`` object; returns its parser.
-
-    The handler is :func:`run` (set as the ``handler`` default).
-    """
-    from .data import DEFAULT_CORPUS
-    from .models.hf import DEFAULT_MODEL
-    from .presets import BIT_PRESETS
-
-    p = subparsers.add_parser(
-        "plot", help="flatness figures (paper Fig. 1 and 2) as PNG files",
-        description="Sorted per-channel magnitudes of weights and activations (Fig. 1) and quantization error "
-                    "across layers and tokens (Fig. 2) for original/RTN, SmoothQuant-style, QuaRot-style and "
-                    "FlatQuant (from a transform folder).")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"HF model folder, .gguf file, cached hub id, or {DEFAULT_MODEL!r} (default)")
-    p.add_argument("--transforms", type=Path, default=None,
-                   help="folder written by `flatquant calibrate --method flatquant` (adds the FlatQuant curves "
-                        "and sets the bit setting); without it only the baselines are drawn")
-    p.add_argument("--preset", default="w4a4kv4", choices=sorted(BIT_PRESETS),
-                   help="bit setting when --transforms is not given (default w4a4kv4)")
-    p.add_argument("--layers", default="",
-                   help="comma-separated layer indices for Fig. 1, negative from the end (default: first, middle, "
-                        "last)")
-    p.add_argument("--sites", default="qkv,down",
-                   help=f"comma-separated activation sites for Fig. 1: {', '.join(SITES)} (default qkv,down)")
-    p.add_argument("--reduce", choices=("max", "l2"), default="max",
-                   help="per-channel magnitude: max |.| (default) or L2 norm (the paper's measure)")
-    p.add_argument("--data", default=DEFAULT_CORPUS,
-                   help="corpus: SmoothQuant statistics from its train split, plotted activations from its test "
-                        "split (same choices as `calibrate --data`)")
-    p.add_argument("--nsamples", type=int, default=8, help="windows to measure and to take statistics on (default 8)")
-    p.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and random transforms")
-    p.add_argument("--out", type=Path, required=True, help="output folder for flatness.png and mse.png")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--verbose", "-v", action="store_true", help="debug logging (per-layer ratios and errors)")
-    p.set_defaults(handler=run)
-    return p
-
-
 def baseline_flats(
     weights: ModelWeights, calib_tokens: Tensor, qcfg: QuantConfig, *, seed: int = 0,
     device: torch.device | str = "cpu",
@@ -426,10 +385,6 @@ def baseline_flats(
 
     SmoothQuant takes activation maxima of ``calib_tokens (N, T)``; the other two are data-free.
     """
-    from .calib.config import CalibConfig
-    from .calib.loop import calibrate, needs_data
-    from .presets import method_config
-
     n = calib_tokens.shape[0]
     bs = max(b for b in (4, 3, 2, 1) if n % b == 0)
     ccfg = CalibConfig(nsamples=n, seqlen=calib_tokens.shape[1], batch_size=bs, epochs=0, seed=seed)
@@ -444,47 +399,51 @@ def baseline_flats(
     return flats, tcfgs
 
 
-def run(args: argparse.Namespace) -> int:
-    """``flatquant plot``: load the model and transforms, build the baselines, write the two PNGs."""
-    from .api import resolve_device
-    from .data import calibration_windows, eval_windows, tokenize_corpus
-    from .io import load_transforms
-    from .models.hf import load
-    from .presets import bits_preset
+def write_figures(
+    weights: ModelWeights,
+    calib_tokens: Tensor,  # (N, T) int64: the SmoothQuant statistics are taken on these
+    test_tokens: Tensor,  # (N, T) int64: the plotted activations and errors are measured on these
+    qcfg: QuantConfig,
+    out_dir: Path,
+    *,
+    layers: Sequence[int],
+    flatquant: tuple[list[Params], TransformConfig] | None = None,
+    flatquant_calib: dict | None = None,
+    sites: Sequence[str] = ("qkv", "down"),
+    reduce: Reduce = "max",
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    name: str = "",
+) -> tuple[Path, Path]:
+    """Build the baselines (:func:`baseline_flats`), add FlatQuant's transforms, write both figures.
 
-    device = resolve_device(args.device)
-    weights, tok = load(args.model)
-    bos = weights.args.bos_token_id
-    fq: tuple[list[Params], TransformConfig] | None = None
-    meta: dict = {}
-    if args.transforms is not None:
-        flats_fq, qcfg, tcfg_fq, meta = load_transforms(args.transforms, weights.args)
-        fq = (flats_fq, tcfg_fq)
-        log.info("FlatQuant transforms from %s (%s, method %s)", args.transforms, qcfg.tag, meta.get("method"))
-    else:
-        qcfg = bits_preset(args.preset)
-    layers = parse_layers(args.layers, weights.args.n_layers)
-    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
-    calib = calibration_windows(tokenize_corpus(args.data, "train", tok, bos_token_id=bos), args.nsamples,
-                                args.seqlen, seed=args.seed)
-    test = eval_windows(tokenize_corpus(args.data, "test", tok, bos_token_id=bos), args.seqlen, args.nsamples)
-    flats, tcfgs = baseline_flats(weights, calib, qcfg, seed=args.seed, device=device)
-    if fq is not None:
-        flats["flatquant"], tcfgs["flatquant"] = fq
-    name = Path(str(args.model)).name
-    span = f"{test.shape[0]}×{test.shape[1]} held-out tokens"
-    if fq is not None and isinstance(meta.get("calib"), dict):
-        c = meta["calib"]
+    Args:
+        layers: layer indices of Figure 1 (see :func:`parse_layers`).
+        flatquant: calibrated FlatQuant transforms and their config (e.g. from
+            :func:`flatquant.io.load_transforms`); without them only the baselines are drawn.
+        flatquant_calib: the calibration settings recorded with those transforms (``nsamples``, ``seqlen``,
+            ``epochs``), named in the titles.
+        name: the model's name in the titles.
+
+    Returns:
+        The paths of ``out_dir/flatness.png`` (Figure 1) and ``out_dir/mse.png`` (Figure 2).
+    """
+    flats, tcfgs = baseline_flats(weights, calib_tokens, qcfg, seed=seed, device=device)
+    if flatquant is not None:
+        flats["flatquant"], tcfgs["flatquant"] = flatquant
+    span = f"{test_tokens.shape[0]}×{test_tokens.shape[1]} held-out tokens"
+    if flatquant is not None and isinstance(flatquant_calib, dict):
+        c = flatquant_calib
         span += (f"\nFlatQuant transforms calibrated on {c.get('nsamples')}×{c.get('seqlen')} tokens, "
                  f"{c.get('epochs')} epoch(s)")
-    flatness_figure(weights, flats, tcfgs, qcfg, test, layers, Path(args.out) / "flatness.png", sites=sites,
-                    reduce=args.reduce, device=device,
-                    title=f"{name}: sorted per-channel {'max |·|' if args.reduce == 'max' else 'L2 norm'} of folded "
-                          f"weights and of the activations the linears see ({qcfg.tag}, {span})")
-    mse_figure(weights, flats, tcfgs, qcfg, test, Path(args.out) / "mse.png", device=device,
-               title=f"{name}: {qcfg.tag} quantization error per layer and per token ({span}; each layer fed FP "
-                     f"hidden states)")
-    return 0
+    fig1 = flatness_figure(weights, flats, tcfgs, qcfg, test_tokens, layers, Path(out_dir) / "flatness.png",
+                           sites=sites, reduce=reduce, device=device,
+                           title=f"{name}: sorted per-channel {'max |·|' if reduce == 'max' else 'L2 norm'} of "
+                                 f"folded weights and of the activations the linears see ({qcfg.tag}, {span})")
+    fig2 = mse_figure(weights, flats, tcfgs, qcfg, test_tokens, Path(out_dir) / "mse.png", device=device,
+                      title=f"{name}: {qcfg.tag} quantization error per layer and per token ({span}; each layer fed "
+                            f"FP hidden states)")
+    return fig1, fig2
 
 
 def ratio_summary(stats: dict[str, dict[int, dict[str, dict[str, Tensor]]]]) -> dict[str, float]:

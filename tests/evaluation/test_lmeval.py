@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flatquant.lmeval import CLOZE_TASK, cloze_examples, write_cloze_task
+from flatquant.evaluation.lmeval import CLOZE_TASK, cloze_examples, write_cloze_task
 from tests.test_cli import TEXT, make_tiny_hf_folder
 
 DOCS = [TEXT[i * 700:(i + 1) * 700 + 300] for i in range(6)]
@@ -34,8 +34,8 @@ def test_lm_eval_runs_cloze_fake_and_real(tmp_path: Path, monkeypatch) -> None:
     pytest.importorskip("lm_eval")
     from flatquant.calib.config import CalibConfig
     from flatquant.calib.loop import calibrate, reparameterize
+    from flatquant.evaluation.lmeval import run_lm_eval
     from flatquant.export import export_checkpoint, load_checkpoint
-    from flatquant.lmeval import run_lm_eval
     from flatquant.models.hf import load
     from flatquant.models.hf_real import FakeModel, FlatQuantForCausalLM
     from flatquant.presets import bits_preset, method_config
