@@ -541,9 +541,9 @@ def ppl(a: argparse.Namespace, device: torch.device) -> dict:
     from flatquant.data import eval_windows, tokenize_corpus
     from flatquant.evaluation.perplexity import real_window_nlls as window_nlls
     from flatquant.evaluation.perplexity import window_nlls as fake_nlls
-    from flatquant.export import export_checkpoint, load_checkpoint
     from flatquant.io import load_transforms
     from flatquant.models.hf import load
+    from flatquant.models.real.checkpoint import export_checkpoint, load_checkpoint
 
     weights, tok = load(a.ppl_model)
     flats, qcfg, tcfg, meta = load_transforms(a.ppl_transforms, weights.args)

@@ -37,7 +37,7 @@ def _sync(device: torch.device) -> None:
 
 def time_ours(ckpt: Path, ids: torch.Tensor, new: int, device: torch.device) -> dict:
     """Warm-up and timed greedy generation on the real engine: seconds to the first token and tokens/s after it."""
-    from flatquant.export import load_checkpoint
+    from flatquant.models.real.checkpoint import load_checkpoint
 
     t0 = time.perf_counter()
     model = load_checkpoint(ckpt, device)
@@ -114,8 +114,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = a.checkpoint
         if ckpt is None:
-            from flatquant.export import export_checkpoint
             from flatquant.io import load_transforms
+            from flatquant.models.real.checkpoint import export_checkpoint
 
             flats, qcfg, tcfg, meta = load_transforms(a.transforms, weights.args)
             ckpt = Path(tmp) / "ck"

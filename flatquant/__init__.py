@@ -25,7 +25,7 @@ _EXPORTS = {
     "perplexity": ("flatquant.evaluation.perplexity", "perplexity"),
     "save_transforms": ("flatquant.io", "save_transforms"),
     "load_transforms": ("flatquant.io", "load_transforms"),
-    "export_checkpoint": ("flatquant.export", "export_checkpoint"),
+    "export_checkpoint": ("flatquant.models.real.checkpoint", "export_checkpoint"),
 }
 __all__ = ["__version__", "load", *_EXPORTS]
 
@@ -39,11 +39,12 @@ def __getattr__(name: str) -> Any:
 
 
 def load(path, device="cpu", **kwargs):
-    """Load a real quantized checkpoint written by ``flatquant export`` (see :func:`flatquant.export.load_checkpoint`).
+    """Load a real quantized checkpoint written by ``flatquant export`` (see
+    :func:`flatquant.models.real.checkpoint.load_checkpoint`).
 
     Returns a :class:`flatquant.models.real.RealModel`; wrap it with
     ``flatquant.models.hf_real.FlatQuantForCausalLM.wrap(model, tokenizer)`` for ``generate()`` and lm-eval.
     """
-    from .export import load_checkpoint
+    from .models.real.checkpoint import load_checkpoint
 
     return load_checkpoint(path, device, **kwargs)

@@ -39,8 +39,9 @@ from .presets import BIT_PRESETS, METHODS, bits_config, bits_preset, method_conf
 log = logging.getLogger("flatquant")
 USER_ERRORS = (ModelLoadError, DataError, TransformFileError, CalibrationMismatch, LMEvalUnavailable, ValueError,
                FileNotFoundError)
-"""Errors reported in one line with exit 2 (``export.CheckpointError`` is a ``ValueError``; the export module, and
-with it Triton, is imported only by the commands that need it, so ``--help`` stays light)."""
+"""Errors reported in one line with exit 2 (``models.real.checkpoint.CheckpointError`` is a ``ValueError``; the
+checkpoint module, and with it the engine and Triton, is imported only by the commands that need it, so ``--help``
+stays light)."""
 
 
 def _add_model(p: argparse.ArgumentParser, *, default: str | None = DEFAULT_MODEL) -> None:
@@ -543,7 +544,7 @@ def _load_for_transforms(transforms: Path, given: str | None):
 
 def cmd_export(a: argparse.Namespace) -> int:
     """``flatquant export``."""
-    from .export import declared_dtype, export_checkpoint
+    from .models.real.checkpoint import declared_dtype, export_checkpoint
 
     if not a.shard_gb > 0 or a.shard_gb == float("inf"):
         raise ValueError(f"--shard-gb {a.shard_gb}: the shard size must be a positive number of GB")
@@ -560,7 +561,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def _load_real(checkpoint: Path, device: str, model: str | None = None):
     """``(real model, tokenizer, device)``; the tokenizer comes from ``model`` when the checkpoint has none."""
-    from .export import CheckpointError, load_checkpoint, load_tokenizer
+    from .models.real.checkpoint import CheckpointError, load_checkpoint, load_tokenizer
 
     dev = resolve_device(device)
     real = load_checkpoint(checkpoint, dev)

@@ -11,9 +11,9 @@ import torch
 from flatquant.calib.config import CalibConfig
 from flatquant.calib.loop import calibrate, reparameterize
 from flatquant.evaluation.perplexity import real_window_nlls
-from flatquant.export import export_checkpoint, load_checkpoint
 from flatquant.models.model import forward
 from flatquant.models.real import decode_layer, rope_at
+from flatquant.models.real.checkpoint import export_checkpoint, load_checkpoint
 from flatquant.presets import bits_preset, method_config
 from tests.helpers import TINY, tiny_model, tokens
 

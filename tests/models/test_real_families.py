@@ -21,10 +21,10 @@ import transformers
 from flatquant.calib.config import CalibConfig
 from flatquant.calib.loop import calibrate, reparameterize
 from flatquant.core.spec import QuantConfig
-from flatquant.export import export_checkpoint, load_checkpoint
 from flatquant.models import hf
 from flatquant.models.flat import fold_layer, init_flat_params
 from flatquant.models.model import forward
+from flatquant.models.real.checkpoint import export_checkpoint, load_checkpoint
 from flatquant.presets import bits_preset, method_config
 
 Q = bits_preset("w4a4kv4")

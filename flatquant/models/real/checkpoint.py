@@ -42,17 +42,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .calib.workdir import fsync_path
-from .core.kron import decompose_dim
-from .core.quant import fake_quant, qparams, quantize, quantize_codes
-from .core.spec import QuantConfig, QuantSpec, TransformConfig
-from .io import quant_config_from_dict, read_format_json
-from .models.args import HEAD_NORMS, LINEARS, ModelArgs
-from .models.flat import fold_layer, site_dim
-from .models.model import ModelWeights
-from .models.real import RealConfig, RealModel, RealWeights, kernel_supported, layer_from_tensors
-from .models.sites import KRON_SITES
-from .ops import pack_int4
+from ...calib.workdir import fsync_path
+from ...core.kron import decompose_dim
+from ...core.quant import fake_quant, qparams, quantize, quantize_codes
+from ...core.spec import QuantConfig, QuantSpec, TransformConfig
+from ...io import quant_config_from_dict, read_format_json
+from ...ops import pack_int4
+from ..args import HEAD_NORMS, LINEARS, ModelArgs
+from ..flat import fold_layer, site_dim
+from ..model import ModelWeights
+from ..sites import KRON_SITES
+from .config import RealConfig, kernel_supported
+from .model import RealModel
+from .weights import RealWeights, layer_from_tensors
 
 log = logging.getLogger(__name__)
 Params = dict[str, Tensor]

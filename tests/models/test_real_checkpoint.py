@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import flatquant.export as export_mod
+import flatquant.models.real.checkpoint as export_mod
 from flatquant.calib.config import CalibConfig
 from flatquant.calib.loop import calibrate, reparameterize
 from flatquant.core.quant import fake_quant
-from flatquant.export import (
+from flatquant.models.flat import fold_layer
+from flatquant.models.model import forward
+from flatquant.models.real.checkpoint import (
     CheckpointError,
     config_checksum,
     declared_dtype,
@@ -28,8 +30,6 @@ from flatquant.export import (
     quantize_rows_int8,
     read_config,
 )
-from flatquant.models.flat import fold_layer
-from flatquant.models.model import forward
 from flatquant.ops import unpack_int4
 from flatquant.presets import bits_preset, method_config
 from tests.helpers import TINY, TINY_QWEN, tiny_model, tokens
@@ -75,6 +75,7 @@ def test_public_load_entry_point(exported) -> None:
     _, _, out = exported
     x = tokens(1, 8, seed=6)
     assert torch.equal(flatquant.load(out)(x), load_checkpoint(out)(x))
+    assert flatquant.export_checkpoint is export_checkpoint  # the format lives in models/real; the name stays public
 
 
 def test_codes_reproduce_fake_weights(exported) -> None:
