@@ -22,11 +22,12 @@ from env import environment  # noqa: E402
 
 from flatquant.calib.config import CalibConfig  # noqa: E402
 from flatquant.calib.loop import fp_layer_pass, make_grad_fn, resolve_amp, train_layer  # noqa: E402
+from flatquant.calib.methods import method_config  # noqa: E402
 from flatquant.models.args import ModelArgs  # noqa: E402
 from flatquant.models.flat import init_flat_params  # noqa: E402
 from flatquant.models.model import rope_for  # noqa: E402
 from flatquant.models.random import LLAMA2_7B, LLAMA3_8B, random_weights  # noqa: E402
-from flatquant.presets import bits_preset, method_config  # noqa: E402
+from flatquant.presets import bits_preset  # noqa: E402
 
 SHAPES = {
     "llama3-8b": LLAMA3_8B,

@@ -88,8 +88,9 @@ def measure(folder: Path, device: str, nsamples: int, seqlen: int, epochs: int, 
 
     from flatquant.calib.config import CalibConfig
     from flatquant.calib.loop import calibrate
+    from flatquant.calib.methods import method_config
     from flatquant.models import hf
-    from flatquant.presets import bits_preset, method_config
+    from flatquant.presets import bits_preset
 
     dev = torch.device(device)
     if dev.type == "cuda":

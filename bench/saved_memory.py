@@ -28,10 +28,11 @@ from bench_calib import SHAPES  # noqa: E402
 from env import environment  # noqa: E402
 
 from flatquant.calib.loop import fp_layer_pass, layer_loss  # noqa: E402
+from flatquant.calib.methods import method_config  # noqa: E402
 from flatquant.models.flat import init_flat_params  # noqa: E402
 from flatquant.models.model import rope_for  # noqa: E402
 from flatquant.models.random import random_weights  # noqa: E402
-from flatquant.presets import bits_preset, method_config  # noqa: E402
+from flatquant.presets import bits_preset  # noqa: E402
 
 
 def saved_bytes(fn) -> int:

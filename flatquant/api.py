@@ -13,10 +13,10 @@ from torch import Tensor
 
 from .calib.config import CalibConfig
 from .calib.gptq import gptq_model
-from .calib.loop import calibrate, needs_data, reparameterize
+from .calib.loop import calibrate, reparameterize
+from .calib.methods import METHODS, Method, apply_global_transform, get_method, needs_data
 from .core.spec import QuantConfig, TransformConfig
 from .models.model import ModelWeights
-from .presets import method_config
 
 if TYPE_CHECKING:
     from .models.real import RealModel
@@ -49,7 +49,7 @@ def resolve_device(device: str) -> torch.device:
 def quantize_model(
     weights: ModelWeights,
     *,
-    method: str,
+    method: str | Method,
     qcfg: QuantConfig,
     ccfg: CalibConfig,
     calib_tokens: Tensor | None,
@@ -59,12 +59,30 @@ def quantize_model(
 ) -> QuantizedModel:
     """Calibrate ``method`` (if it learns anything), fold transforms into weights, quantize weights.
 
-    ``method="fp"`` returns the model unchanged. ``workdir`` holds per-layer progress for resume.
+    Args:
+        method: a registered method's name (:data:`flatquant.calib.methods.METHODS`) or a
+            :class:`~flatquant.calib.methods.Method`; the unquantized one (``fp``) returns the model unchanged.
+        calib_tokens: calibration windows ``(N, T)``; used only when the transforms need data (or for GPTQ).
+        workdir: holds per-layer progress for resume.
+        tcfg: per-layer transforms replacing the method's (``method`` may then be an unregistered name, a label).
+
+    Raises:
+        ValueError: an unknown method name (without ``tcfg``); a method or GPTQ that needs data without
+            ``calib_tokens``.
+        NotImplementedError: a method with a global transform (a documented slot only).
     """
-    if method == "fp":
-        return QuantizedModel(weights, [], QuantConfig(), method_config("rtn"), "fp", 0.0)
-    tcfg = tcfg or method_config(method)
+    if isinstance(method, Method):
+        m: Method | None = method
+    else:
+        m = get_method(method) if tcfg is None else METHODS.get(method)
+    name = method.name if isinstance(method, Method) else method
+    if m is not None and not m.quantize:
+        return QuantizedModel(weights, [], QuantConfig(), m.layer, name, 0.0)
+    if tcfg is None:
+        assert m is not None, "get_method returned a method"
+        tcfg = m.layer
     t0 = time.time()
+    weights = apply_global_transform(weights, m)
     flats = calibrate(weights, calib_tokens if needs_data(tcfg) else None, qcfg, tcfg, ccfg, device=device,
                       workdir=workdir)
     if ccfg.weight_quantizer == "gptq" and qcfg.w.enabled:
@@ -74,7 +92,7 @@ def quantize_model(
         folded = gptq_model(folded, calib_tokens, qcfg, ccfg, device=device)
     else:
         folded = reparameterize(weights, flats, qcfg, tcfg)
-    return QuantizedModel(folded, flats, qcfg, tcfg, method, time.time() - t0)
+    return QuantizedModel(folded, flats, qcfg, tcfg, name, time.time() - t0)
 
 
 def from_transforms(weights: ModelWeights, flats: list[dict[str, Tensor]], qcfg: QuantConfig,

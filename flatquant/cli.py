@@ -19,7 +19,8 @@ import torch
 
 from .api import GenerationConfig, fp_model, from_transforms, quantize_model, resolve_device
 from .calib.config import CalibConfig
-from .calib.loop import CalibrationMismatch, needs_data
+from .calib.loop import CalibrationMismatch
+from .calib.methods import DEFAULT_METHOD, METHODS, UNQUANTIZED, get_method, method_names
 from .data import (
     DEFAULT_CORPUS,
     DataError,
@@ -34,7 +35,7 @@ from .evaluation.lmeval import LMEvalUnavailable
 from .evaluation.perplexity import EvalConfig, perplexity, perplexity_from_nlls, real_window_nlls
 from .io import TransformFileError, load_transforms, save_transforms
 from .models.hf import DEFAULT_MODEL, ModelLoadError, load
-from .presets import BIT_PRESETS, METHODS, bits_config, bits_preset, method_config
+from .presets import BIT_PRESETS, bits_config, bits_preset
 
 log = logging.getLogger("flatquant")
 USER_ERRORS = (ModelLoadError, DataError, TransformFileError, CalibrationMismatch, LMEvalUnavailable, ValueError,
@@ -118,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="calibrate a method and save its transforms",
                        description="Calibrate transforms layer by layer and save them (resumable).")
     _add_model(c)
-    c.add_argument("--method", default="flatquant", choices=sorted(METHODS), help="method (default flatquant)")
+    c.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(quantize=True),
+                   help=f"method (default {DEFAULT_METHOD}): " + "; ".join(f"{n}: {METHODS[n].summary}"
+                                                                    for n in method_names(quantize=True)))
     _add_bits(c)
     _add_calib(c)
     c.add_argument("--out", required=True, type=Path, help="output directory (layer checkpoints, transforms, results)")
@@ -129,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate perplexity on non-overlapping windows.")
     _add_model(e, default=None)
     e.add_argument("--transforms", type=Path, default=None, help="folder written by `flatquant calibrate`")
-    e.add_argument("--method", default="fp", choices=["fp", "rtn", "quarot"],
-                   help="without --transforms: fp (default), rtn or quarot (data-free methods)")
+    e.add_argument("--method", default=UNQUANTIZED, choices=method_names(data_free=True),
+                   help=f"without --transforms: a data-free method, {', '.join(method_names(data_free=True))} "
+                        f"(default {UNQUANTIZED})")
     _add_bits(e)
     _add_eval(e)
     e.add_argument("--out", type=Path, default=None, help="write results.json here")
@@ -140,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("compare", help="several methods × bit settings in one run, with a table",
                        description="Run methods side by side; results are saved after each row and reused on rerun.")
     _add_model(m)
-    m.add_argument("--methods", default="fp,rtn,smoothquant,quarot,flatquant",
-                   help="comma-separated: fp and any of " + ", ".join(METHODS))
+    m.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, any of {', '.join(METHODS)} (default: all)")
     m.add_argument("--presets", default="w4a4kv4,w4a16", help="comma-separated bit presets")
     m.add_argument("--weight-quants", default=None,
                    help="comma-separated weight quantizers, e.g. rtn,gptq: a row per quantizer, sharing each "
@@ -282,7 +286,7 @@ def _weight_quants(a: argparse.Namespace) -> list[str]:
 
 def _run_matrix(a: argparse.Namespace, methods: list[str], presets: list[str]) -> list[dict]:
     wqs = _weight_quants(a)  # bad input fails before the model loads
-    _check_inputs(a, calib=any(m in ("smoothquant", "flatquant") for m in methods) or "gptq" in wqs, evaluate=True)
+    _check_inputs(a, calib=any(METHODS[m].needs_data for m in methods) or "gptq" in wqs, evaluate=True)
     device = resolve_device(a.device)
     weights, tok = load(a.model)
     bos = weights.args.bos_token_id
@@ -300,21 +304,22 @@ def _run_matrix(a: argparse.Namespace, methods: list[str], presets: list[str]) -
     log.info("evaluating on %d windows × %d tokens of %s", windows.shape[0], a.eval_seqlen, a.eval_data)
     for preset, wq, method in itertools.product(presets, wqs, methods):
         qcfg = bits_preset(preset)
-        if method == "fp":
+        quantized = METHODS[method].quantize
+        if not quantized:
             if (preset, wq) != (presets[0], wqs[0]):
                 continue
             wq = "rtn"  # nothing is quantized: no GPTQ data needed
         elif wq == "gptq" and not qcfg.w.enabled and wqs != ["gptq"]:
             continue  # weights stay in full precision: the GPTQ row would repeat the RTN row
         ccfg = replace(ccfg, weight_quantizer=wq)
-        bits = "fp" if method == "fp" else qcfg.tag
-        weights_col = "-" if method == "fp" or not qcfg.w.enabled else wq
+        bits = qcfg.tag if quantized else "fp"
+        weights_col = wq if quantized and qcfg.w.enabled else "-"
         key = json.dumps([asdict(qcfg), ccfg.to_dict(), windows.shape[0], a.eval_data], default=str)
         if (method, bits, key) in prev:
             rows.append(prev[(method, bits, key)])
             log.info("%s %s: reusing result from %s", method, bits, out / "results.json")
             continue
-        if calib is None and (method in ("smoothquant", "flatquant") or (wq == "gptq" and qcfg.w.enabled)):
+        if calib is None and (METHODS[method].needs_data or (wq == "gptq" and qcfg.w.enabled)):
             calib = _calib_windows(a, tok, bos, ccfg)
         log.info("%s %s: quantizing", method, bits)
         qm = quantize_model(weights, method=method, qcfg=qcfg, ccfg=ccfg, calib_tokens=calib, device=device,
@@ -348,9 +353,10 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
             bos = weights.args.bos_token_id
             calib = _calib_windows(a, tok, bos, ccfg)
             windows = _test_windows(a, tok, bos) if a.eval else None  # read now: a bad file fails before training
-            tcfg = method_config(a.method)
+            method = get_method(a.method)
+            tcfg = method.layer
             t0 = time.time()
-            flats, prov = calibrate_parallel(weights, calib if needs_data(tcfg) else None, qcfg, tcfg, ccfg,
+            flats, prov = calibrate_parallel(weights, calib if method.needs_data else None, qcfg, tcfg, ccfg,
                                              device=device, workdir=a.out)
             calib_seconds = time.time() - t0
             if rank != 0:
@@ -393,7 +399,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     windows = _test_windows(a, tok, weights.args.bos_token_id)
     t0 = time.time()
     ppl = perplexity(qm.weights, windows, qm.qcfg, device=device)
-    row = {"method": qm.method, "bits": "fp" if qm.method == "fp" else qm.qcfg.tag, "ppl": ppl,
+    row = {"method": qm.method, "bits": "fp" if qm.method == UNQUANTIZED else qm.qcfg.tag, "ppl": ppl,
            "calib_seconds": 0.0, "eval_seconds": time.time() - t0, "key": ""}
     if a.out is not None:
         _write_results(a.out, [row], {"command": " ".join(sys.argv), "eval_windows": int(windows.shape[0])})
@@ -405,8 +411,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     """``flatquant compare``: a table of methods × presets."""
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     for m in methods:
-        if m != "fp" and m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from fp, {', '.join(METHODS)}")
+        get_method(m)
     presets = [p.strip() for p in a.presets.split(",") if p.strip()]
     for p in presets:
         bits_preset(p)
@@ -418,7 +423,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     """``flatquant demo``: FP, RTN and FlatQuant at W4A4KV4 with quick settings."""
     t0 = time.time()
-    rows = _run_matrix(a, ["fp", "rtn", "flatquant"], ["w4a4kv4"])
+    rows = _run_matrix(a, [UNQUANTIZED, "rtn", DEFAULT_METHOD], ["w4a4kv4"])
     print(f"\nSmolLM2-135M (weights dequantized from its Q4_1 GGUF = 'FP'), held-out {a.eval_data}, "
           f"first {a.eval_windows} windows × {a.eval_seqlen} tokens; FlatQuant quick settings: "
           f"{a.nsamples}×{a.seqlen} tokens, {a.epochs} epochs")
@@ -551,7 +556,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     weights, tok = _load_for_transforms(a.transforms, a.model)
     flats, qcfg, tcfg, meta = load_transforms(a.transforms, weights.args)
     dtype = declared_dtype(weights) if a.dtype == "auto" else getattr(torch, a.dtype)
-    path = export_checkpoint(weights, flats, qcfg, tcfg, a.out, method=meta.get("method", "flatquant"),
+    path = export_checkpoint(weights, flats, qcfg, tcfg, a.out, method=meta.get("method", DEFAULT_METHOD),
                              tokenizer=tok, shard_bytes=int(a.shard_gb * 1e9), dtype=dtype,
                              embed_bits=None if a.embed_bits == 16 else a.embed_bits,
                              extra={"source_model": meta.get("source_model"), "transforms": str(a.transforms)})

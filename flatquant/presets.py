@@ -1,10 +1,8 @@
-"""Named bit settings and methods; methods are compositions of the same transform machinery."""
+"""Named bit settings. The methods (compositions of the transform machinery) are in :mod:`flatquant.calib.methods`."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from .core.spec import QuantConfig, QuantSpec, TransformConfig
+from .core.spec import QuantConfig, QuantSpec
 
 
 def bits_config(w: int = 16, a: int = 16, k: int = 16, v: int = 16, q: int = 16, *, w_asym: bool = False,
@@ -38,25 +36,6 @@ BIT_PRESETS: dict[str, QuantConfig] = {
     "w16a16kv4": bits_config(16, 16, 4, 4),
     "fp": bits_config(),
 }
-
-METHODS: dict[str, TransformConfig] = {
-    # round-to-nearest: no transform, no clipping
-    "rtn": TransformConfig(kind="none", add_diag=False, lwc=False, lac=False, trainable=False),
-    # SmoothQuant-style: per-channel scaling (α = 0.5) folded into the norms / up_proj, nothing trained
-    "smoothquant": TransformConfig(kind="none", add_diag=True, diag_alpha=0.5, lwc=False, lac=False,
-                                   trainable=False),
-    # QuaRot-style: fixed randomised Hadamard (Haar-orthogonal where no Sylvester Hadamard exists)
-    "quarot": TransformConfig(kind="hadamard", add_diag=False, lwc=False, lac=False, trainable=False),
-    # FlatQuant: learned Kronecker affine transforms + diag scaling + LWC + LAC (paper settings)
-    "flatquant": TransformConfig(),
-}
-
-
-def method_config(method: str, **overrides: object) -> TransformConfig:
-    """The transform configuration of a named method, with field overrides."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return replace(METHODS[method], **overrides) if overrides else METHODS[method]
 
 
 def bits_preset(name: str) -> QuantConfig:

@@ -135,6 +135,27 @@ def test_help_documents_every_option():
                 assert action.help, f"{name} {action.option_strings} has no help"
 
 
+def test_method_flags_come_from_the_registry():
+    from flatquant.calib.methods import DEFAULT_METHOD, METHODS, UNQUANTIZED, method_names
+    from flatquant.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    flag = {name: {a.dest: a for a in sub[name]._actions} for name in ("calibrate", "eval", "compare")}
+    assert tuple(flag["calibrate"]["method"].choices) == method_names(quantize=True)
+    assert flag["calibrate"]["method"].default == DEFAULT_METHOD
+    assert all(METHODS[n].summary in flag["calibrate"]["method"].help for n in method_names(quantize=True))
+    assert tuple(flag["eval"]["method"].choices) == method_names(data_free=True) == ("fp", "rtn", "quarot")
+    assert flag["eval"]["method"].default == UNQUANTIZED
+    assert flag["compare"]["methods"].default.split(",") == list(METHODS)
+
+
+def test_compare_refuses_an_unknown_method(capsys):
+    from flatquant.cli import main
+
+    assert main(["compare", "--methods", "rtn,nope", "--out", "o"]) == 2
+    assert "unknown method 'nope'; choose one of fp, rtn, smoothquant, quarot, flatquant" in capsys.readouterr().err
+
+
 def test_export_generate_eval_real_and_lm_eval(tiny, tmp_path, monkeypatch, capsys):
     from flatquant.cli import main
 

@@ -49,8 +49,8 @@ from .loop import (
     calibrate_layers,
     fingerprint,
     finished_layers,
-    needs_data,
 )
+from .methods import needs_data
 from .workdir import WorkdirBusy, atomic_save_file, layer_ckpt, workdir_lock
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ from ..models.model import ModelWeights, embed, rope_for
 from .config import CalibConfig
 from .graph import capturable_linalg, try_capture
 from .guard import check_layer_finite
+from .methods import needs_data
 from .optim import adamw_apply, schedule
 from .workdir import atomic_save_file, atomic_write_text, layer_ckpt, load_layer, workdir_lock
 
@@ -39,11 +40,6 @@ Params = dict[str, Tensor]
 
 class CalibrationMismatch(ValueError):
     """A work directory that holds progress of a different calibration."""
-
-
-def needs_data(tcfg: TransformConfig) -> bool:
-    """Whether the method needs calibration data (training, or activation statistics for the diag init)."""
-    return tcfg.trainable or tcfg.lwc or tcfg.lac or (tcfg.add_diag and tcfg.diag_init == "smoothquant")
 
 
 def fingerprint(weights: ModelWeights, tokens: Tensor | None, qcfg: QuantConfig, tcfg: TransformConfig,

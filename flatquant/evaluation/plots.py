@@ -30,13 +30,13 @@ import torch
 from torch import Tensor
 
 from ..calib.config import CalibConfig
-from ..calib.loop import calibrate, needs_data
+from ..calib.loop import calibrate
+from ..calib.methods import METHODS
 from ..core.spec import QuantConfig, TransformConfig
 from ..models.flat import fold_layer
 from ..models.layer import Rope, layer_forward, linear, quant_act
 from ..models.model import ModelWeights, embed, rope_for
 from ..models.sites import SITES as SITE_MAP
-from ..presets import method_config
 
 log = logging.getLogger(__name__)
 Params = dict[str, Tensor]
@@ -381,21 +381,22 @@ def baseline_flats(
     weights: ModelWeights, calib_tokens: Tensor, qcfg: QuantConfig, *, seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> tuple[dict[str, list[Params]], dict[str, TransformConfig]]:
-    """RTN, SmoothQuant-style and QuaRot-style flat parameters, built with the calibration loop.
+    """Flat parameters of the baselines, built with the calibration loop: every registered method that quantizes
+    and trains nothing (RTN, SmoothQuant-style, QuaRot-style), in registry order.
 
-    SmoothQuant takes activation maxima of ``calib_tokens (N, T)``; the other two are data-free.
+    The ones that need data (SmoothQuant's activation maxima) take their statistics on ``calib_tokens (N, T)``.
     """
     n = calib_tokens.shape[0]
     bs = max(b for b in (4, 3, 2, 1) if n % b == 0)
     ccfg = CalibConfig(nsamples=n, seqlen=calib_tokens.shape[1], batch_size=bs, epochs=0, seed=seed)
     flats: dict[str, list[Params]] = {}
     tcfgs: dict[str, TransformConfig] = {}
-    for method in ("rtn", "smoothquant", "quarot"):
-        tcfg = method_config(method)
-        toks = calib_tokens if needs_data(tcfg) else None
-        log.info("building %s transforms", method)
-        flats[method] = calibrate(weights, toks, qcfg, tcfg, ccfg, device=device)
-        tcfgs[method] = tcfg
+    for m in METHODS.values():
+        if not m.quantize or m.trained:
+            continue
+        log.info("building %s transforms", m.name)
+        flats[m.name] = calibrate(weights, calib_tokens if m.needs_data else None, qcfg, m.layer, ccfg, device=device)
+        tcfgs[m.name] = m.layer
     return flats, tcfgs
 
 

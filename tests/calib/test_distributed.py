@@ -10,7 +10,8 @@ import torch
 from flatquant.calib.config import CalibConfig
 from flatquant.calib.distributed import FP_PASS_COST, _block_cost, assign_layers, calibrate_parallel, launch_cpu
 from flatquant.calib.loop import calibrate
-from flatquant.presets import bits_preset, method_config
+from flatquant.calib.methods import method_config
+from flatquant.presets import bits_preset
 from tests.helpers import TINY, tiny_model, tokens
 
 CFG = CalibConfig(nsamples=4, seqlen=16, batch_size=2, epochs=2, lr=5e-3)

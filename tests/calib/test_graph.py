@@ -10,9 +10,10 @@ import torch
 from flatquant.calib.config import CalibConfig
 from flatquant.calib.graph import _close
 from flatquant.calib.loop import _use_cuda_graph, fp_layer_pass, train_layer
+from flatquant.calib.methods import method_config
 from flatquant.models.flat import init_flat_params
 from flatquant.models.model import embed, rope_for
-from flatquant.presets import bits_preset, method_config
+from flatquant.presets import bits_preset
 from tests.helpers import TINY, tiny_model, tokens
 
 CFG = CalibConfig(nsamples=4, seqlen=16, batch_size=2, epochs=3, lr=5e-3)

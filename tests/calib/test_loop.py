@@ -10,10 +10,11 @@ from safetensors.torch import load_file
 
 from flatquant.calib.config import CalibConfig
 from flatquant.calib.loop import CalibrationMismatch, calibrate, fp_layer_pass, train_layer
+from flatquant.calib.methods import method_config
 from flatquant.calib.workdir import layer_ckpt
 from flatquant.models.flat import init_flat_params
 from flatquant.models.model import embed, rope_for
-from flatquant.presets import bits_preset, method_config
+from flatquant.presets import bits_preset
 from tests.helpers import TINY, TINY_QWEN, tiny_model, tokens
 
 CFG = CalibConfig(nsamples=4, seqlen=16, batch_size=2, epochs=6, lr=5e-3)

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from flatquant.calib import workdir as wd
 from flatquant.calib.config import CalibConfig
 from flatquant.calib.loop import calibrate
-from flatquant.presets import bits_preset, method_config
+from flatquant.calib.methods import method_config
+from flatquant.presets import bits_preset
 from tests.helpers import tiny_model, tokens
 
 CFG = CalibConfig(nsamples=4, seqlen=16, batch_size=2, epochs=2, lr=5e-3)

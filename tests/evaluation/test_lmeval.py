@@ -34,11 +34,12 @@ def test_lm_eval_runs_cloze_fake_and_real(tmp_path: Path, monkeypatch) -> None:
     pytest.importorskip("lm_eval")
     from flatquant.calib.config import CalibConfig
     from flatquant.calib.loop import calibrate, reparameterize
+    from flatquant.calib.methods import method_config
     from flatquant.evaluation.lmeval import run_lm_eval
     from flatquant.models.hf import load
     from flatquant.models.hf_real import FakeModel, FlatQuantForCausalLM
     from flatquant.models.real.checkpoint import export_checkpoint, load_checkpoint
-    from flatquant.presets import bits_preset, method_config
+    from flatquant.presets import bits_preset
     from tests.helpers import tokens
 
     monkeypatch.setenv("FLATQUANT_CACHE", str(tmp_path / "cache"))

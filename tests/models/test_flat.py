@@ -97,8 +97,8 @@ def test_no_transforms_without_low_bits():
 
 
 def test_recomputed_fold_and_activation_quantizers_give_the_same_gradients():
+    from flatquant.calib.methods import method_config
     from flatquant.models.model import embed, rope_for
-    from flatquant.presets import method_config
     from tests.helpers import TINY, tiny_model, tokens
 
     w = tiny_model(TINY)

@@ -19,7 +19,8 @@ from transformers import AutoConfig
 from flatquant.calib.config import CalibConfig
 from flatquant.calib.loop import calibrate
 from flatquant.models import hf
-from flatquant.presets import bits_preset, method_config
+from flatquant.presets import bits_preset
+from flatquant.calib.methods import method_config
 torch.set_num_threads(1)
 folder = Path(sys.argv[1])
 cfg = AutoConfig.from_pretrained(folder)

@@ -10,11 +10,12 @@ import torch
 
 from flatquant.calib.config import CalibConfig
 from flatquant.calib.loop import calibrate, reparameterize
+from flatquant.calib.methods import method_config
 from flatquant.evaluation.perplexity import real_window_nlls
 from flatquant.models.model import forward
 from flatquant.models.real import decode_layer, rope_at
 from flatquant.models.real.checkpoint import export_checkpoint, load_checkpoint
-from flatquant.presets import bits_preset, method_config
+from flatquant.presets import bits_preset
 from tests.helpers import TINY, tiny_model, tokens
 
 Q = bits_preset("w4a4kv4")

@@ -15,6 +15,7 @@ import torch
 import flatquant.models.real.checkpoint as export_mod
 from flatquant.calib.config import CalibConfig
 from flatquant.calib.loop import calibrate, reparameterize
+from flatquant.calib.methods import method_config
 from flatquant.core.quant import fake_quant
 from flatquant.models.flat import fold_layer
 from flatquant.models.model import forward
@@ -31,7 +32,7 @@ from flatquant.models.real.checkpoint import (
     read_config,
 )
 from flatquant.ops import unpack_int4
-from flatquant.presets import bits_preset, method_config
+from flatquant.presets import bits_preset
 from tests.helpers import TINY, TINY_QWEN, tiny_model, tokens
 
 W4A4KV4 = bits_preset("w4a4kv4")

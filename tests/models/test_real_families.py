@@ -20,12 +20,13 @@ import transformers
 
 from flatquant.calib.config import CalibConfig
 from flatquant.calib.loop import calibrate, reparameterize
+from flatquant.calib.methods import method_config
 from flatquant.core.spec import QuantConfig
 from flatquant.models import hf
 from flatquant.models.flat import fold_layer, init_flat_params
 from flatquant.models.model import forward
 from flatquant.models.real.checkpoint import export_checkpoint, load_checkpoint
-from flatquant.presets import bits_preset, method_config
+from flatquant.presets import bits_preset
 
 Q = bits_preset("w4a4kv4")
 T = method_config("flatquant")
