@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -39,6 +40,27 @@ def capturable_linalg(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.preferred_linalg_library(prev)
+
+
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` for the duration (when ``enabled``), then restore the setting.
+
+    On CUDA this also sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` if it is unset (PyTorch refuses cuBLAS calls in
+    deterministic mode without it). An op with no deterministic implementation raises instead of running
+    nondeterministically.
+    """
+    if not enabled:
+        yield
+        return
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
 
 class CapturedStep:

@@ -28,7 +28,7 @@ from ..models.flat import cast_folded, fold_layer, init_flat_params, is_clip_key
 from ..models.layer import Rope, fp_forward_with_absmax, layer_forward
 from ..models.model import ModelWeights, embed, rope_for
 from .config import CalibConfig
-from .graph import capturable_linalg, try_capture
+from .graph import capturable_linalg, deterministic_kernels, try_capture
 from .guard import check_layer_finite
 from .methods import needs_data
 from .optim import adamw_apply, schedule
@@ -56,7 +56,7 @@ def fingerprint(weights: ModelWeights, tokens: Tensor | None, qcfg: QuantConfig,
 
 #: settings that do not change the learned transforms (the weight quantizer runs after calibration)
 POST_CALIBRATION_FIELDS = ("weight_quantizer", "gptq_percdamp", "gptq_blocksize", "gptq_act_order", "compile",
-                           "cuda_graph", "recompute")
+                           "cuda_graph", "recompute", "deterministic")
 
 
 def calibration_settings(ccfg: CalibConfig) -> dict[str, object]:
@@ -169,7 +169,8 @@ def train_layer(
     captured = None
     losses = []
     step_i = 0
-    with capturable_linalg(inps.device):  # cuSOLVER LU: no host syncs (and capturable)
+    # cuSOLVER LU: no host syncs (and capturable); deterministic kernels: the same transforms on every run
+    with capturable_linalg(inps.device), deterministic_kernels(ccfg.deterministic):
         for epoch in tqdm(range(ccfg.epochs), desc=desc, leave=False, disable=None):
             order = (torch.randperm(ccfg.steps_per_epoch, generator=generator) if ccfg.shuffle
                      else torch.arange(ccfg.steps_per_epoch))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import pytest
 import torch
 
 from flatquant.calib.config import CalibConfig
-from flatquant.calib.graph import _close
+from flatquant.calib.graph import _close, deterministic_kernels
 from flatquant.calib.loop import _use_cuda_graph, fp_layer_pass, train_layer
 from flatquant.calib.methods import method_config
 from flatquant.models.flat import init_flat_params
@@ -67,3 +68,27 @@ def test_cpu_auto_never_attempts_a_capture():
     captures: list[bool] = []
     _, losses = _train("cpu", "auto", torch.float32, captures)
     assert captures == [] and losses[-1] < losses[0]
+
+
+def test_deterministic_kernels_sets_and_restores_the_global_flag(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.use_deterministic_algorithms(False)
+    with deterministic_kernels(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()  # an op without one raises, never drifts
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_kernels(False):
+        assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_deterministic_training_repeats_bit_for_bit(device):
+    """Two trainings of one layer under the default ``deterministic=True`` give bit-identical parameters (on CUDA
+    the flash-attention backward's atomic adds made two runs differ), and no op of the step lacks a deterministic
+    implementation (it would raise)."""
+    amp = torch.bfloat16 if device == "cuda" else torch.float32
+    assert CFG.deterministic
+    (a, _), (b, _) = _train(device, "off", amp), _train(device, "off", amp)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
