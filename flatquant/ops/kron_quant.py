@@ -24,7 +24,7 @@ from ._launch import cpu_kernel, next_pow2, on_cpu, round_to_bf16_f32, sm_count
 def _kron_quant_kernel(
     x_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr,
     T, n1, n2, stride_xt, stride_qt, stride_qg, stride_sg,
-    N1P: tl.constexpr, N2P: tl.constexpr, G: tl.constexpr,
+    N1P: tl.constexpr, N2P: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     QMAX: tl.constexpr, PACK: tl.constexpr, F32_DOT: tl.constexpr,
 ):
@@ -50,6 +50,11 @@ def _kron_quant_kernel(
         lt = tl.load(l_ptr + i[None, :] * n1 + ia[:, None], mask=(ia < n1)[:, None] & row_ok[None, :], other=0.0)
     else:
         lt = tl.zeros((N1P, N1P), dtype=x_ptr.dtype.element_ty)  # unused
+    # The G clip pairs, loaded once before the token loop (not after each token's reductions, where every scalar
+    # load was one more global-memory round trip on the critical path of a single-token decode call).
+    gg = tl.arange(0, GP)
+    clip_lo = tl.load(clip_ptr + 2 * gg, mask=gg < G, other=0.0)
+    clip_hi = tl.load(clip_ptr + 2 * gg + 1, mask=gg < G, other=0.0)
     for tt in range(tl.program_id(0), T, tl.num_programs(0)):
         t = tl.cast(tt, tl.int64)
         x = tl.load(x_ptr + t * stride_xt + i[:, None] * n2 + j[None, :],
@@ -78,8 +83,8 @@ def _kron_quant_kernel(
         y_hi = tl.maximum(tl.max(tl.max(y, axis=1), axis=0), 0.0)
         y_lo = tl.minimum(tl.min(tl.min(y, axis=1), axis=0), 0.0)
         for g in tl.static_range(G):
-            hi = y_hi * tl.load(clip_ptr + 2 * g + 1)
-            lo = y_lo * tl.load(clip_ptr + 2 * g)
+            hi = y_hi * tl.sum(tl.where(gg == g, clip_hi, 0.0), axis=0)  # exact: one term is not zero
+            lo = y_lo * tl.sum(tl.where(gg == g, clip_lo, 0.0), axis=0)
             amax = tl.maximum(-lo, hi)
             scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full((), QMAX, tl.float32)), 1.0)
             v = tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
@@ -134,12 +139,15 @@ def kron_quant_triton(
     bits: int = 4,
     pack: bool = True,
     programs: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Triton launcher of :func:`kron_quant` / :func:`kron_quant_multi` (interpreter on CPU tensors).
 
     Returns ``(codes, scale)``: ``(T, n/2)`` / ``(T,)`` for a ``(2,)`` clip, ``(G, T, n/2)`` / ``(G, T)`` for a
     ``(G, 2)`` clip (the transform runs once per token either way). ``programs`` caps the grid (each program loops
-    over its share of the tokens); default: 4 per SM on CUDA.
+    over its share of the tokens); default: 4 per SM on CUDA. ``num_warps`` (default 8 for tiles of 128 x 128 or
+    more, else 4) and ``num_stages`` are Triton launch options (CUDA only).
     """
     _check(x, left, right, n1, bits, pack)
     if programs is not None and programs < 1:
@@ -161,11 +169,14 @@ def kron_quant_triton(
         n1p, n2p = next_pow2(n1), next_pow2(n2)
         cpu = on_cpu(x)
         kernel = cpu_kernel(_kron_quant_kernel) if cpu else _kron_quant_kernel
-        extra = {} if cpu else {"num_warps": 8 if n1p * n2p >= 128 * 128 else 4, "num_stages": 1}
+        # H200 (bench/results/probe_decode_h200.json): 8 warps at a few tokens (K=14336: 18.4 vs 20.6 us at one
+        # token), 4 warps with 4 programs per SM at many (K=14336, 32768 tokens: 2.21 vs 3.36 ms).
+        warps = num_warps or (8 if t <= 64 else 4)
+        extra = {} if cpu else {"num_warps": warps, "num_stages": num_stages}
         kernel[(min(t, programs or grid_programs(x.device)),)](
             x, left if left is not None else x, right if right is not None else x, clips,
             codes, scale, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
-            N1P=n1p, N2P=n2p, G=g, HAS_LEFT=left is not None, HAS_RIGHT=right is not None,
+            N1P=n1p, N2P=n2p, G=g, GP=next_pow2(g, floor=2), HAS_LEFT=left is not None, HAS_RIGHT=right is not None,
             QMAX=2 ** (bits - 1) - 1, PACK=pack, F32_DOT=cpu or x.dtype == torch.float32, **extra,
         )
     return codes, scale

@@ -198,7 +198,7 @@ def default_splits(batch: int, kv_heads: int, positions: int, block_t: int, sms:
 def kv4_decode_attention_triton(
     q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor,
     v_zero: Tensor, start: Tensor, length: Tensor, sm_scale: float, block_t: int | None = None,
-    splits: int | None = None, num_warps: int = 4,
+    splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
 ) -> Tensor:  # (B, Hq, d)
     """Triton launcher of :func:`kv4_decode_attention` (interpreter on CPU tensors).
 
@@ -218,7 +218,9 @@ def kv4_decode_attention_triton(
     q = q.contiguous()
     cpu = on_cpu(q)
     kernel = cpu_kernel(_kv4_decode_attention_kernel) if cpu else _kv4_decode_attention_kernel
-    block_t = block_t or (16 if cpu else 64)
+    # H200 (bench/results/probe_decode_h200.json): position tiles of 128 when few (row, KV head) pairs share the
+    # GPU (batch 1, 8 KV heads: 9.4 vs 10.8 us), 64 otherwise (batch 16: 41.8 vs 42.4 us).
+    block_t = block_t or (16 if cpu else (128 if 4 * b * hkv <= sm_count(q.device) else 64))
     if not cpu:
         # bf16/fp16 tl.dot with a reduction side of 16 gave wrong results on the H200 (Triton 3.6, measured):
         # keep both reduction sides (head_dim tile and position tile) at 32 or more.
@@ -235,7 +237,7 @@ def kv4_decode_attention_triton(
         ml = torch.empty(b, hq, splits, 2, dtype=torch.float32, device=q.device)
     else:
         part, ml = out, scales[0]
-    extra = {} if cpu else {"num_warps": num_warps, "num_stages": 2}
+    extra = {} if cpu else {"num_warps": num_warps, "num_stages": num_stages}
     kernel[(b, hkv, splits)](
         q, k_codes, scales[0], scales[1], v_codes, scales[2], scales[3],
         start.to(torch.int32).contiguous(), length.to(torch.int32).contiguous(), part, ml,
