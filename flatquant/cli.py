@@ -109,6 +109,9 @@ def _add_calib(p: argparse.ArgumentParser, *, nsamples: int | None = None, seqle
     add("--recompute", "recompute", "eager step only: recompute quantizer intermediates in backward (auto: off)")
     add("--cuda-graph", "cuda_graph", "replay the calibration step as a CUDA graph (auto: on CUDA, checked against "
                                       "eager first)")
+    g.add_argument("--nondeterministic", dest="deterministic", action="store_false",
+                   help="train with PyTorch's default (possibly faster) CUDA kernels instead of deterministic ones: "
+                        "two runs, and layer-parallel against one process, then give different transforms")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,7 +220,8 @@ def calib_config_from_args(a: argparse.Namespace) -> CalibConfig:
     try:
         return CalibConfig(nsamples=a.nsamples, seqlen=a.seqlen, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                            weight_quantizer=a.weight_quant, amp_dtype=a.amp, shuffle=a.shuffle, seed=a.seed,
-                           compile=a.compile, cuda_graph=a.cuda_graph, recompute=a.recompute)
+                           compile=a.compile, cuda_graph=a.cuda_graph, recompute=a.recompute,
+                           deterministic=a.deterministic)
     except ValueError as e:
         field = str(e).split(" ", 1)[0]
         flag = {"nsamples": "--nsamples", "seqlen": "--seqlen", "epochs": "--epochs", "batch_size": "--batch-size",

@@ -427,3 +427,11 @@ def test_help_imports_no_triton_and_registers_no_op():
             "print(sorted(m for m in ('triton', 'flatquant.ops', 'flatquant.models.real') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_calibration_is_deterministic_unless_asked_otherwise():
+    from flatquant.cli import build_parser, calib_config_from_args
+
+    parse = build_parser().parse_args
+    assert calib_config_from_args(parse(["calibrate", "--out", "x"])).deterministic
+    assert not calib_config_from_args(parse(["calibrate", "--out", "x", "--nondeterministic"])).deterministic
