@@ -1,7 +1,8 @@
 """flatquant.ops: the real INT4 path as ``torch.library`` custom ops (``torch.ops.flatquant.*``).
 
 Each op has a pure-torch reference (:mod:`flatquant.ops.reference`, the CPU kernel) and a Triton kernel (CUDA),
-plus a fake kernel for ``torch.compile``. Importing this package registers the ops; nothing is launched.
+plus a fake kernel for ``torch.compile``, registered together by :func:`flatquant.ops._register.register_op` with
+the signature written once. Importing this package registers the ops; nothing is launched.
 """
 
 from __future__ import annotations

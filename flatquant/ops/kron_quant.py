@@ -11,6 +11,8 @@ Tile sides are padded to powers of two (>= 16) and masked, so no dimension needs
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -18,6 +20,7 @@ from torch import Tensor
 
 from . import reference as ref
 from ._launch import cpu_kernel, next_pow2, on_cpu, round_to_bf16_f32, sm_count
+from ._register import register_op
 
 
 @triton.jit
@@ -123,6 +126,11 @@ def _check(x: Tensor, left: Tensor | None, right: Tensor | None, n1: int, bits: 
         raise ValueError(f"bits must be in [2, 8], got {bits}")
 
 
+def _check_clips(clips: Tensor) -> None:
+    if clips.dim() != 2 or clips.shape[1] != 2 or clips.shape[0] < 1:
+        raise ValueError(f"clips must be (G, 2) with G >= 1, got {tuple(clips.shape)}")
+
+
 def grid_programs(device: torch.device) -> int:
     """Default grid cap: 4 programs per SM on CUDA (3 on CPU, so the interpreter exercises the token loop)."""
     if device.type != "cuda":
@@ -182,7 +190,22 @@ def kron_quant_triton(
     return codes, scale
 
 
-@torch.library.custom_op("flatquant::kron_quant", mutates_args=())
+def kron_quant_multi_triton(
+    x: Tensor, left: Tensor | None, right: Tensor | None, clips: Tensor, n1: int, bits: int = 4, pack: bool = True,
+    **launch: Any,
+) -> tuple[Tensor, Tensor]:
+    """Triton launcher of :func:`kron_quant_multi`: :func:`kron_quant_triton` with ``(G, 2)`` clips only."""
+    _check_clips(clips)
+    return kron_quant_triton(x, left, right, clips, n1, bits, pack, **launch)
+
+
+def _kron_quant_fake(x: Tensor, pack: bool, **_: object) -> tuple[Tensor, Tensor]:
+    t, n = x.shape
+    codes = x.new_empty(t, n // 2 if pack else n, dtype=torch.uint8 if pack else torch.int8)
+    return codes, x.new_empty(t, dtype=torch.float32)
+
+
+@register_op("flatquant::kron_quant", cuda=kron_quant_triton, fake=_kron_quant_fake)
 def kron_quant(
     x: Tensor, left: Tensor | None, right: Tensor | None, clip: Tensor, n1: int, bits: int = 4, pack: bool = True
 ) -> tuple[Tensor, Tensor]:
@@ -202,26 +225,14 @@ def kron_quant(
     return ref.kron_quant_ref(x, left, right, clip[0], clip[1], n1, bits, pack)
 
 
-@kron_quant.register_kernel("cuda")
-def _(x: Tensor, left: Tensor | None, right: Tensor | None, clip: Tensor, n1: int, bits: int = 4,
-      pack: bool = True) -> tuple[Tensor, Tensor]:
-    return kron_quant_triton(x, left, right, clip, n1, bits, pack)
-
-
-@kron_quant.register_fake
-def _(x: Tensor, left: Tensor | None, right: Tensor | None, clip: Tensor, n1: int, bits: int = 4,
-      pack: bool = True) -> tuple[Tensor, Tensor]:
+def _kron_quant_multi_fake(x: Tensor, clips: Tensor, pack: bool, **_: object) -> tuple[Tensor, Tensor]:
     t, n = x.shape
-    codes = x.new_empty(t, n // 2 if pack else n, dtype=torch.uint8 if pack else torch.int8)
-    return codes, x.new_empty(t, dtype=torch.float32)
+    g = clips.shape[0]
+    codes = x.new_empty(g, t, n // 2 if pack else n, dtype=torch.uint8 if pack else torch.int8)
+    return codes, x.new_empty(g, t, dtype=torch.float32)
 
 
-def _check_clips(clips: Tensor) -> None:
-    if clips.dim() != 2 or clips.shape[1] != 2 or clips.shape[0] < 1:
-        raise ValueError(f"clips must be (G, 2) with G >= 1, got {tuple(clips.shape)}")
-
-
-@torch.library.custom_op("flatquant::kron_quant_multi", mutates_args=())
+@register_op("flatquant::kron_quant_multi", cuda=kron_quant_multi_triton, fake=_kron_quant_multi_fake)
 def kron_quant_multi(
     x: Tensor, left: Tensor | None, right: Tensor | None, clips: Tensor, n1: int, bits: int = 4, pack: bool = True
 ) -> tuple[Tensor, Tensor]:
@@ -238,19 +249,3 @@ def kron_quant_multi(
     _check(x, left, right, n1, bits, pack)
     _check_clips(clips)
     return ref.kron_quant_multi_ref(x, left, right, clips, n1, bits, pack)
-
-
-@kron_quant_multi.register_kernel("cuda")
-def _(x: Tensor, left: Tensor | None, right: Tensor | None, clips: Tensor, n1: int, bits: int = 4,
-      pack: bool = True) -> tuple[Tensor, Tensor]:
-    _check_clips(clips)
-    return kron_quant_triton(x, left, right, clips, n1, bits, pack)
-
-
-@kron_quant_multi.register_fake
-def _(x: Tensor, left: Tensor | None, right: Tensor | None, clips: Tensor, n1: int, bits: int = 4,
-      pack: bool = True) -> tuple[Tensor, Tensor]:
-    t, n = x.shape
-    g = clips.shape[0]
-    codes = x.new_empty(g, t, n // 2 if pack else n, dtype=torch.uint8 if pack else torch.int8)
-    return codes, x.new_empty(g, t, dtype=torch.float32)

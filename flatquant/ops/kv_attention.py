@@ -6,8 +6,9 @@ low nibble, as written by ``flatquant::kv_quant``) and an fp32 scale and integer
 (``start`` skips left padding). GQA is handled in the kernel: one program serves the ``n_heads / n_kv_heads``
 query heads of a KV head, so the cache is read once per KV head and never expanded.
 
-The reference (:func:`kv4_decode_attention_ref`, the CPU kernel) dequantizes the cache in fp32 and runs an fp32
-softmax; the Triton kernel dequantizes tiles in registers and uses an online (flash-decoding style) softmax.
+The reference (:func:`flatquant.ops.reference.kv4_decode_attention_ref`, the CPU kernel) dequantizes the cache in
+fp32 and runs an fp32 softmax; the Triton kernel dequantizes tiles in registers and uses an online (flash-decoding
+style) softmax.
 """
 
 from __future__ import annotations
@@ -17,44 +18,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import reference as ref
 from ._launch import cpu_kernel, next_pow2, on_cpu, sm_count
-
-
-def dequantize_kv_ref(
-    codes: Tensor,  # (..., d/2) uint8 unsigned nibbles
-    scale: Tensor,  # (...) fp32
-    zero: Tensor,  # (...) fp32
-) -> Tensor:  # (..., d) fp32
-    """``(code - zero) * scale`` of packed 4-bit KV codes, in fp32."""
-    c = codes.to(torch.int16)
-    q = torch.stack((c & 0xF, (c >> 4) & 0xF), dim=-1).reshape(*codes.shape[:-1], codes.shape[-1] * 2)
-    return (q.float() - zero.float()[..., None]) * scale.float()[..., None]
-
-
-def kv4_decode_attention_ref(
-    q: Tensor,  # (B, Hq, d)
-    k_codes: Tensor,  # (B, Hkv, S, d/2) uint8
-    k_scale: Tensor,  # (B, Hkv, S) fp32
-    k_zero: Tensor,  # (B, Hkv, S) fp32
-    v_codes: Tensor,  # (B, Hkv, S, d/2) uint8
-    v_scale: Tensor,  # (B, Hkv, S) fp32
-    v_zero: Tensor,  # (B, Hkv, S) fp32
-    start: Tensor,  # (B,) int32
-    length: Tensor,  # (B,) int32
-    sm_scale: float,
-) -> Tensor:  # (B, Hq, d) in q.dtype
-    """Softmax attention of one query per row over the dequantized cache positions ``[start, length)``, in fp32."""
-    b, hq, _ = q.shape
-    hkv, s = k_codes.shape[1], k_codes.shape[2]
-    rep = hq // hkv
-    k = dequantize_kv_ref(k_codes, k_scale, k_zero).repeat_interleave(rep, dim=1)  # (B, Hq, S, d)
-    v = dequantize_kv_ref(v_codes, v_scale, v_zero).repeat_interleave(rep, dim=1)
-    scores = torch.einsum("bhd,bhsd->bhs", q.float(), k) * sm_scale
-    pos = torch.arange(s, device=q.device)
-    valid = (pos[None, :] >= start[:, None].long()) & (pos[None, :] < length[:, None].long())  # (B, S)
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhs,bhsd->bhd", p, v).to(q.dtype)
+from ._register import register_op
 
 
 @triton.jit
@@ -254,7 +220,11 @@ def kv4_decode_attention_triton(
     return out
 
 
-@torch.library.custom_op("flatquant::kv4_decode_attention", mutates_args=())
+def _kv4_decode_attention_fake(q: Tensor, **_: object) -> Tensor:
+    return torch.empty_like(q)
+
+
+@register_op("flatquant::kv4_decode_attention", cuda=kv4_decode_attention_triton, fake=_kv4_decode_attention_fake)
 def kv4_decode_attention(
     q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor,
     v_zero: Tensor, start: Tensor, length: Tensor, sm_scale: float,
@@ -272,17 +242,5 @@ def kv4_decode_attention(
         ``(B, Hq, d)`` in ``q.dtype``.
     """
     _check(q, k_codes, k_scale, v_codes, start, length)
-    return kv4_decode_attention_ref(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, start, length, sm_scale)
-
-
-@kv4_decode_attention.register_kernel("cuda")
-def _(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor,
-      v_zero: Tensor, start: Tensor, length: Tensor, sm_scale: float) -> Tensor:
-    return kv4_decode_attention_triton(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, start, length,
-                                       sm_scale)
-
-
-@kv4_decode_attention.register_fake
-def _(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor,
-      v_zero: Tensor, start: Tensor, length: Tensor, sm_scale: float) -> Tensor:
-    return torch.empty_like(q)
+    return ref.kv4_decode_attention_ref(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, start, length,
+                                        sm_scale)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import reference as ref
 from ._launch import cpu_kernel, next_pow2, on_cpu
+from ._register import register_op
 
 
 @triton.jit
@@ -101,7 +102,13 @@ def kv_quant_triton(
     return codes, scale, zero
 
 
-@torch.library.custom_op("flatquant::kv_quant", mutates_args=())
+def _kv_quant_fake(x: Tensor, **_: object) -> tuple[Tensor, Tensor, Tensor]:
+    t, h, d = x.shape
+    return (x.new_empty(t, h, d // 2, dtype=torch.uint8), x.new_empty(t, h, dtype=torch.float32),
+            x.new_empty(t, h, dtype=torch.float32))
+
+
+@register_op("flatquant::kv_quant", cuda=kv_quant_triton, fake=_kv_quant_fake)
 def kv_quant(x: Tensor, trans: Tensor | None, clip: Tensor, bits: int = 4) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric per-(token, head) KV quantization with LAC, packed.
 
@@ -117,15 +124,3 @@ def kv_quant(x: Tensor, trans: Tensor | None, clip: Tensor, bits: int = 4) -> tu
     """
     _check(x, trans, bits)
     return ref.kv_quant_ref(x, trans, clip[0], clip[1], bits)
-
-
-@kv_quant.register_kernel("cuda")
-def _(x: Tensor, trans: Tensor | None, clip: Tensor, bits: int = 4) -> tuple[Tensor, Tensor, Tensor]:
-    return kv_quant_triton(x, trans, clip, bits)
-
-
-@kv_quant.register_fake
-def _(x: Tensor, trans: Tensor | None, clip: Tensor, bits: int = 4) -> tuple[Tensor, Tensor, Tensor]:
-    t, h, d = x.shape
-    return (x.new_empty(t, h, d // 2, dtype=torch.uint8), x.new_empty(t, h, dtype=torch.float32),
-            x.new_empty(t, h, dtype=torch.float32))

@@ -38,6 +38,7 @@ from ._modes import MODE_W4A4 as MODE_W4A4
 from ._modes import MODE_W4A8 as MODE_W4A8
 from ._modes import MODE_W8A8 as MODE_W8A8
 from ._modes import check_operands, halves_cols
+from ._register import register_op
 from .gemv import qgemv_triton
 from .pack import unpack_int4_triton
 
@@ -365,10 +366,12 @@ def int8_gemm_triton(
 
 def _w4_triton(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
                out_dtype: torch.dtype, mode: int, unpack_min_m: int) -> Tensor:
-    """4-bit-weight GEMM dispatch by token count: split-K kernel up to ``GEMV_MAX_M`` tokens, the fused-unpack
-    kernel below ``unpack_min_m``, else unpack both operands to int8 codes + the W8A8 kernel."""
+    """4-bit-weight GEMM dispatch by token count (after the operand checks): split-K kernel up to ``GEMV_MAX_M``
+    tokens, the fused-unpack kernel below ``unpack_min_m``, else unpack both operands to int8 codes + the W8A8
+    kernel."""
     m = a.shape[0]
     k = a.shape[1] * 2 if mode == MODE_W4A4 else a.shape[1]
+    check_operands(a, a_scale, w, w_scale, k, k // 2 if mode == MODE_W4A4 else halves_cols(k))
     if m == 0 or w.shape[0] == 0 or k == 0:
         return qmatmul_triton(a, a_scale, w, w_scale, bias, k, mode, out_dtype)
     if m <= GEMV_MAX_M:
@@ -415,11 +418,27 @@ def w4a8_triton(
     return _w4_triton(a, a_scale, w, w_scale, bias, out_dtype, MODE_W4A8, unpack_min_m)
 
 
-def _fake(a: Tensor, w: Tensor, out_dtype: torch.dtype) -> Tensor:
+def w8a8_triton(
+    a: Tensor,  # (M, K) int8
+    a_scale: Tensor,  # (M,) fp32
+    w: Tensor,  # (N, K) int8
+    w_scale: Tensor,  # (N,) fp32
+    bias: Tensor | None,  # (N,)
+    out_dtype: torch.dtype,
+) -> Tensor:  # (M, N)
+    """W8A8 on Triton: :func:`int8_gemm_triton` from ``UNPACK_MIN_M`` tokens, the pointer kernel below."""
+    k = a.shape[1]
+    check_operands(a, a_scale, w, w_scale, k, k)
+    if a.shape[0] >= UNPACK_MIN_M:
+        return int8_gemm_triton(a, a_scale, w, w_scale, bias, out_dtype)
+    return qmatmul_triton(a, a_scale, w, w_scale, bias, k, MODE_W8A8, out_dtype)
+
+
+def _matmul_fake(a: Tensor, w: Tensor, out_dtype: torch.dtype, **_: object) -> Tensor:
     return a.new_empty(a.shape[0], w.shape[0], dtype=out_dtype)
 
 
-@torch.library.custom_op("flatquant::w4a4_matmul", mutates_args=())
+@register_op("flatquant::w4a4_matmul", cuda=w4a4_triton, fake=_matmul_fake)
 def w4a4_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
                 out_dtype: torch.dtype) -> Tensor:
     """``(unpack(a) @ unpack(w)ᵀ) · s_a[:, None] · s_w[None, :] (+ bias)``.
@@ -438,19 +457,7 @@ def w4a4_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Te
                               a_bits=4, w_bits=4)
 
 
-@w4a4_matmul.register_kernel("cuda")
-def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    k = a.shape[1] * 2
-    check_operands(a, a_scale, w, w_scale, k, k // 2)
-    return w4a4_triton(a, a_scale, w, w_scale, bias, out_dtype)
-
-
-@w4a4_matmul.register_fake
-def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    return _fake(a, w, out_dtype)
-
-
-@torch.library.custom_op("flatquant::w4a8_matmul", mutates_args=())
+@register_op("flatquant::w4a8_matmul", cuda=w4a8_triton, fake=_matmul_fake)
 def w4a8_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
                 out_dtype: torch.dtype) -> Tensor:
     """int8 activations ``(M, K)`` × int4 weights in the ``halves`` layout ``(N, Kp/2)`` uint8, fp32 epilogue."""
@@ -459,36 +466,10 @@ def w4a8_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Te
     return ref.int_matmul_ref(a, ref.halves_to_codes_ref(w)[:, :k], a_scale, w_scale, bias, out_dtype, w_bits=4)
 
 
-@w4a8_matmul.register_kernel("cuda")
-def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    k = a.shape[1]
-    check_operands(a, a_scale, w, w_scale, k, halves_cols(k))
-    return w4a8_triton(a, a_scale, w, w_scale, bias, out_dtype)
-
-
-@w4a8_matmul.register_fake
-def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    return _fake(a, w, out_dtype)
-
-
-@torch.library.custom_op("flatquant::w8a8_matmul", mutates_args=())
+@register_op("flatquant::w8a8_matmul", cuda=w8a8_triton, fake=_matmul_fake)
 def w8a8_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
                 out_dtype: torch.dtype) -> Tensor:
     """int8 activations ``(M, K)`` × int8 weights ``(N, K)``, exact int32 accumulation, fp32 epilogue."""
     k = a.shape[1]
     check_operands(a, a_scale, w, w_scale, k, k)
     return ref.int_matmul_ref(a, w, a_scale, w_scale, bias, out_dtype)
-
-
-@w8a8_matmul.register_kernel("cuda")
-def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    k = a.shape[1]
-    check_operands(a, a_scale, w, w_scale, k, k)
-    if a.shape[0] >= UNPACK_MIN_M:
-        return int8_gemm_triton(a, a_scale, w, w_scale, bias, out_dtype)
-    return qmatmul_triton(a, a_scale, w, w_scale, bias, k, MODE_W8A8, out_dtype)
-
-
-@w8a8_matmul.register_fake
-def _(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    return _fake(a, w, out_dtype)

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from . import reference as ref
 from ._launch import cpu_kernel, nibble_hi, nibble_lo, on_cpu
+from ._register import register_op
 
 _BLOCK = 1024
 
@@ -41,8 +42,14 @@ def _unpack_int4_kernel(p_ptr, c_ptr, n_bytes, SIGNED: tl.constexpr, BLOCK: tl.c
     tl.store(c_ptr + offs2, codes, mask=offs2 < 2 * n_bytes)
 
 
+def _check_even(codes: Tensor) -> None:
+    if codes.shape[-1] % 2:
+        raise ValueError(f"last dimension must be even to pack int4, got {codes.shape[-1]}")
+
+
 def pack_int4_triton(codes: Tensor) -> Tensor:  # (..., n) int8 -> (..., n/2) uint8
     """Triton launcher of :func:`pack_int4` (interpreter on CPU tensors)."""
+    _check_even(codes)
     codes = codes.contiguous()
     out = torch.empty(*codes.shape[:-1], codes.shape[-1] // 2, dtype=torch.uint8, device=codes.device)
     n = out.numel()
@@ -63,43 +70,34 @@ def unpack_int4_triton(packed: Tensor, signed: bool = True) -> Tensor:  # (..., 
     return out
 
 
-@torch.library.custom_op("flatquant::pack_int4", mutates_args=())
-def pack_int4(codes: Tensor) -> Tensor:
-    """Pack int4 codes ``(..., n)`` int8 into ``(..., n/2)`` uint8, element 2k in the low nibble."""
-    if codes.shape[-1] % 2:
-        raise ValueError(f"last dimension must be even to pack int4, got {codes.shape[-1]}")
-    return ref.pack_int4_ref(codes)
-
-
-@pack_int4.register_kernel("cuda")
-def _(codes: Tensor) -> Tensor:
-    if codes.shape[-1] % 2:
-        raise ValueError(f"last dimension must be even to pack int4, got {codes.shape[-1]}")
-    return pack_int4_triton(codes)
-
-
-@pack_int4.register_fake
-def _(codes: Tensor) -> Tensor:
+def _pack_int4_fake(codes: Tensor, **_: object) -> Tensor:
     return codes.new_empty(*codes.shape[:-1], codes.shape[-1] // 2, dtype=torch.uint8)
 
 
-@torch.library.custom_op("flatquant::unpack_int4", mutates_args=())
+@register_op("flatquant::pack_int4", cuda=pack_int4_triton, fake=_pack_int4_fake)
+def pack_int4(codes: Tensor) -> Tensor:
+    """Pack int4 codes ``(..., n)`` int8 into ``(..., n/2)`` uint8, element 2k in the low nibble."""
+    _check_even(codes)
+    return ref.pack_int4_ref(codes)
+
+
+def _unpack_int4_fake(packed: Tensor, **_: object) -> Tensor:
+    return packed.new_empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=torch.int8)
+
+
+@register_op("flatquant::unpack_int4", cuda=unpack_int4_triton, fake=_unpack_int4_fake)
 def unpack_int4(packed: Tensor, signed: bool = True) -> Tensor:
     """Unpack ``(..., n/2)`` uint8 into ``(..., n)`` int8 codes (sign-extended when ``signed``)."""
     return ref.unpack_int4_ref(packed, signed)
 
 
-@unpack_int4.register_kernel("cuda")
-def _(packed: Tensor, signed: bool = True) -> Tensor:
-    return unpack_int4_triton(packed, signed)
+def _halves_layout_fake(w_packed: Tensor, block_k: int, **_: object) -> Tensor:
+    k = w_packed.shape[-1] * 2
+    kp = -(-k // block_k) * block_k
+    return w_packed.new_empty(w_packed.shape[0], kp // 2, dtype=torch.uint8)
 
 
-@unpack_int4.register_fake
-def _(packed: Tensor, signed: bool = True) -> Tensor:
-    return packed.new_empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=torch.int8)
-
-
-@torch.library.custom_op("flatquant::int4_halves_layout", mutates_args=())
+@register_op("flatquant::int4_halves_layout", fake=_halves_layout_fake)
 def int4_halves_layout(w_packed: Tensor, block_k: int = ref.W4A8_BLOCK_K) -> Tensor:
     """Offline re-layout of interleaved packed weights ``(N, K/2)`` for the W4A8 GEMM: ``(N, Kp/2)``, Kp padded
     to a multiple of ``block_k``; byte j of a K-tile holds elements j and j + block_k/2 (see ``reference``).
@@ -107,10 +105,3 @@ def int4_halves_layout(w_packed: Tensor, block_k: int = ref.W4A8_BLOCK_K) -> Ten
     One implementation for every device: it runs once per weight, at load time.
     """
     return ref.halves_layout_ref(w_packed, block_k)
-
-
-@int4_halves_layout.register_fake
-def _(w_packed: Tensor, block_k: int = ref.W4A8_BLOCK_K) -> Tensor:
-    k = w_packed.shape[-1] * 2
-    kp = -(-k // block_k) * block_k
-    return w_packed.new_empty(w_packed.shape[0], kp // 2, dtype=torch.uint8)

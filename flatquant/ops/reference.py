@@ -10,6 +10,8 @@ They run on any device and are the CPU kernels of the custom ops. Numerics (shar
 * int4 packing: two's-complement (or unsigned, for asymmetric codes) nibbles, element ``2k`` in the low nibble
   of byte ``k``.
 * GEMM: exact integer accumulation, then ``(acc_fp32 · s_a[m]) · s_w[n] (+ bias)`` in fp32, cast to the output dtype.
+* KV cache: unsigned nibbles with a per-(token, head) scale and zero, value ``(code - zero) · scale``; decode
+  attention dequantizes in fp32 and runs an fp32 softmax.
 """
 
 from __future__ import annotations
@@ -148,6 +150,43 @@ def kv_quant_ref(
     return pack_int4_ref(codes), scale.squeeze(-1), zero.squeeze(-1)
 
 
+def dequantize_kv_ref(
+    codes: Tensor,  # (..., d/2) uint8 unsigned nibbles
+    scale: Tensor,  # (...) fp32
+    zero: Tensor,  # (...) fp32
+) -> Tensor:  # (..., d) fp32
+    """``(code - zero) * scale`` of packed 4-bit KV codes, in fp32."""
+    c = codes.to(torch.int16)
+    q = torch.stack((c & 0xF, (c >> 4) & 0xF), dim=-1).reshape(*codes.shape[:-1], codes.shape[-1] * 2)
+    return (q.float() - zero.float()[..., None]) * scale.float()[..., None]
+
+
+def kv4_decode_attention_ref(
+    q: Tensor,  # (B, Hq, d)
+    k_codes: Tensor,  # (B, Hkv, S, d/2) uint8
+    k_scale: Tensor,  # (B, Hkv, S) fp32
+    k_zero: Tensor,  # (B, Hkv, S) fp32
+    v_codes: Tensor,  # (B, Hkv, S, d/2) uint8
+    v_scale: Tensor,  # (B, Hkv, S) fp32
+    v_zero: Tensor,  # (B, Hkv, S) fp32
+    start: Tensor,  # (B,) int32
+    length: Tensor,  # (B,) int32
+    sm_scale: float,
+) -> Tensor:  # (B, Hq, d) in q.dtype
+    """Softmax attention of one query per row over the dequantized cache positions ``[start, length)``, in fp32."""
+    b, hq, _ = q.shape
+    hkv, s = k_codes.shape[1], k_codes.shape[2]
+    rep = hq // hkv
+    k = dequantize_kv_ref(k_codes, k_scale, k_zero).repeat_interleave(rep, dim=1)  # (B, Hq, S, d)
+    v = dequantize_kv_ref(v_codes, v_scale, v_zero).repeat_interleave(rep, dim=1)
+    scores = torch.einsum("bhd,bhsd->bhs", q.float(), k) * sm_scale
+    pos = torch.arange(s, device=q.device)
+    valid = (pos[None, :] >= start[:, None].long()) & (pos[None, :] < length[:, None].long())  # (B, S)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhs,bhsd->bhd", p, v).to(q.dtype)
+
+
 def int_matmul_ref(
     a: Tensor,  # (M, K) integer codes (any int dtype)
     w: Tensor,  # (N, K) integer codes
@@ -191,3 +230,4 @@ def int8_mm_cpu(a: Tensor, w: Tensor) -> Tensor:  # (M, K) int8, (N, K) int8 -> 
         return torch._int_mm(a, w.mT)
     except RuntimeError:
         return (a.float() @ w.float().mT).to(torch.int32)
+

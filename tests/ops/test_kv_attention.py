@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flatquant.ops import kv_quant
-from flatquant.ops.kv_attention import dequantize_kv_ref, kv4_decode_attention, kv4_decode_attention_triton
+from flatquant.ops.kv_attention import kv4_decode_attention, kv4_decode_attention_triton
+from flatquant.ops.reference import dequantize_kv_ref
 
 from ._util import KERNEL_DEVICES
 

@@ -12,7 +12,7 @@ from ...core.kron import head_transform
 from ...core.quant import fake_quant
 from ...core.spec import QuantSpec
 from ...ops import kv_quant
-from ...ops.kv_attention import dequantize_kv_ref
+from ...ops.reference import dequantize_kv_ref
 from .config import RealConfig, kv_packed
 
 
