@@ -1,4 +1,5 @@
-"""The functional decoder layer over a parameter dict.
+"""The functional decoder layer: its skeleton (:func:`decoder_layer`, shared with the real engine) and the forward
+over a parameter dict (:func:`layer_forward`).
 
 One forward serves the FP model, the fake-quantized calibration model and the folded (merged)
 model: which transforms run online is decided by which keys the dict holds, and quantizers with
@@ -123,12 +124,41 @@ def attention(
     return o.transpose(1, 2).reshape(b, t, args.q_dim)
 
 
-def mlp_input(p: Params, x: Tensor, args: ModelArgs, qcfg: QuantConfig, linear_fn: LinearFn = linear) -> Tensor:
-    """``act(gate)·up`` of the normalised MLP input (before the down transform)."""
-    x = _kron(p, "up_gate_trans", x)
-    up = linear_fn(p, "up_proj", x, qcfg.a)
-    gate = linear_fn(p, "gate_proj", x, qcfg.a)
-    return F.silu(gate) * up
+def decoder_layer(
+    x: Tensor,  # (B, T, hidden)
+    *,
+    input_norm: Tensor,  # (hidden,)
+    post_norm: Tensor,  # (hidden,)
+    eps: float,
+    attention: Callable[[Tensor], Tensor],  # (B, T, hidden) normalised -> (B, T, H*d)
+    o_proj: Callable[[Tensor], Tensor],  # (B, T, H*d) -> (B, T, hidden)
+    gate_up: Callable[[Tensor], tuple[Tensor, Tensor]],  # (B, T, hidden) normalised -> 2 x (B, T, intermediate)
+    down: Callable[[Tensor], Tensor],  # (B, T, intermediate) -> (B, T, hidden)
+) -> Tensor:  # (B, T, hidden)
+    """The decoder layer's skeleton, written once: pre-norm attention and pre-norm SwiGLU MLP with residuals.
+
+    The fake forward (:func:`layer_forward`: calibration, the fake model, GPTQ) and the real engine
+    (:func:`flatquant.models.real.step.layer_step`) both run it; they pass their own callables, which own every
+    online transform and quantizer of their site (a Kronecker transform before q/k/v inside ``attention``, head
+    mixing inside ``o_proj``, ...) and, for the engine, the KV-cache writes. The skeleton keeps no state and
+    branches on nothing, so it traces into one graph (``torch.compile(fullgraph=True)``, ``torch.func``).
+
+    Args:
+        x: the layer input (residual stream).
+        input_norm, post_norm: RMSNorm weights before attention and before the MLP; ``eps`` their epsilon.
+        attention: the attention output before ``o_proj`` of the normalised input.
+        o_proj: the output projection of the attention output.
+        gate_up: ``(gate, up)`` projections of the normalised MLP input.
+        down: the down projection of ``silu(gate) * up``.
+
+    Returns:
+        The layer output ``x + o_proj(attention(norm(x)))``, then ``+ down(silu(gate) * up)`` of its norm.
+    """
+    h = rms_norm(x, input_norm, eps)
+    x = x + o_proj(attention(h))
+    h = rms_norm(x, post_norm, eps)
+    gate, up = gate_up(h)
+    return x + down(F.silu(gate) * up)
 
 
 def layer_forward(
@@ -141,23 +171,30 @@ def layer_forward(
     linear_fn: LinearFn | None = None,
     recompute: bool = False,
 ) -> Tensor:  # (B, T, hidden)
-    """One decoder layer: pre-norm attention and pre-norm SwiGLU MLP with residuals.
+    """One decoder layer (:func:`decoder_layer`) over a parameter dict, the online transforms its keys name.
 
     ``linear_fn(p, name, x, a_spec)`` computes each of the seven linears (default: fake-quant input,
     then ``F.linear``); GPTQ passes one that also records the quantized inputs. ``recompute``
     (training) recomputes every activation quantizer in backward (see :func:`quant_act`).
     """
-    if linear_fn is None:
-        linear_fn = functools.partial(linear, recompute=recompute)
-    h = rms_norm(x, p["input_norm"], args.rms_eps)
-    h = _kron(p, "ln_trans", h)
-    o = attention(p, h, rope, args, qcfg, linear_fn, recompute=recompute)
-    if "o_trans" in p:
-        o = head_mix(o, p["o_trans"])
-    x = x + linear_fn(p, "o_proj", o, qcfg.a)
-    h = rms_norm(x, p["post_norm"], args.rms_eps)
-    m = _kron(p, "down_trans", mlp_input(p, h, args, qcfg, linear_fn))
-    return x + linear_fn(p, "down_proj", m, qcfg.a)
+    lin: LinearFn = functools.partial(linear, recompute=recompute) if linear_fn is None else linear_fn
+
+    def attend(h: Tensor) -> Tensor:  # (B, T, hidden) -> (B, T, H*d)
+        return attention(p, _kron(p, "ln_trans", h), rope, args, qcfg, lin, recompute=recompute)
+
+    def o_proj(o: Tensor) -> Tensor:  # (B, T, H*d) -> (B, T, hidden)
+        return lin(p, "o_proj", head_mix(o, p["o_trans"]) if "o_trans" in p else o, qcfg.a)
+
+    def gate_up(h: Tensor) -> tuple[Tensor, Tensor]:  # (B, T, hidden) -> 2 x (B, T, intermediate)
+        h = _kron(p, "up_gate_trans", h)
+        up = lin(p, "up_proj", h, qcfg.a)
+        return lin(p, "gate_proj", h, qcfg.a), up
+
+    def down(m: Tensor) -> Tensor:  # (B, T, intermediate) -> (B, T, hidden)
+        return lin(p, "down_proj", _kron(p, "down_trans", m), qcfg.a)
+
+    return decoder_layer(x, input_norm=p["input_norm"], post_norm=p["post_norm"], eps=args.rms_eps,
+                         attention=attend, o_proj=o_proj, gate_up=gate_up, down=down)
 
 
 SITE_INPUTS = {s.linears[0]: s.transform for s in SITES if s.kron}

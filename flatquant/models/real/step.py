@@ -1,4 +1,6 @@
-"""One decoder layer of the real engine (prefill and decode): projections, RoPE, cache write, attention, MLP."""
+"""One decoder layer of the real engine (prefill and decode): the shared skeleton
+(:func:`flatquant.models.layer.decoder_layer`) with the engine's linears and attention (projections, RoPE, cache
+write, SDPA or the KV4 decode kernel)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from torch import Tensor
 from ...core.kron import head_transform
 from ...core.quant import fake_quant
 from ...ops.kv_attention import kv4_decode_attention
-from ..layer import Rope, apply_rope, rms_norm
+from ..layer import Rope, apply_rope, decoder_layer, rms_norm
 from ..sites import FUSED_GROUPS
 from .cache import LayerKV, read_kv, write_kv
 from .config import RealConfig
@@ -98,17 +100,22 @@ def layer_step(
     layer: RealLayer, x: Tensor, rope: Rope, kv: LayerKV, cfg: RealConfig, idx: Tensor, start: Tensor,
     length: Tensor, *, n_valid: int, decode: bool, causal_from_zero: bool, k_packed: bool, v_packed: bool,
 ) -> Tensor:  # (B, T, hidden) -> (B, T, hidden)
-    """One decoder layer on new tokens ``x (B, T, hidden)``, writing their K/V into ``kv`` at ``idx``;
-    attention covers cache positions ``< n_valid``."""
-    eps = cfg.args.rms_eps
-    h = rms_norm(x, layer.input_norm, eps)
-    o = attention_step(layer, h, rope, kv, cfg, idx, start, length, n_valid=n_valid, decode=decode,
-                       causal_from_zero=causal_from_zero, k_packed=k_packed, v_packed=v_packed)
-    x = x + _linear(layer, "o_proj", o)
-    h = rms_norm(x, layer.post_norm, eps)
-    gate, up = _project(layer, "up_gate", h)
-    m = F.silu(gate) * up
-    return x + _linear(layer, "down_proj", m)
+    """One decoder layer (:func:`~flatquant.models.layer.decoder_layer`, the fake forward's skeleton) on new tokens
+    ``x (B, T, hidden)``, with the engine's linears (fused where the layer holds them fused) and
+    :func:`attention_step`, which writes their K/V into ``kv`` at ``idx``; attention covers cache positions
+    ``< n_valid``."""
+
+    def attend(h: Tensor) -> Tensor:  # (B, T, hidden) -> (B, T, H*d)
+        return attention_step(layer, h, rope, kv, cfg, idx, start, length, n_valid=n_valid, decode=decode,
+                              causal_from_zero=causal_from_zero, k_packed=k_packed, v_packed=v_packed)
+
+    def gate_up(h: Tensor) -> tuple[Tensor, Tensor]:  # (B, T, hidden) -> 2 x (B, T, intermediate)
+        gate, up = _project(layer, "up_gate", h)
+        return gate, up
+
+    return decoder_layer(x, input_norm=layer.input_norm, post_norm=layer.post_norm, eps=cfg.args.rms_eps,
+                         attention=attend, o_proj=lambda o: _linear(layer, "o_proj", o), gate_up=gate_up,
+                         down=lambda m: _linear(layer, "down_proj", m))
 
 
 def decode_layer(layer: RealLayer, x: Tensor, rope: Rope, kv: LayerKV, cfg: RealConfig, idx: Tensor,
