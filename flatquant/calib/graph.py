@@ -46,9 +46,9 @@ def capturable_linalg(device: torch.device) -> Iterator[None]:
 def deterministic_kernels(enabled: bool) -> Iterator[None]:
     """``torch.use_deterministic_algorithms(True)`` for the duration (when ``enabled``), then restore the setting.
 
-    On CUDA this also sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` if it is unset (PyTorch refuses cuBLAS calls in
-    deterministic mode without it). An op with no deterministic implementation raises instead of running
-    nondeterministically.
+    It also sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` if it is unset (PyTorch refuses cuBLAS calls in
+    deterministic mode without it) and leaves it set: cuBLAS reads it when it creates a workspace, not per call.
+    An op with no deterministic implementation raises instead of running nondeterministically.
     """
     if not enabled:
         yield

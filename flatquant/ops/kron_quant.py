@@ -154,8 +154,8 @@ def kron_quant_triton(
 
     Returns ``(codes, scale)``: ``(T, n/2)`` / ``(T,)`` for a ``(2,)`` clip, ``(G, T, n/2)`` / ``(G, T)`` for a
     ``(G, 2)`` clip (the transform runs once per token either way). ``programs`` caps the grid (each program loops
-    over its share of the tokens); default: 4 per SM on CUDA. ``num_warps`` (default 8 for tiles of 128 x 128 or
-    more, else 4) and ``num_stages`` are Triton launch options (CUDA only).
+    over its share of the tokens); default: 4 per SM on CUDA. ``num_warps`` (default 8 at up to 64 tokens, else 4)
+    and ``num_stages`` are Triton launch options (CUDA only).
     """
     _check(x, left, right, n1, bits, pack)
     if programs is not None and programs < 1:
