@@ -1,7 +1,9 @@
-"""kron_quant grid: one program per token (factors reloaded per token) against a capped grid whose programs loop
-over tokens (factors loaded once per program), side by side with the memory-bandwidth floor, on LLaMA sizes.
+"""kron_quant kernel layouts side by side on LLaMA-3-8B sizes: ``whole`` (one program holds a token's whole
+transform), ``chunked`` (column blocks parked in an L2-resident workspace) and ``split`` (few tokens: column blocks
+on separate programs + a finishing kernel), with block widths and warp counts, against the HBM floor (read x,
+write the codes). Every layout's codes are compared with ``whole``'s.
 
-Usage (H100): ``python bench/probe_kron.py --out bench/results/probe_kron_h100.json``.
+Usage (GPU): ``python bench/probe_kron.py --out bench/results/probe_kron_h200.json`` (about 3 minutes).
 """
 
 from __future__ import annotations
@@ -18,36 +20,61 @@ from env import environment  # noqa: E402
 from timing import copy_bandwidth, graph_time  # noqa: E402
 
 from flatquant.core.kron import decompose_dim  # noqa: E402
-from flatquant.ops.kron_quant import grid_programs, kron_quant_triton  # noqa: E402
+from flatquant.ops.kron_quant import default_variant, kron_quant_triton  # noqa: E402
+
+# (name, K, left only): the ln/up_gate transforms (4096), down (14336, and LLaMA-2's 11008), o_proj's head mixing
+SITES = [("kron4096", 4096, False), ("kron11008", 11008, False), ("kron14336", 14336, False),
+         ("headmix32x128", 4096, True)]
+
+
+def configs(m: int) -> list[dict]:
+    """Launch settings to try at ``m`` tokens."""
+    out: list[dict] = [{"variant": "whole", "num_warps": w} for w in (4, 8)]
+    out += [{"variant": "chunked", "block_cols": b, "num_warps": w} for b in (16, 32, 64) for w in (4, 8)]
+    if m <= 64:
+        out += [{"variant": "split", "block_cols": b, "num_warps": w} for b in (16, 32, 64) for w in (4, 8)]
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/results/probe_kron.json"))
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 2048, 32768])
     a = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth()
     rows = []
-    print(f"# copy bandwidth {bw * 1e-9:.0f} GB/s; default grid cap {grid_programs(dev)} programs")
-    print(f"{'K':>6} {'M':>6} | {'per-token':>9} {'looped':>8} {'floor':>7} | {'speed-up':>8} "
-          f"{'floor/looped':>12} equal")
-    for k in (4096, 11008, 14336):
-        n1, n2 = decompose_dim(k)
+    print(f"# copy bandwidth {bw * 1e-9:.0f} GB/s")
+    for name, k, left_only in SITES:
+        if left_only:
+            n1, n2 = 32, k // 32
+        else:
+            n1, n2 = decompose_dim(k)
         g = torch.Generator(device=dev).manual_seed(k)
-        left = torch.linalg.qr(torch.randn(n1, n1, device=dev, generator=g))[0].bfloat16()
-        right = torch.linalg.qr(torch.randn(n2, n2, device=dev, generator=g))[0].bfloat16()
+        left = torch.linalg.qr(torch.randn(n1, n1, device=dev, generator=g))[0].bfloat16().contiguous()
+        right = None if left_only else torch.linalg.qr(torch.randn(n2, n2, device=dev, generator=g))[0].bfloat16()
+        right = None if right is None else right.contiguous()
         clip = torch.tensor([0.9, 0.95], device=dev)
-        for m in (1, 16, 256, 2048, 8192, 16384):
+        for m in a.tokens:
             x = torch.randn(m, k, device=dev, generator=g).bfloat16()
-            old = kron_quant_triton(x, left, right, clip, n1, programs=m)
-            new = kron_quant_triton(x, left, right, clip, n1)
-            equal = bool(torch.equal(old[0], new[0]) and torch.equal(old[1], new[1]))
-            t_old = graph_time(lambda: kron_quant_triton(x, left, right, clip, n1, programs=m))
-            t_new = graph_time(lambda: kron_quant_triton(x, left, right, clip, n1))
+            base = kron_quant_triton(x, left, right, clip, n1, variant="whole")
             floor = (m * k * 2 + m * k // 2 + 4 * m) / bw * 1e6
-            rows.append({"k": k, "m": m, "per_token_us": t_old, "looped_us": t_new, "floor_us": floor, "equal": equal})
-            print(f"{k:>6} {m:>6} | {t_old:9.1f} {t_new:8.1f} {floor:7.1f} | {t_old / t_new:8.2f} "
-                  f"{floor / t_new:12.2f} {equal}", flush=True)
+            dflt = default_variant(m, n1, n2)
+            t_def = graph_time(lambda: kron_quant_triton(x, left, right, clip, n1))
+            res = []
+            for cfg in configs(m):
+                out = kron_quant_triton(x, left, right, clip, n1, **cfg)
+                equal = bool(torch.equal(out[0], base[0]) and torch.equal(out[1], base[1]))
+                us = graph_time(lambda cfg=cfg: kron_quant_triton(x, left, right, clip, n1, **cfg))
+                res.append({**cfg, "us": us, "equal": equal})
+            best = min(res, key=lambda r: r["us"])
+            rows.append({"site": name, "k": k, "n1": n1, "n2": n2, "m": m, "floor_us": floor, "default": dflt,
+                         "default_us": t_def, "best": best, "all": res})
+            whole = min(r["us"] for r in res if r["variant"] == "whole")
+            print(f"{name:>14} m={m:>6} | default {dflt:>7} {t_def:9.1f} us | whole {whole:9.1f} | best "
+                  f"{best['variant']}/{best.get('block_cols', '-')}/{best['num_warps']}w {best['us']:9.1f} | "
+                  f"floor {floor:7.1f} ({floor / best['us']:.2f}) | all equal "
+                  f"{all(r['equal'] for r in res)}", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"command": " ".join(sys.argv), "env": environment(), "copy_GBps": bw * 1e-9,
                                  "rows": rows}, indent=1))

@@ -24,90 +24,199 @@ from ._register import register_op
 
 
 @triton.jit
+def _load_token(x_ptr, t, stride_xt, n2, i, row_ok, N2P: tl.constexpr):
+    """Token ``t`` as its ``(N1P, N2P)`` matrix ``X`` (padding 0)."""
+    j = tl.arange(0, N2P)
+    return tl.load(x_ptr + t * stride_xt + i[:, None] * n2 + j[None, :], mask=row_ok[:, None] & (j < n2)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _y_cols(
+    x, x_ptr, lt, r_ptr, t, stride_xt, n1, n2, j0, i, row_ok,
+    N2P: tl.constexpr, BJ: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, F32_DOT: tl.constexpr,
+):
+    """Columns ``[j0, j0 + BJ)`` of token ``t``'s ``Y = Lᵀ X R``, fp32 ``(N1P, BJ)`` (padding 0).
+
+    ``x``: the token's whole ``X`` (:func:`_load_token`) when ``HAS_RIGHT``, else unused (the column block is
+    loaded here). ``X R`` accumulates in fp32 and is rounded to x's dtype only when a left product follows.
+    F32_DOT (the interpreter, whose dot mishandles bf16, and fp32 inputs, which must not drop to TF32): exact fp32
+    products, the same function as a 16-bit tensor-core dot with fp32 accumulation.
+    """
+    jj = j0 + tl.arange(0, BJ)
+    jj_ok = jj < n2
+    if HAS_RIGHT:
+        j = tl.arange(0, N2P)
+        r = tl.load(r_ptr + j[:, None] * n2 + jj[None, :], mask=(j < n2)[:, None] & jj_ok[None, :], other=0.0)
+        if F32_DOT:
+            y = tl.dot(x.to(tl.float32), r.to(tl.float32), input_precision="ieee")
+        else:
+            y = tl.dot(x, r)
+        if HAS_LEFT:
+            if F32_DOT and x_ptr.dtype.element_ty == tl.bfloat16:
+                # The interpreter truncates fp32 -> bf16; round to nearest even on the bits instead.
+                xb = round_to_bf16_f32(y)
+            else:
+                xb = y.to(x_ptr.dtype.element_ty)
+    else:
+        xb = tl.load(x_ptr + t * stride_xt + i[:, None] * n2 + jj[None, :], mask=row_ok[:, None] & jj_ok[None, :],
+                     other=0.0)
+        y = xb.to(tl.float32)
+    if HAS_LEFT:
+        if F32_DOT:
+            y = tl.dot(lt.to(tl.float32), xb.to(tl.float32), input_precision="ieee")
+        else:
+            y = tl.dot(lt, xb)
+    return y
+
+
+@triton.jit
+def _quant_cols(
+    y, y_hi, y_lo, clip_lo, clip_hi, gg, q_ptr, s_ptr, t, n2, j0, i, row_ok, stride_qt, stride_qg, stride_sg,
+    store_scale, N1P: tl.constexpr, BJ: tl.constexpr, G: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
+):
+    """LAC + symmetric codes of columns ``[j0, j0 + BJ)`` of ``y`` for each of the G clip pairs, given the token's
+    range ``[y_lo, y_hi]`` (which includes 0): ``s = max(-lo, hi) / QMAX`` with ``lo, hi`` the clipped range.
+    Code set g goes to ``q_ptr + g * stride_qg`` (packed: two codes per byte, element 2k in the low nibble), its
+    scale to ``s_ptr + g * stride_sg`` if ``store_scale``."""
+    for g in tl.static_range(G):
+        hi = y_hi * tl.sum(tl.where(gg == g, clip_hi, 0.0), axis=0)  # exact: one term is not zero
+        lo = y_lo * tl.sum(tl.where(gg == g, clip_lo, 0.0), axis=0)
+        amax = tl.maximum(-lo, hi)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full((), QMAX, tl.float32)), 1.0)
+        v = tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
+        v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
+        # Round half to even: (v + 1.5·2²³) − 1.5·2²³ in fp32 (exact for the clamped |v| <= QMAX + 1).
+        q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
+        tl.store(s_ptr + g * stride_sg + t, scale, mask=store_scale)
+        q_base = q_ptr + g * stride_qg + t * stride_qt
+        if PACK:
+            # Flattened element 2k -> low nibble of byte k; n2 and j0 are even, so pairs never straddle rows.
+            lo_q, hi_q = tl.split(tl.reshape(q, (N1P, BJ // 2, 2)))
+            byte = (lo_q & 0xF) | ((hi_q & 0xF) << 4)
+            jh = j0 // 2 + tl.arange(0, BJ // 2)
+            half = n2 // 2
+            tl.store(q_base + i[:, None] * half + jh[None, :], byte.to(tl.uint8),
+                     mask=row_ok[:, None] & (jh < half)[None, :])
+        else:
+            jj = j0 + tl.arange(0, BJ)
+            tl.store(q_base + i[:, None] * n2 + jj[None, :], q.to(tl.int8), mask=row_ok[:, None] & (jj < n2)[None, :])
+
+
+@triton.jit
+def _load_lt(l_ptr, n1, i, row_ok, x_dtype: tl.constexpr, N1P: tl.constexpr, HAS_LEFT: tl.constexpr):
+    """Lᵀ ``(N1P, N1P)``, loaded transposed (``lt[a, b] = L[b, a]``); zeros (unused) without a left factor."""
+    ia = tl.arange(0, N1P)
+    if HAS_LEFT:
+        return tl.load(l_ptr + i[None, :] * n1 + ia[:, None], mask=(ia < n1)[:, None] & row_ok[None, :], other=0.0)
+    return tl.zeros((N1P, N1P), dtype=x_dtype)
+
+
+@triton.jit
+def _load_clips(clip_ptr, G: tl.constexpr, GP: tl.constexpr):
+    """The G clip pairs as ``(GP,)`` lo / hi vectors, and their index vector."""
+    gg = tl.arange(0, GP)
+    clip_lo = tl.load(clip_ptr + 2 * gg, mask=gg < G, other=0.0)
+    clip_hi = tl.load(clip_ptr + 2 * gg + 1, mask=gg < G, other=0.0)
+    return gg, clip_lo, clip_hi
+
+
+@triton.jit
 def _kron_quant_kernel(
-    x_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr,
+    x_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr, ws_ptr,
     T, n1, n2, stride_xt, stride_qt, stride_qg, stride_sg,
-    N1P: tl.constexpr, N2P: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    N1P: tl.constexpr, N2P: tl.constexpr, BJ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     QMAX: tl.constexpr, PACK: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     # Program p handles tokens p, p + P, p + 2P, ... (P programs): the factors are loaded once per program, not
-    # once per token (at K = 14336 they are 2 x 32 KB against 28 KB of token). Per token:
-    # X (n1, n2) -> Y = Lᵀ (X R) -> LAC -> sym per-token codes (-> packed nibbles).
-    # G clip pairs: the transform runs once per token and G code sets are written (q/k/v or gate/up share one
-    # transform but each linear has its own LAC), set g at q_ptr + g * stride_qg, s_ptr + g * stride_sg.
-    # F32_DOT (the interpreter, whose dot mishandles bf16, and fp32 inputs, which must not drop to TF32):
-    # exact fp32 products, the same function as a 16-bit tensor-core dot with fp32 accumulation.
+    # once per token. Per token: X (n1, n2) -> Y = Lᵀ (X R) -> LAC -> sym per-token codes (-> packed nibbles), for
+    # G clip pairs (q/k/v or gate/up share one transform but each linear has its own LAC).
+    # BJ < N2P (chunked): Y is built BJ columns at a time (smaller register tiles for large factors), each block
+    # parked in fp32 in this program's slot of ws_ptr ((P, N1P, N2P), L2-resident) while the range is reduced,
+    # then read back and quantized. BJ == N2P: the whole Y stays in registers.
     i = tl.arange(0, N1P)
-    j = tl.arange(0, N2P)
     row_ok = i < n1
-    col_ok = j < n2
-    ia = tl.arange(0, N1P)
-    jr = tl.arange(0, N2P)
-    if HAS_RIGHT:
-        r = tl.load(r_ptr + jr[:, None] * n2 + j[None, :], mask=(jr < n2)[:, None] & col_ok[None, :], other=0.0)
-    else:
-        r = tl.zeros((N2P, N2P), dtype=x_ptr.dtype.element_ty)  # unused
-    if HAS_LEFT:
-        # Lᵀ loaded directly transposed: lt[a, b] = L[b, a].
-        lt = tl.load(l_ptr + i[None, :] * n1 + ia[:, None], mask=(ia < n1)[:, None] & row_ok[None, :], other=0.0)
-    else:
-        lt = tl.zeros((N1P, N1P), dtype=x_ptr.dtype.element_ty)  # unused
-    # The G clip pairs, loaded once before the token loop (not after each token's reductions, where every scalar
-    # load was one more global-memory round trip on the critical path of a single-token decode call).
-    gg = tl.arange(0, GP)
-    clip_lo = tl.load(clip_ptr + 2 * gg, mask=gg < G, other=0.0)
-    clip_hi = tl.load(clip_ptr + 2 * gg + 1, mask=gg < G, other=0.0)
+    lt = _load_lt(l_ptr, n1, i, row_ok, x_ptr.dtype.element_ty, N1P, HAS_LEFT)
+    gg, clip_lo, clip_hi = _load_clips(clip_ptr, G, GP)
+    NB: tl.constexpr = N2P // BJ
+    jb = tl.arange(0, BJ)
+    slot = ws_ptr + tl.program_id(0).to(tl.int64) * (N1P * N2P) + i[:, None] * N2P + jb[None, :]
     for tt in range(tl.program_id(0), T, tl.num_programs(0)):
         t = tl.cast(tt, tl.int64)
-        x = tl.load(x_ptr + t * stride_xt + i[:, None] * n2 + j[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_RIGHT:
-            # X R with fp32 accumulation; rounded back to x's dtype only when a left product follows.
-            if F32_DOT:
-                y = tl.dot(x.to(tl.float32), r.to(tl.float32), input_precision="ieee")
-            else:
-                y = tl.dot(x, r)
-            if HAS_LEFT:
-                if F32_DOT and x_ptr.dtype.element_ty == tl.bfloat16:
-                    # The interpreter truncates fp32 -> bf16; round to nearest even on the bits instead.
-                    x = round_to_bf16_f32(y)
-                else:
-                    x = y.to(x_ptr.dtype.element_ty)
-        if HAS_LEFT:
-            if F32_DOT:
-                y = tl.dot(lt.to(tl.float32), x.to(tl.float32), input_precision="ieee")
-            else:
-                y = tl.dot(lt, x)
-        if not HAS_LEFT and not HAS_RIGHT:
-            y = x.to(tl.float32)
+            x = _load_token(x_ptr, t, stride_xt, n2, i, row_ok, N2P)
+        else:
+            x = tl.zeros((N1P, N2P), dtype=x_ptr.dtype.element_ty)  # unused: _y_cols loads its columns
+        if NB == 1:
+            y = _y_cols(x, x_ptr, lt, r_ptr, t, stride_xt, n1, n2, 0, i, row_ok, N2P, BJ, HAS_LEFT, HAS_RIGHT,
+                        F32_DOT)
+            y_hi = tl.maximum(tl.max(tl.max(y, axis=1), axis=0), 0.0)
+            y_lo = tl.minimum(tl.min(tl.min(y, axis=1), axis=0), 0.0)
+            _quant_cols(y, y_hi, y_lo, clip_lo, clip_hi, gg, q_ptr, s_ptr, t, n2, 0, i, row_ok, stride_qt,
+                        stride_qg, stride_sg, True, N1P, BJ, G, QMAX, PACK)
+        else:
+            y_hi = tl.full((), 0.0, tl.float32)
+            y_lo = tl.full((), 0.0, tl.float32)
+            for c in range(NB):
+                y = _y_cols(x, x_ptr, lt, r_ptr, t, stride_xt, n1, n2, c * BJ, i, row_ok, N2P, BJ, HAS_LEFT,
+                            HAS_RIGHT, F32_DOT)
+                y_hi = tl.maximum(y_hi, tl.max(tl.max(y, axis=1), axis=0))
+                y_lo = tl.minimum(y_lo, tl.min(tl.min(y, axis=1), axis=0))
+                tl.store(slot + c * BJ, y)
+            tl.debug_barrier()  # the slot is read back by other threads of this program
+            for c in range(NB):
+                y = tl.load(slot + c * BJ)
+                _quant_cols(y, y_hi, y_lo, clip_lo, clip_hi, gg, q_ptr, s_ptr, t, n2, c * BJ, i, row_ok,
+                            stride_qt, stride_qg, stride_sg, c == 0, N1P, BJ, G, QMAX, PACK)
+            tl.debug_barrier()  # the next token overwrites the slot
 
-        # LAC on the row range (which always includes 0; padded entries are 0), then s = max(|lo|, hi) / QMAX.
-        y_hi = tl.maximum(tl.max(tl.max(y, axis=1), axis=0), 0.0)
-        y_lo = tl.minimum(tl.min(tl.min(y, axis=1), axis=0), 0.0)
-        for g in tl.static_range(G):
-            hi = y_hi * tl.sum(tl.where(gg == g, clip_hi, 0.0), axis=0)  # exact: one term is not zero
-            lo = y_lo * tl.sum(tl.where(gg == g, clip_lo, 0.0), axis=0)
-            amax = tl.maximum(-lo, hi)
-            scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full((), QMAX, tl.float32)), 1.0)
-            v = tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
-            v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
-            # Round half to even: (v + 1.5·2²³) − 1.5·2²³ in fp32 (exact for the clamped |v| <= QMAX + 1).
-            q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
-            tl.store(s_ptr + g * stride_sg + t, scale)
-            q_base = q_ptr + g * stride_qg + t * stride_qt
 
-            if PACK:
-                # Flattened element 2k -> low nibble of byte k; n2 is even, so pairs never straddle rows.
-                lo_q, hi_q = tl.split(tl.reshape(q, (N1P, N2P // 2, 2)))
-                byte = (lo_q & 0xF) | ((hi_q & 0xF) << 4)
-                jj = tl.arange(0, N2P // 2)
-                half = n2 // 2
-                tl.store(q_base + i[:, None] * half + jj[None, :], byte.to(tl.uint8),
-                         mask=row_ok[:, None] & (jj < half)[None, :])
-            else:
-                tl.store(q_base + i[:, None] * n2 + j[None, :], q.to(tl.int8),
-                         mask=row_ok[:, None] & col_ok[None, :])
+@triton.jit
+def _kron_cols_kernel(
+    x_ptr, l_ptr, r_ptr, ws_ptr, mm_ptr, n1, n2, stride_xt,
+    N1P: tl.constexpr, N2P: tl.constexpr, BJ: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, F32_DOT: tl.constexpr,
+):
+    # Split transform (few tokens): program (t, c) computes column block c of token t's Y into ws_ptr
+    # ((T, N1P, N2P) fp32) and its max / min into mm_ptr ((T, NB, 2) fp32); _kron_finish_kernel quantizes.
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    i = tl.arange(0, N1P)
+    row_ok = i < n1
+    lt = _load_lt(l_ptr, n1, i, row_ok, x_ptr.dtype.element_ty, N1P, HAS_LEFT)
+    if HAS_RIGHT:
+        x = _load_token(x_ptr, t, stride_xt, n2, i, row_ok, N2P)
+    else:
+        x = tl.zeros((N1P, N2P), dtype=x_ptr.dtype.element_ty)  # unused
+    y = _y_cols(x, x_ptr, lt, r_ptr, t, stride_xt, n1, n2, c * BJ, i, row_ok, N2P, BJ, HAS_LEFT, HAS_RIGHT, F32_DOT)
+    jb = tl.arange(0, BJ)
+    tl.store(ws_ptr + t * (N1P * N2P) + i[:, None] * N2P + (c * BJ + jb)[None, :], y)
+    NB: tl.constexpr = N2P // BJ
+    tl.store(mm_ptr + (t * NB + c) * 2, tl.max(tl.max(y, axis=1), axis=0))
+    tl.store(mm_ptr + (t * NB + c) * 2 + 1, tl.min(tl.min(y, axis=1), axis=0))
+
+
+@triton.jit
+def _kron_finish_kernel(
+    ws_ptr, mm_ptr, clip_ptr, q_ptr, s_ptr, n1, n2, stride_qt, stride_qg, stride_sg,
+    N1P: tl.constexpr, N2P: tl.constexpr, BJ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    QMAX: tl.constexpr, PACK: tl.constexpr,
+):
+    # Program (t, c): token t's range from the NB block ranges, then the codes of column block c.
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    NB: tl.constexpr = N2P // BJ
+    b = tl.arange(0, NB)
+    y_hi = tl.maximum(tl.max(tl.load(mm_ptr + (t * NB + b) * 2), axis=0), 0.0)
+    y_lo = tl.minimum(tl.min(tl.load(mm_ptr + (t * NB + b) * 2 + 1), axis=0), 0.0)
+    i = tl.arange(0, N1P)
+    row_ok = i < n1
+    jb = tl.arange(0, BJ)
+    y = tl.load(ws_ptr + t * (N1P * N2P) + i[:, None] * N2P + (c * BJ + jb)[None, :])
+    gg, clip_lo, clip_hi = _load_clips(clip_ptr, G, GP)
+    _quant_cols(y, y_hi, y_lo, clip_lo, clip_hi, gg, q_ptr, s_ptr, t, n2, c * BJ, i, row_ok, stride_qt, stride_qg,
+                stride_sg, c == 0, N1P, BJ, G, QMAX, PACK)
 
 
 def _check(x: Tensor, left: Tensor | None, right: Tensor | None, n1: int, bits: int, pack: bool) -> None:
@@ -138,6 +247,22 @@ def grid_programs(device: torch.device) -> int:
     return 4 * sm_count(device)
 
 
+VARIANTS = ("whole", "chunked", "split")
+SPLIT_MAX_T = 16  # tokens up to which large transforms are split across programs (decode)
+SPLIT_MIN_ELEMS = 64 * 128  # padded n1 x n2 from which the split pays for its second launch
+CHUNK_MIN_ELEMS = 128 * 128  # padded n1 x n2 from which many-token calls build Y in column blocks
+
+
+def default_variant(t: int, n1: int, n2: int) -> str:
+    """The kernel layout :func:`kron_quant_triton` uses by default for ``t`` tokens of ``n1 x n2`` (see there)."""
+    big = next_pow2(n1) * next_pow2(n2) >= SPLIT_MIN_ELEMS
+    if t <= SPLIT_MAX_T and big:
+        return "split"
+    if t > SPLIT_MAX_T and next_pow2(n1) * next_pow2(n2) >= CHUNK_MIN_ELEMS:
+        return "chunked"
+    return "whole"
+
+
 def kron_quant_triton(
     x: Tensor,  # (T, n1 * n2) fp16/bf16
     left: Tensor | None,  # (n1, n1) x.dtype
@@ -149,22 +274,41 @@ def kron_quant_triton(
     programs: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 1,
+    variant: str | None = None,
+    block_cols: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Triton launcher of :func:`kron_quant` / :func:`kron_quant_multi` (interpreter on CPU tensors).
 
     Returns ``(codes, scale)``: ``(T, n/2)`` / ``(T,)`` for a ``(2,)`` clip, ``(G, T, n/2)`` / ``(G, T)`` for a
-    ``(G, 2)`` clip (the transform runs once per token either way). ``programs`` caps the grid (each program loops
-    over its share of the tokens); default: 4 per SM on CUDA. ``num_warps`` (default 8 at up to 64 tokens, else 4)
+    ``(G, 2)`` clip (the transform runs once per token either way).
+
+    Kernel layouts (``variant``, default :func:`default_variant`; all give the same codes):
+
+    * ``"whole"``: one program per token (looping over its share of the tokens) holds the token's whole
+      ``Y = Lᵀ X R`` in registers;
+    * ``"chunked"``: the same grid, but Y is built ``block_cols`` columns at a time and parked in fp32 in an
+      L2-resident per-program workspace before it is quantized (smaller register tiles for large factors, many
+      tokens);
+    * ``"split"``: few tokens: program (t, c) computes column block c of token t (all programs run at once instead
+      of one per token), a second kernel reduces the block ranges and writes the codes.
+
+    ``programs`` caps the grid of the looping layouts (default 4 per SM on CUDA); ``block_cols`` (power of two
+    >= 16; default 16 split, 32 chunked) is the column block; ``num_warps`` (default 8 at up to 64 tokens, else 4)
     and ``num_stages`` are Triton launch options (CUDA only).
     """
     _check(x, left, right, n1, bits, pack)
     if programs is not None and programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
+    t, n = x.shape
+    n2 = n // n1
+    variant = variant or default_variant(t, n1, n2)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if block_cols is not None and (block_cols < 16 or block_cols & (block_cols - 1)):
+        raise ValueError(f"block_cols must be a power of two >= 16, got {block_cols}")
     multi = clip.dim() == 2
     clips = clip.float().reshape(-1, 2).contiguous()
     g = clips.shape[0]
-    t, n = x.shape
-    n2 = n // n1
     x = x.contiguous()
     left = left.to(x.dtype).contiguous() if left is not None else None
     right = right.to(x.dtype).contiguous() if right is not None else None
@@ -172,21 +316,38 @@ def kron_quant_triton(
     lead = (g, t) if multi else (t,)
     codes = torch.empty(*lead, n // 2 if pack else n, dtype=torch.uint8 if pack else torch.int8, device=x.device)
     scale = torch.empty(*lead, dtype=torch.float32, device=x.device)
+    if t == 0:
+        return codes, scale
     stride_qg, stride_sg = (codes.stride(0), scale.stride(0)) if multi else (0, 0)
-    if t > 0:
-        n1p, n2p = next_pow2(n1), next_pow2(n2)
-        cpu = on_cpu(x)
-        kernel = cpu_kernel(_kron_quant_kernel) if cpu else _kron_quant_kernel
-        # H200 (bench/results/probe_decode_h200.json): 8 warps at a few tokens (K=14336: 18.4 vs 20.6 us at one
-        # token), 4 warps with 4 programs per SM at many (K=14336, 32768 tokens: 2.21 vs 3.36 ms).
-        warps = num_warps or (8 if t <= 64 else 4)
-        extra = {} if cpu else {"num_warps": warps, "num_stages": num_stages}
-        kernel[(min(t, programs or grid_programs(x.device)),)](
-            x, left if left is not None else x, right if right is not None else x, clips,
-            codes, scale, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
-            N1P=n1p, N2P=n2p, G=g, GP=next_pow2(g, floor=2), HAS_LEFT=left is not None, HAS_RIGHT=right is not None,
-            QMAX=2 ** (bits - 1) - 1, PACK=pack, F32_DOT=cpu or x.dtype == torch.float32, **extra,
-        )
+    n1p, n2p = next_pow2(n1), next_pow2(n2)
+    cpu = on_cpu(x)
+    # H200 (bench/results/probe_decode_h200.json): 8 warps at a few tokens (K=14336: 18.4 vs 20.6 us at one
+    # token), 4 warps with 4 programs per SM at many (K=14336, 32768 tokens: 2.21 vs 3.36 ms).
+    warps = num_warps or (8 if t <= 64 else 4)
+    extra = {} if cpu else {"num_warps": warps, "num_stages": num_stages}
+    lp, rp = left if left is not None else x, right if right is not None else x
+    flags = {"HAS_LEFT": left is not None, "HAS_RIGHT": right is not None,
+             "F32_DOT": cpu or x.dtype == torch.float32}
+    quant = {"G": g, "GP": next_pow2(g, floor=2), "QMAX": 2 ** (bits - 1) - 1, "PACK": pack}
+    if variant == "split":
+        bj = min(block_cols or 16, n2p)
+        nb = n2p // bj
+        ws = torch.empty(t, n1p, n2p, dtype=torch.float32, device=x.device)
+        mm = torch.empty(t, nb, 2, dtype=torch.float32, device=x.device)
+        cols = cpu_kernel(_kron_cols_kernel) if cpu else _kron_cols_kernel
+        cols[(t, nb)](x, lp, rp, ws, mm, n1, n2, x.stride(0), N1P=n1p, N2P=n2p, BJ=bj, **flags, **extra)
+        finish = cpu_kernel(_kron_finish_kernel) if cpu else _kron_finish_kernel
+        finish[(t, nb)](ws, mm, clips, codes, scale, n1, n2, codes.stride(-2), stride_qg, stride_sg, N1P=n1p,
+                        N2P=n2p, BJ=bj, **quant, **extra)
+        return codes, scale
+    grid = min(t, programs or grid_programs(x.device))
+    bj = n2p if variant == "whole" else min(block_cols or 32, n2p)
+    ws = torch.empty(grid, n1p, n2p, dtype=torch.float32, device=x.device) if bj < n2p else scale
+    kernel = cpu_kernel(_kron_quant_kernel) if cpu else _kron_quant_kernel
+    kernel[(grid,)](
+        x, lp, rp, clips, codes, scale, ws, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
+        N1P=n1p, N2P=n2p, BJ=bj, **flags, **quant, **extra,
+    )
     return codes, scale
 
 

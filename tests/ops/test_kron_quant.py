@@ -186,3 +186,72 @@ def test_multi_triton_matches_reference(device: str, case: dict) -> None:
         ratio = torch.clamp(y / want_scale[g][:, None], -8, 7)
         assert_codes_match(ref.unpack_int4_ref(codes[g].cpu()), ref.unpack_int4_ref(want[g]), ratio,
                            left is not None and right is not None)
+
+
+LAYOUT_CASES = [  # (tokens, n1, n2, left, right, clip pairs)
+    (1, 6, 40, True, True, 1), (3, 9, 64, True, True, 3), (5, 24, 24, True, True, 2), (2, 12, 64, True, False, 1),
+    (4, 32, 48, False, True, 2), (6, 5, 36, False, False, 1), (19, 12, 48, True, True, 2),
+]
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=str)
+@pytest.mark.parametrize("pack", [True, False])
+def test_layouts_give_the_same_codes(device: str, case: tuple, pack: bool) -> None:
+    """The chunked and split kernel layouts (column blocks narrower than the padded n2, so several blocks) give
+    the codes and scales of the whole-token layout bit for bit; the default layout agrees too."""
+    t, n1, n2, with_left, with_right, groups = case
+    g = torch.Generator().manual_seed(t * 1000 + n2)
+    x = (torch.randn(t, n1 * n2, generator=g) * 3).to(torch.bfloat16)
+    x[:, 1] *= 50
+    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(torch.bfloat16) if with_left else None
+    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(torch.bfloat16) if with_right else None
+    clip = (torch.rand(groups, 2, generator=g) * 0.5 + 0.5) if groups > 1 else torch.tensor([0.9, 0.95])
+
+    def to(v):
+        return None if v is None else v.to(device)
+
+    args = (x.to(device), to(left), to(right), clip.to(device), n1, 4, pack)
+    whole = kron_quant_triton(*args, variant="whole")
+    for variant, cols in (("chunked", 16), ("split", 16), ("split", 32), (None, None)):
+        got = kron_quant_triton(*args, variant=variant, block_cols=cols)
+        assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1]), (variant, cols)
+    want, want_scale = (ref.kron_quant_multi_ref if groups > 1 else ref.kron_quant_ref)(
+        x, left, right, *((clip,) if groups > 1 else (clip[0], clip[1])), n1, 4, pack)
+    assert torch.allclose(whole[1].cpu(), want_scale, rtol=1e-5, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("k,left_only", [(4096, False), (14336, False), (11008, False), (4096, True)])
+@pytest.mark.parametrize("t", [1, 16, 300])
+def test_cuda_layouts_model_dims(k: int, left_only: bool, t: int) -> None:
+    """Full-size dims on the GPU: every layout and block width gives the whole-token layout's codes."""
+    from flatquant.core.kron import decompose_dim
+
+    n1, n2 = (32, k // 32) if left_only else decompose_dim(k)
+    g = torch.Generator(device="cuda").manual_seed(k + t)
+    x = torch.randn(t, k, device="cuda", generator=g).to(torch.bfloat16)
+    left = torch.linalg.qr(torch.randn(n1, n1, device="cuda", generator=g))[0].to(torch.bfloat16)
+    right = None if left_only else torch.linalg.qr(torch.randn(n2, n2, device="cuda", generator=g))[0].to(
+        torch.bfloat16)
+    clips = torch.tensor([[0.9, 0.95], [0.8, 1.0]], device="cuda")
+    whole = kron_quant_triton(x, left, right, clips, n1, variant="whole")
+    layouts = [("chunked", 16), ("chunked", 32), ("chunked", 64), (None, None)]
+    layouts += [("split", 16), ("split", 32), ("split", 64)] if t <= 16 else []
+    for variant, cols in layouts:
+        got = kron_quant_triton(x, left, right, clips, n1, variant=variant, block_cols=cols)
+        assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1]), (variant, cols)
+
+
+def test_layout_choice_and_validation() -> None:
+    from flatquant.ops.kron_quant import default_variant
+
+    assert default_variant(1, 112, 128) == "split"  # decode, down_proj of LLaMA-3-8B
+    assert default_variant(2048, 112, 128) == "chunked"
+    assert default_variant(2048, 6, 10) == default_variant(1, 6, 10) == "whole"
+    x = torch.randn(2, 6 * 10, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="variant"):
+        kron_quant_triton(x, None, None, torch.ones(2), 6, variant="tiled")
+    with pytest.raises(ValueError, match="block_cols"):
+        kron_quant_triton(x, None, None, torch.ones(2), 6, block_cols=24)
