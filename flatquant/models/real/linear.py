@@ -12,9 +12,9 @@ from torch import Tensor
 from ...core.kron import head_mix, kron_transform
 from ...core.quant import fake_quant
 from ...core.spec import QuantSpec
-from ...ops import kron_quant, kron_quant_multi, pack_int4, w4a4_matmul
+from ...ops import kron_quant, kron_quant_multi, pack_int4, unpack_int4, w4a4_matmul, w8a8_matmul
 from ...ops import reference as ref
-from ...ops.matmul import GEMV_MAX_M
+from ...ops.matmul import GEMV_MAX_M, UNPACK_MIN_M
 from ...ops.qlinear import QLinearParams, qlinear
 
 
@@ -64,8 +64,14 @@ class FusedQLinear:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         m, g = x2.shape[0], len(self.sizes)
-        codes, scale = kron_quant_multi(x2, self.left, self.right, self.clips, self.n1, 4, True)
         bounds = (0, *itertools.accumulate(self.sizes))
+        if unpacked_prefill(x2, cpu_codes):
+            codes8, scale = kron_quant_multi(x2, self.left, self.right, self.clips, self.n1, 4, False)
+            w8 = unpack_int4(self.weight)  # once for the G linears
+            return [w8a8_matmul(codes8[i], scale[i], w8[lo:hi], self.w_scale[lo:hi],
+                                None if self.bias is None else self.bias[lo:hi], x.dtype).reshape(*lead, hi - lo)
+                    for i, (lo, hi) in enumerate(itertools.pairwise(bounds))]
+        codes, scale = kron_quant_multi(x2, self.left, self.right, self.clips, self.n1, 4, True)
         if m * g <= GEMV_MAX_M:
             out = gemm4(codes.reshape(g * m, -1), scale.reshape(g * m), self.weight, self.w_scale, self.bias,
                         x.dtype, cpu_codes).view(g, m, -1)
@@ -78,6 +84,13 @@ class FusedQLinear:
                       None if cpu_codes is None else cpu_codes[lo:hi])
             outs.append(y.reshape(*lead, hi - lo))
         return outs
+
+
+def unpacked_prefill(x: Tensor, cpu_codes: Tensor | None) -> bool:  # x: (M, K)
+    """Whether a W4A4 linear on ``M`` tokens takes int8 activation codes straight from the transform (CUDA, from
+    ``UNPACK_MIN_M`` tokens): the GEMM there unpacks both operands to int8 for the W8A8 kernel anyway, so
+    writing the activation codes unpacked saves a read-unpack-write pass over them (same codes, same result)."""
+    return cpu_codes is None and x.is_cuda and x.shape[0] >= UNPACK_MIN_M
 
 
 def gemm4(codes: Tensor, scale: Tensor, weight: Tensor, w_scale: Tensor, bias: Tensor | None, dtype: torch.dtype,
@@ -117,7 +130,12 @@ def real_linear(x: Tensor, p: QLinearParams, cpu_codes: Tensor | None = None) ->
     k = x.shape[-1]
     if p.a_bits != 4:
         return qlinear(x, p, "real")
+    x2 = x.reshape(-1, k)
+    if unpacked_prefill(x2, cpu_codes):
+        codes8, scale = kron_quant(x2, p.left, p.right, p.clip, p.n1, 4, False)
+        out = w8a8_matmul(codes8, scale, unpack_int4(p.weight), p.w_scale, p.bias, x.dtype)
+        return out.reshape(*x.shape[:-1], p.out_features)
     even = (k // p.n1) % 2 == 0
-    codes, scale = kron_quant(x.reshape(-1, k), p.left, p.right, p.clip, p.n1, 4, even)
+    codes, scale = kron_quant(x2, p.left, p.right, p.clip, p.n1, 4, even)
     out = gemm4(codes if even else pack_int4(codes), scale, p.weight, p.w_scale, p.bias, x.dtype, cpu_codes)
     return out.reshape(*x.shape[:-1], p.out_features)
