@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -24,17 +25,39 @@ from ._register import register_op
 
 
 @triton.jit
-def _load_token(x_ptr, t, stride_xt, n2, i, row_ok, N2P: tl.constexpr):
+def _load_act(x_ptr, u_ptr, offs, mask, HAS_GLU: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """Activations at ``offs``; with ``HAS_GLU`` ``x`` is the gate and the activation is ``silu(gate) * up`` in x's
+    dtype, rounded as eager PyTorch rounds it (``silu`` in fp32 rounded to x's dtype, then the product rounded).
+    INTERPRET_BF16: the interpreter truncates fp32 -> bf16, so the roundings go through the bits."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if HAS_GLU:
+        gf = x.to(tl.float32)
+        s = gf / (1.0 + tl.exp(-gf))
+        if INTERPRET_BF16:
+            s = round_to_bf16_f32(s)
+        else:
+            s = s.to(x_ptr.dtype.element_ty).to(tl.float32)
+        p = s * tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if INTERPRET_BF16:
+            p = round_to_bf16_f32(p)
+        x = p.to(x_ptr.dtype.element_ty)
+    return x
+
+
+@triton.jit
+def _load_token(x_ptr, u_ptr, t, stride_xt, n2, i, row_ok, N2P: tl.constexpr, HAS_GLU: tl.constexpr,
+                INTERPRET_BF16: tl.constexpr):
     """Token ``t`` as its ``(N1P, N2P)`` matrix ``X`` (padding 0)."""
     j = tl.arange(0, N2P)
-    return tl.load(x_ptr + t * stride_xt + i[:, None] * n2 + j[None, :], mask=row_ok[:, None] & (j < n2)[None, :],
-                   other=0.0)
+    return _load_act(x_ptr, u_ptr, t * stride_xt + i[:, None] * n2 + j[None, :], row_ok[:, None] & (j < n2)[None, :],
+                     HAS_GLU, INTERPRET_BF16)
 
 
 @triton.jit
 def _y_cols(
-    x, x_ptr, lt, r_ptr, t, stride_xt, n1, n2, j0, i, row_ok,
+    x, x_ptr, u_ptr, lt, r_ptr, t, stride_xt, n1, n2, j0, i, row_ok,
     N2P: tl.constexpr, BJ: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, F32_DOT: tl.constexpr,
+    HAS_GLU: tl.constexpr,
 ):
     """Columns ``[j0, j0 + BJ)`` of token ``t``'s ``Y = Lᵀ X R``, fp32 ``(N1P, BJ)`` (padding 0).
 
@@ -59,8 +82,8 @@ def _y_cols(
             else:
                 xb = y.to(x_ptr.dtype.element_ty)
     else:
-        xb = tl.load(x_ptr + t * stride_xt + i[:, None] * n2 + jj[None, :], mask=row_ok[:, None] & jj_ok[None, :],
-                     other=0.0)
+        xb = _load_act(x_ptr, u_ptr, t * stride_xt + i[:, None] * n2 + jj[None, :], row_ok[:, None] & jj_ok[None, :],
+                       HAS_GLU, F32_DOT and x_ptr.dtype.element_ty == tl.bfloat16)
         y = xb.to(tl.float32)
     if HAS_LEFT:
         if F32_DOT:
@@ -123,11 +146,12 @@ def _load_clips(clip_ptr, G: tl.constexpr, GP: tl.constexpr):
 
 @triton.jit
 def _kron_quant_kernel(
-    x_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr, ws_ptr,
+    x_ptr, u_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr, ws_ptr,
     T, n1, n2, stride_xt, stride_qt, stride_qg, stride_sg,
     N1P: tl.constexpr, N2P: tl.constexpr, BJ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    QMAX: tl.constexpr, PACK: tl.constexpr, F32_DOT: tl.constexpr,
+    QMAX: tl.constexpr, PACK: tl.constexpr, F32_DOT: tl.constexpr, HAS_GLU: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
 ):
     # Program p handles tokens p, p + P, p + 2P, ... (P programs): the factors are loaded once per program, not
     # once per token. Per token: X (n1, n2) -> Y = Lᵀ (X R) -> LAC -> sym per-token codes (-> packed nibbles), for
@@ -145,12 +169,12 @@ def _kron_quant_kernel(
     for tt in range(tl.program_id(0), T, tl.num_programs(0)):
         t = tl.cast(tt, tl.int64)
         if HAS_RIGHT:
-            x = _load_token(x_ptr, t, stride_xt, n2, i, row_ok, N2P)
+            x = _load_token(x_ptr, u_ptr, t, stride_xt, n2, i, row_ok, N2P, HAS_GLU, INTERPRET_BF16)
         else:
             x = tl.zeros((N1P, N2P), dtype=x_ptr.dtype.element_ty)  # unused: _y_cols loads its columns
         if NB == 1:
-            y = _y_cols(x, x_ptr, lt, r_ptr, t, stride_xt, n1, n2, 0, i, row_ok, N2P, BJ, HAS_LEFT, HAS_RIGHT,
-                        F32_DOT)
+            y = _y_cols(x, x_ptr, u_ptr, lt, r_ptr, t, stride_xt, n1, n2, 0, i, row_ok, N2P, BJ, HAS_LEFT, HAS_RIGHT,
+                        F32_DOT, HAS_GLU)
             y_hi = tl.maximum(tl.max(tl.max(y, axis=1), axis=0), 0.0)
             y_lo = tl.minimum(tl.min(tl.min(y, axis=1), axis=0), 0.0)
             _quant_cols(y, y_hi, y_lo, clip_lo, clip_hi, gg, q_ptr, s_ptr, t, n2, 0, i, row_ok, stride_qt,
@@ -159,8 +183,8 @@ def _kron_quant_kernel(
             y_hi = tl.full((), 0.0, tl.float32)
             y_lo = tl.full((), 0.0, tl.float32)
             for c in range(NB):
-                y = _y_cols(x, x_ptr, lt, r_ptr, t, stride_xt, n1, n2, c * BJ, i, row_ok, N2P, BJ, HAS_LEFT,
-                            HAS_RIGHT, F32_DOT)
+                y = _y_cols(x, x_ptr, u_ptr, lt, r_ptr, t, stride_xt, n1, n2, c * BJ, i, row_ok, N2P, BJ, HAS_LEFT,
+                            HAS_RIGHT, F32_DOT, HAS_GLU)
                 y_hi = tl.maximum(y_hi, tl.max(tl.max(y, axis=1), axis=0))
                 y_lo = tl.minimum(y_lo, tl.min(tl.min(y, axis=1), axis=0))
                 tl.store(slot + c * BJ, y)
@@ -174,9 +198,10 @@ def _kron_quant_kernel(
 
 @triton.jit
 def _kron_cols_kernel(
-    x_ptr, l_ptr, r_ptr, ws_ptr, mm_ptr, n1, n2, stride_xt,
+    x_ptr, u_ptr, l_ptr, r_ptr, ws_ptr, mm_ptr, n1, n2, stride_xt,
     N1P: tl.constexpr, N2P: tl.constexpr, BJ: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, F32_DOT: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, F32_DOT: tl.constexpr, HAS_GLU: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
 ):
     # Split transform (few tokens): program (t, c) computes column block c of token t's Y into ws_ptr
     # ((T, N1P, N2P) fp32) and its max / min into mm_ptr ((T, NB, 2) fp32); _kron_finish_kernel quantizes.
@@ -186,10 +211,11 @@ def _kron_cols_kernel(
     row_ok = i < n1
     lt = _load_lt(l_ptr, n1, i, row_ok, x_ptr.dtype.element_ty, N1P, HAS_LEFT)
     if HAS_RIGHT:
-        x = _load_token(x_ptr, t, stride_xt, n2, i, row_ok, N2P)
+        x = _load_token(x_ptr, u_ptr, t, stride_xt, n2, i, row_ok, N2P, HAS_GLU, INTERPRET_BF16)
     else:
         x = tl.zeros((N1P, N2P), dtype=x_ptr.dtype.element_ty)  # unused
-    y = _y_cols(x, x_ptr, lt, r_ptr, t, stride_xt, n1, n2, c * BJ, i, row_ok, N2P, BJ, HAS_LEFT, HAS_RIGHT, F32_DOT)
+    y = _y_cols(x, x_ptr, u_ptr, lt, r_ptr, t, stride_xt, n1, n2, c * BJ, i, row_ok, N2P, BJ, HAS_LEFT, HAS_RIGHT,
+                F32_DOT, HAS_GLU)
     jb = tl.arange(0, BJ)
     tl.store(ws_ptr + t * (N1P * N2P) + i[:, None] * N2P + (c * BJ + jb)[None, :], y)
     NB: tl.constexpr = N2P // BJ
@@ -235,6 +261,11 @@ def _check(x: Tensor, left: Tensor | None, right: Tensor | None, n1: int, bits: 
         raise ValueError(f"bits must be in [2, 8], got {bits}")
 
 
+def _check_up(x: Tensor, up: Tensor | None) -> None:
+    if up is not None and (up.shape != x.shape or up.dtype != x.dtype):
+        raise ValueError(f"up must match the gate x ({tuple(x.shape)}, {x.dtype}), got {tuple(up.shape)}, {up.dtype}")
+
+
 def _check_clips(clips: Tensor) -> None:
     if clips.dim() != 2 or clips.shape[1] != 2 or clips.shape[0] < 1:
         raise ValueError(f"clips must be (G, 2) with G >= 1, got {tuple(clips.shape)}")
@@ -271,6 +302,7 @@ def kron_quant_triton(
     n1: int,
     bits: int = 4,
     pack: bool = True,
+    up: Tensor | None = None,  # (T, n1 * n2) x.dtype
     programs: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 1,
@@ -292,11 +324,13 @@ def kron_quant_triton(
     * ``"split"``: few tokens: program (t, c) computes column block c of token t (all programs run at once instead
       of one per token), a second kernel reduces the block ranges and writes the codes.
 
-    ``programs`` caps the grid of the looping layouts (default 4 per SM on CUDA); ``block_cols`` (power of two
+    ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``programs`` caps the grid of the looping
+    layouts (default 4 per SM on CUDA); ``block_cols`` (power of two
     >= 16; default 16 split, 32 chunked) is the column block; ``num_warps`` (default 8 at up to 64 tokens, else 4)
     and ``num_stages`` are Triton launch options (CUDA only).
     """
     _check(x, left, right, n1, bits, pack)
+    _check_up(x, up)
     if programs is not None and programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
     t, n = x.shape
@@ -326,8 +360,12 @@ def kron_quant_triton(
     warps = num_warps or (8 if t <= 64 else 4)
     extra = {} if cpu else {"num_warps": warps, "num_stages": num_stages}
     lp, rp = left if left is not None else x, right if right is not None else x
+    if up is not None:
+        up = up.contiguous()
     flags = {"HAS_LEFT": left is not None, "HAS_RIGHT": right is not None,
-             "F32_DOT": cpu or x.dtype == torch.float32}
+             "F32_DOT": cpu or x.dtype == torch.float32, "HAS_GLU": up is not None,
+             "INTERPRET_BF16": cpu and x.dtype == torch.bfloat16}
+    up_p = up if up is not None else x
     quant = {"G": g, "GP": next_pow2(g, floor=2), "QMAX": 2 ** (bits - 1) - 1, "PACK": pack}
     if variant == "split":
         bj = min(block_cols or 16, n2p)
@@ -335,7 +373,7 @@ def kron_quant_triton(
         ws = torch.empty(t, n1p, n2p, dtype=torch.float32, device=x.device)
         mm = torch.empty(t, nb, 2, dtype=torch.float32, device=x.device)
         cols = cpu_kernel(_kron_cols_kernel) if cpu else _kron_cols_kernel
-        cols[(t, nb)](x, lp, rp, ws, mm, n1, n2, x.stride(0), N1P=n1p, N2P=n2p, BJ=bj, **flags, **extra)
+        cols[(t, nb)](x, up_p, lp, rp, ws, mm, n1, n2, x.stride(0), N1P=n1p, N2P=n2p, BJ=bj, **flags, **extra)
         finish = cpu_kernel(_kron_finish_kernel) if cpu else _kron_finish_kernel
         finish[(t, nb)](ws, mm, clips, codes, scale, n1, n2, codes.stride(-2), stride_qg, stride_sg, N1P=n1p,
                         N2P=n2p, BJ=bj, **quant, **extra)
@@ -345,7 +383,7 @@ def kron_quant_triton(
     ws = torch.empty(grid, n1p, n2p, dtype=torch.float32, device=x.device) if bj < n2p else scale
     kernel = cpu_kernel(_kron_quant_kernel) if cpu else _kron_quant_kernel
     kernel[(grid,)](
-        x, lp, rp, clips, codes, scale, ws, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
+        x, up_p, lp, rp, clips, codes, scale, ws, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
         N1P=n1p, N2P=n2p, BJ=bj, **flags, **quant, **extra,
     )
     return codes, scale
@@ -368,7 +406,8 @@ def _kron_quant_fake(x: Tensor, pack: bool, **_: object) -> tuple[Tensor, Tensor
 
 @register_op("flatquant::kron_quant", cuda=kron_quant_triton, fake=_kron_quant_fake)
 def kron_quant(
-    x: Tensor, left: Tensor | None, right: Tensor | None, clip: Tensor, n1: int, bits: int = 4, pack: bool = True
+    x: Tensor, left: Tensor | None, right: Tensor | None, clip: Tensor, n1: int, bits: int = 4, pack: bool = True,
+    up: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per token: ``leftᵀ X right`` -> LAC clip -> symmetric ``bits`` quantization (-> int4 packing).
 
@@ -378,11 +417,16 @@ def kron_quant(
         clip: ``(2,)`` fp32 LAC factors ``[σ(lo logit), σ(hi logit)]`` (ones for no clipping).
         n1: the left factor size.
         bits: code width; pack: pack two codes per byte (``bits <= 4``).
+        up: optional ``(T, n)`` in x's dtype: then ``x`` is the SwiGLU gate and ``X = silu(x) * up`` (in x's
+            dtype, as eager PyTorch computes it), so down_proj's input is never written out.
 
     Returns:
         ``codes`` ``(T, n/2)`` uint8 when packed else ``(T, n)`` int8, and ``scale`` ``(T,)`` fp32.
     """
     _check(x, left, right, n1, bits, pack)
+    _check_up(x, up)
+    if up is not None:
+        x = F.silu(x) * up
     return ref.kron_quant_ref(x, left, right, clip[0], clip[1], n1, bits, pack)
 
 

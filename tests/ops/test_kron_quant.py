@@ -255,3 +255,42 @@ def test_layout_choice_and_validation() -> None:
         kron_quant_triton(x, None, None, torch.ones(2), 6, variant="tiled")
     with pytest.raises(ValueError, match="block_cols"):
         kron_quant_triton(x, None, None, torch.ones(2), 6, block_cols=24)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("variant", ["whole", "chunked", "split"])
+@pytest.mark.parametrize("with_left,with_right", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_glu_input(device: str, variant: str, with_left: bool, with_right: bool, dtype: torch.dtype) -> None:
+    """``up`` given: the op transforms silu(x) * up as eager PyTorch computes it in x's dtype; the kernel equals the
+    op's reference (scales to 1e-5, codes ±1 only at a rounding tie or where the fp32 exp of silu differs in the
+    last bit of x's dtype) and equals the plain op fed the product."""
+    g = torch.Generator().manual_seed(7)
+    n1, n2, t = 6, 40, 3
+    gate = (torch.randn(t, n1 * n2, generator=g) * 3).to(dtype)
+    up = (torch.randn(t, n1 * n2, generator=g) * 2).to(dtype)
+    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(dtype) if with_left else None
+    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(dtype) if with_right else None
+    clip = torch.tensor([0.9, 0.95])
+
+    def to(v):
+        return None if v is None else v.to(device)
+
+    prod = torch.nn.functional.silu(gate) * up
+    want, want_scale = ref.kron_quant_ref(prod, left, right, clip[0], clip[1], n1)
+    assert torch.equal(kron_quant(gate, left, right, clip, n1, 4, True, up)[0], want)  # the op's reference path
+    got = kron_quant_triton(gate.to(device), to(left), to(right), clip.to(device), n1, 4, True, up.to(device),
+                            variant=variant, block_cols=16)
+    plain = kron_quant_triton(prod.to(device), to(left), to(right), clip.to(device), n1, 4, True, variant=variant,
+                              block_cols=16)
+    diff = (ref.unpack_int4_ref(got[0].cpu()).int() - ref.unpack_int4_ref(plain[0].cpu()).int()).abs()
+    assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= 2, int((diff > 0).sum())
+    assert torch.allclose(got[1].cpu(), want_scale, rtol=1e-2, atol=0)
+    with pytest.raises(ValueError, match="up must match"):
+        kron_quant_triton(gate, left, right, clip, n1, 4, True, up[:, :-2])
+
+
+def test_glu_opcheck() -> None:
+    x, up = torch.randn(4, 24, dtype=torch.bfloat16), torch.randn(4, 24, dtype=torch.bfloat16)
+    torch.library.opcheck(kron_quant, (x, None, torch.randn(6, 6, dtype=torch.bfloat16), torch.ones(2), 4, 4, True,
+                                       up))
