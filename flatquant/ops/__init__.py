@@ -8,10 +8,12 @@ the signature written once. Importing this package registers the ops; nothing is
 from __future__ import annotations
 
 from ._launch import sm_count as sm_count
+from .gemv import w4a4_gemv as w4a4_gemv
 from .kron_quant import kron_quant as kron_quant
 from .kron_quant import kron_quant_multi as kron_quant_multi
 from .kv_attention import kv4_decode_attention as kv4_decode_attention
 from .kv_quant import kv_quant as kv_quant
+from .kv_quant import kv_quant_write as kv_quant_write
 from .matmul import w4a4_matmul as w4a4_matmul
 from .matmul import w4a8_matmul as w4a8_matmul
 from .matmul import w8a8_matmul as w8a8_matmul

@@ -17,8 +17,10 @@ deterministic and bit-identical to :func:`flatquant.ops.reference.int_matmul_ref
   small kernel sums them in int32, in a fixed order, and applies the same epilogue. The call keeps no state
   between launches (the workspace is allocated per call), so concurrent calls on several streams are safe.
 
-A single-kernel reduction in which the last program of each tile to arrive sums the partials was measured 0.3-1 us
-faster on the H100, but it needs device-global arrival counters that persist between calls, so it is not offered.
+* ``SPLIT_K > 1`` with caller-owned arrival counters (``counters``): the last program of each output tile to arrive
+  sums the partials and applies the epilogue itself, and resets its counter, so there is no second kernel (an
+  earlier H100 measurement put this at 0.3-1 us per call faster). The counters persist between calls, so they
+  belong to the caller (the engine keeps one set per linear), never to this module.
 
 Layouts are those of ``matmul.py``: W4A4 both operands interleaved packed int4 ``(M, K/2)`` / ``(N, K/2)``; W4A8
 int8 activations ``(M, K)`` and ``halves``-layout weights ``(N, Kp/2)`` (tile ``W4A8_BLOCK_K``, Kp padded to it);
@@ -36,6 +38,7 @@ from torch import Tensor
 from . import reference as ref
 from ._launch import cpu_kernel, dequant_epilogue, next_pow2, nibble_hi, nibble_lo, on_cpu, sm_count
 from ._modes import MODE_W4A4, MODE_W4A8, MODE_W8A8, check_operands, halves_cols
+from ._register import register_op
 
 _MAX_BLOCK_M = 64
 
@@ -66,15 +69,17 @@ def _hi(b, SWAR: tl.constexpr):
 
 @triton.jit
 def _qgemv_kernel(
-    a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, p_ptr,
-    M, N, K, KW, K_SPLIT, KB_SPLIT, stride_am, stride_wn, stride_cm, stride_ps,
+    a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, p_ptr, cnt_ptr,
+    M, N, K, KW, K_SPLIT, KB_SPLIT, SPLIT_K, stride_am, stride_wn, stride_cm, stride_ps,
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF_TILE: tl.constexpr,
     EVEN_K: tl.constexpr, SWAR: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):
     # K_SPLIT / KB_SPLIT: K elements / packed bytes per split (separate arguments, so that both keep the 16-byte
     # divisibility Triton specializes on and the weight loads stay 16 bytes wide).
-    # REDUCE: 0 = this program owns all of K (epilogue here), 1 = partials to the workspace (second kernel sums).
+    # REDUCE: 0 = this program owns all of K (epilogue here), 1 = partials to the workspace (second kernel sums),
+    # 2 = partials to the workspace, and the last of the tile's SPLIT_K programs to arrive (an arrival counter per
+    # output tile at cnt_ptr, which that program resets to 0) sums them and applies the epilogue.
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -157,6 +162,19 @@ def _qgemv_kernel(
         ok = (offs_n[:, None] < N) & (offs_m[None, :] < M)
         tile = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
         tl.store(p_ptr + pid_s.to(tl.int64) * stride_ps + tile, acc, mask=ok)
+        if REDUCE == 2:
+            # Every thread's partial is stored before the arrival is counted (barrier; the atomic releases at GPU
+            # scope); the last arrival acquires the others' partials. Integer sums: any order gives the same bits.
+            tl.debug_barrier()
+            tile_id = pid_m * tl.num_programs(0) + pid_n
+            arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+                for s in range(0, SPLIT_K):
+                    total += tl.load(p_ptr + s * stride_ps + tile, mask=ok, other=0, cache_modifier=".cg")
+                dequant_epilogue(tl.trans(total), offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm,
+                                 HAS_BIAS, INTERPRET_BF16)
+                tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")  # ready for the next call
 
 
 @triton.jit
@@ -199,6 +217,12 @@ def default_split_k(n_tiles: int, k: int, block_k: int, sms: int) -> int:
     return min(split, max_split)
 
 
+def counter_slots(n: int, device: torch.device, m: int = 1) -> int:
+    """Arrival counters that :func:`qgemv_triton` needs for ``N = n`` outputs and ``m`` rows (default blocks)."""
+    block_n = default_blocks(MODE_W4A4, device)[0]
+    return triton.cdiv(n, block_n) * triton.cdiv(m, min(next_pow2(m), _MAX_BLOCK_M))
+
+
 def split_plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
     """``(tiles_per_split, splits)``: K-tiles of ``block_k`` per program and the effective number of K splits.
 
@@ -227,6 +251,7 @@ def qgemv_triton(
     num_warps: int = 4,
     num_stages: int = 4,
     swar: bool = True,
+    counters: Tensor | None = None,
 ) -> Tensor:  # (M, N)
     """Split-K integer GEMM for few tokens; same operands and bit-identical results as ``qmatmul_triton``.
 
@@ -239,6 +264,10 @@ def qgemv_triton(
         num_warps, num_stages: Triton launch options (CUDA only).
         swar: unpack int4 nibbles four bytes per 32-bit instruction (inline PTX; CUDA only, the interpreter always
             uses the per-byte shifts).
+        counters: optional int32 arrival counters, at least :func:`counter_slots` of them, all 0 (as allocated, and
+            as every call leaves them): with a K split, the last program of each output tile sums the partials and
+            applies the epilogue (no second kernel). The caller owns them; calls that share counters must not
+            overlap (one stream, or one CUDA graph). Same result as without.
 
     CPU tensors run through Triton's interpreter.
     """
@@ -277,13 +306,19 @@ def qgemv_triton(
     sw = w_scale.float().contiguous()
     b = bias.contiguous() if bias is not None else sa
     interpret_bf16 = cpu and out_dtype == torch.bfloat16
-    red = 0 if split == 1 else 1
+    red = 0 if split == 1 else (1 if counters is None else 2)
+    if red == 2:
+        assert counters is not None
+        if counters.dtype != torch.int32 or counters.device != dev or counters.numel() < n_blocks * m_blocks:
+            raise ValueError(f"counters must be int32 on {dev} with at least {n_blocks * m_blocks} slots, got "
+                             f"{counters.dtype} on {counters.device} with {counters.numel()}")
     ws = out if split == 1 else torch.empty(split, m, n, dtype=torch.int32, device=dev)
     opts = {} if cpu else {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": False}
     kernel = cpu_kernel(_qgemv_kernel) if cpu else _qgemv_kernel
     kernel[(n_blocks, split, m_blocks)](
-        a, w, sa, sw, b, out, ws, m, n, k, w.shape[1], tiles_per_split * block_k, tiles_per_split * block_k // 2,
-        a.stride(0), w.stride(0), out.stride(0), m * n, MODE=mode, HAS_BIAS=bias is not None, REDUCE=red,
+        a, w, sa, sw, b, out, ws, counters if red == 2 else ws, m, n, k, w.shape[1], tiles_per_split * block_k,
+        tiles_per_split * block_k // 2, split, a.stride(0), w.stride(0), out.stride(0), m * n, MODE=mode,
+        HAS_BIAS=bias is not None, REDUCE=red,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HALF_TILE=ref.W4A8_BLOCK_K // 2, EVEN_K=k % block_k == 0,
         SWAR=not cpu and swar, INTERPRET_BF16=interpret_bf16, **opts)
     if red == 1:
@@ -295,3 +330,32 @@ def qgemv_triton(
             ws, sa, sw, b, out, m, n, split, out.stride(0), m * n, HAS_BIAS=bias is not None, BLOCK_M=rbm, BLOCK_N=rbn,
             INTERPRET_BF16=interpret_bf16, **ropts)
     return out
+
+
+def _w4a4_gemv_cuda(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+                    out_dtype: torch.dtype, counters: Tensor) -> Tensor:
+    return qgemv_triton(a, a_scale, w, w_scale, bias, a.shape[1] * 2, MODE_W4A4, out_dtype, counters=counters)
+
+
+def _w4a4_gemv_fake(a: Tensor, w: Tensor, out_dtype: torch.dtype, **_: object) -> Tensor:
+    return a.new_empty(a.shape[0], w.shape[0], dtype=out_dtype)
+
+
+@register_op("flatquant::w4a4_gemv", cuda=_w4a4_gemv_cuda, fake=_w4a4_gemv_fake, mutates_args=("counters",))
+def w4a4_gemv(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
+              counters: Tensor) -> Tensor:
+    """:func:`~flatquant.ops.w4a4_matmul` for few tokens (decode) through the split-K kernel with the caller's
+    arrival counters, so the K split is reduced inside the kernel (see :func:`qgemv_triton`).
+
+    Args:
+        a, a_scale, w, w_scale, bias, out_dtype: as ``w4a4_matmul``.
+        counters: int32, at least ``counter_slots(N, device, M)`` slots, all 0; every call leaves them at 0. Owned
+            by the caller (e.g. one set per linear of a model); calls sharing them must not overlap.
+
+    Returns:
+        ``(M, N)`` in ``out_dtype``, bit-identical to ``w4a4_matmul``.
+    """
+    k = a.shape[1] * 2
+    check_operands(a, a_scale, w, w_scale, k, k // 2)
+    return ref.int_matmul_ref(ref.unpack_int4_ref(a), ref.unpack_int4_ref(w), a_scale, w_scale, bias, out_dtype,
+                              a_bits=4, w_bits=4)

@@ -167,3 +167,27 @@ def test_shapes_are_checked() -> None:
         qgemv_triton(a[:, :64], sa, w, sw, None, 256, MODE_W4A4, torch.float32)
     with pytest.raises(ValueError, match="columns"):
         qgemv_triton(a, sa, w[:, :64], sw, None, 256, MODE_W4A4, torch.float32)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("m", [1, 16, 70])
+def test_counters_fuse_the_reduction(device: str, mode: int, m: int) -> None:
+    """With arrival counters the last program of each tile reduces: bit-equal to the reference, the counters are
+    all back at 0 after every call (so repeated calls, as in a replayed CUDA graph, stay right), and a short or
+    wrongly typed counter buffer is refused in one line."""
+    from flatquant.ops.gemv import counter_slots
+
+    k, n, bn, bk = SHAPES[mode][0]
+    m_blocks = -(-m // min(64, 1 << (m - 1).bit_length()))
+    counters = torch.zeros(-(-n // bn) * m_blocks, dtype=torch.int32, device=device)
+    for rep in range(2):
+        _check(device, mode, m, n, k, seed=rep + m, bias=rep == 1, dtype=OUT_DTYPES[(m + rep) % 3], split_k=3,
+               block_n=bn, block_k=bk, counters=counters)
+        assert int(counters.abs().sum()) == 0
+    ops = tuple(t if t is None else t.to(device) for t in _operands(mode, m, n, k, 0, False, torch.bfloat16))
+    with pytest.raises(ValueError, match="counters"):
+        qgemv_triton(*ops, k, mode, torch.bfloat16, split_k=3, block_n=bn, block_k=bk, counters=counters[:1])
+    with pytest.raises(ValueError, match="counters"):
+        qgemv_triton(*ops, k, mode, torch.bfloat16, split_k=3, block_n=bn, block_k=bk, counters=counters.long())
+    assert counter_slots(4096, torch.device("cuda")) == 64 and counter_slots(40, torch.device("cpu"), 70) == 4

@@ -12,8 +12,9 @@ from torch import Tensor
 from ...core.kron import head_mix, kron_transform
 from ...core.quant import fake_quant
 from ...core.spec import QuantSpec
-from ...ops import kron_quant, kron_quant_multi, pack_int4, unpack_int4, w4a4_matmul, w8a8_matmul
+from ...ops import kron_quant, kron_quant_multi, pack_int4, unpack_int4, w4a4_gemv, w4a4_matmul, w8a8_matmul
 from ...ops import reference as ref
+from ...ops.gemv import counter_slots
 from ...ops.matmul import GEMV_MAX_M, UNPACK_MIN_M
 from ...ops.qlinear import QLinearParams, qlinear
 
@@ -59,8 +60,9 @@ class FusedQLinear:
     right: Tensor | None = None  # (n2, n2)
     n1: int = 1
 
-    def __call__(self, x: Tensor, cpu_codes: Tensor | None = None) -> list[Tensor]:  # (B, T, K) -> G x (B, T, N_g)
-        """The outputs of the G linears (``cpu_codes``: the weight codes unpacked to int8, see :func:`gemm4`)."""
+    def __call__(self, x: Tensor, cpu_codes: Tensor | None = None,
+                 counters: Tensor | None = None) -> list[Tensor]:  # (B, T, K) -> G x (B, T, N_g)
+        """The outputs of the G linears (``cpu_codes`` / ``counters``: see :func:`gemm4`)."""
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         m, g = x2.shape[0], len(self.sizes)
@@ -74,7 +76,7 @@ class FusedQLinear:
         codes, scale = kron_quant_multi(x2, self.left, self.right, self.clips, self.n1, 4, True)
         if m * g <= GEMV_MAX_M:
             out = gemm4(codes.reshape(g * m, -1), scale.reshape(g * m), self.weight, self.w_scale, self.bias,
-                        x.dtype, cpu_codes).view(g, m, -1)
+                        x.dtype, cpu_codes, counters).view(g, m, -1)
             return [out[i, :, bounds[i]:bounds[i + 1]].reshape(*lead, self.sizes[i]) for i in range(g)]
         outs = []
         for i in range(g):
@@ -94,14 +96,26 @@ def unpacked_prefill(x: Tensor, cpu_codes: Tensor | None) -> bool:  # x: (M, K)
 
 
 def gemm4(codes: Tensor, scale: Tensor, weight: Tensor, w_scale: Tensor, bias: Tensor | None, dtype: torch.dtype,
-          cpu_codes: Tensor | None = None) -> Tensor:  # (M, K/2) packed codes -> (M, N)
-    """W4A4 GEMM: ``flatquant::w4a4_matmul``, or on CPU with ``cpu_codes`` ((N, K) int8 weight codes unpacked once at
-    load) an exact int8 product (:func:`~flatquant.ops.reference.int8_mm_cpu`) and the same fp32 epilogue, without
-    unpacking the weight on every call (the same result as the reference)."""
+          cpu_codes: Tensor | None = None, counters: Tensor | None = None) -> Tensor:  # (M, K/2) codes -> (M, N)
+    """W4A4 GEMM: ``flatquant::w4a4_matmul``; at up to ``GEMV_MAX_M`` rows with ``counters`` (the linear's own GEMV
+    arrival counters, :func:`gemv_counters`) ``flatquant::w4a4_gemv``, which reduces its K split in-kernel; on CPU
+    with ``cpu_codes`` ((N, K) int8 weight codes unpacked once at load) an exact int8 product
+    (:func:`~flatquant.ops.reference.int8_mm_cpu`) and the same fp32 epilogue, without unpacking the weight on every
+    call. All give the reference's result."""
     if cpu_codes is None:
+        if counters is not None and codes.shape[0] <= GEMV_MAX_M:
+            return w4a4_gemv(codes, scale, weight, w_scale, bias, dtype, counters)
         return w4a4_matmul(codes, scale, weight, w_scale, bias, dtype)
     acc = ref.int8_mm_cpu(ref.unpack_int4_ref(codes), cpu_codes)
     return ref.dequant_epilogue_ref(acc, scale, w_scale, bias, dtype)
+
+
+def gemv_counters(out_features: int, device: torch.device) -> Tensor | None:
+    """Zeroed GEMV arrival counters for a W4A4 linear with ``out_features`` outputs on ``device`` (CUDA; None
+    elsewhere): enough for any decode call (up to ``GEMV_MAX_M`` rows). Every call leaves them at zero."""
+    if device.type != "cuda":
+        return None
+    return torch.zeros(counter_slots(out_features, device, GEMV_MAX_M), dtype=torch.int32, device=device)
 
 
 def fuse_linears(lins: list[QLinearParams]) -> FusedQLinear | None:
@@ -123,19 +137,25 @@ def fuse_linears(lins: list[QLinearParams]) -> FusedQLinear | None:
 Linear = QLinearParams | FakeLinear
 
 
-def real_linear(x: Tensor, p: QLinearParams, cpu_codes: Tensor | None = None) -> Tensor:  # (..., K) -> (..., N)
+def real_linear(x: Tensor, p: QLinearParams, cpu_codes: Tensor | None = None,
+                counters: Tensor | None = None, up: Tensor | None = None) -> Tensor:  # (..., K) -> (..., N)
     """:func:`flatquant.ops.qlinear` (``real``), also for an odd right factor (the activation codes are then
-    packed by ``pack_int4`` after the fused transform + quantize instead of inside it); ``cpu_codes``: see
-    :func:`gemm4`."""
+    packed by ``pack_int4`` after the fused transform + quantize instead of inside it); ``cpu_codes`` /
+    ``counters``: see :func:`gemm4`; ``up``: ``x`` is the SwiGLU gate and the linear reads ``silu(x) * up``
+    (formed inside the transform kernel, :func:`flatquant.ops.kron_quant`)."""
+    if up is not None and p.a_bits != 4:
+        x, up = F.silu(x) * up, None
     k = x.shape[-1]
     if p.a_bits != 4:
         return qlinear(x, p, "real")
     x2 = x.reshape(-1, k)
+    up2 = None if up is None else up.reshape(-1, k)
     if unpacked_prefill(x2, cpu_codes):
-        codes8, scale = kron_quant(x2, p.left, p.right, p.clip, p.n1, 4, False)
+        codes8, scale = kron_quant(x2, p.left, p.right, p.clip, p.n1, 4, False, up2)
         out = w8a8_matmul(codes8, scale, unpack_int4(p.weight), p.w_scale, p.bias, x.dtype)
         return out.reshape(*x.shape[:-1], p.out_features)
     even = (k // p.n1) % 2 == 0
-    codes, scale = kron_quant(x2, p.left, p.right, p.clip, p.n1, 4, even)
-    out = gemm4(codes if even else pack_int4(codes), scale, p.weight, p.w_scale, p.bias, x.dtype, cpu_codes)
+    codes, scale = kron_quant(x2, p.left, p.right, p.clip, p.n1, 4, even, up2)
+    out = gemm4(codes if even else pack_int4(codes), scale, p.weight, p.w_scale, p.bias, x.dtype, cpu_codes,
+                counters)
     return out.reshape(*x.shape[:-1], p.out_features)
