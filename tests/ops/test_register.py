@@ -251,8 +251,8 @@ def test_flatquant_cuda_key_validates() -> None:
 
 def test_every_flatquant_op_is_registered_by_the_helper() -> None:
     """Each public op has a fake and, except the load-time weight re-layout, a CUDA kernel."""
-    names = ["kron_quant", "kron_quant_multi", "kv_quant", "kv4_decode_attention", "pack_int4", "unpack_int4",
-             "int4_halves_layout", "w4a4_matmul", "w4a8_matmul", "w8a8_matmul"]
+    names = ["kron_quant", "kron_quant_multi", "kv_quant", "kv_quant_write", "kv4_decode_attention", "pack_int4",
+             "unpack_int4", "int4_halves_layout", "w4a4_matmul", "w4a8_matmul", "w8a8_matmul"]
     for name in names:
         op = getattr(ops, name)
         assert isinstance(op, torch.library.CustomOpDef) and op.__doc__ == op._init_fn.__doc__

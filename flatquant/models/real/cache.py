@@ -11,7 +11,7 @@ from torch import Tensor
 from ...core.kron import head_transform
 from ...core.quant import fake_quant
 from ...core.spec import QuantSpec
-from ...ops import kv_quant
+from ...ops import kv_quant, kv_quant_write
 from ...ops.reference import dequantize_kv_ref
 from .config import RealConfig, kv_packed
 
@@ -105,6 +105,15 @@ def write_kv(x: Tensor, trans: Tensor | None, clip: Tensor, spec: QuantSpec, pac
     if spec.enabled:
         x = fake_quant(x, spec, clip_lo=clip[0], clip_hi=clip[1])
     codes.index_copy_(2, idx, x.to(codes.dtype))
+
+
+def write_kv_packed(k: Tensor, v: Tensor, k_trans: Tensor | None, k_clip: Tensor, v_clip: Tensor, k_bits: int,
+                    v_bits: int, kv: LayerKV, idx: Tensor) -> None:
+    """Quantize the new tokens' ``k`` (after ``k @ k_trans``) and ``v``, both ``(B, T, Hkv, d)`` with any strides,
+    into the packed caches of ``kv`` at positions ``idx (T,)`` (distinct, ``< max_len``): one
+    ``flatquant::kv_quant_write`` (one kernel launch on CUDA), the same codes as :func:`write_kv` on each side."""
+    kv_quant_write(k, v, k_trans, k_clip, v_clip, kv.k, kv.k_scale, kv.k_zero, kv.v, kv.v_scale, kv.v_zero, idx,
+                   k_bits, v_bits)
 
 
 def read_kv(codes: Tensor, scale: Tensor, zero: Tensor, packed: bool, n: int, dtype: torch.dtype) -> Tensor:

@@ -15,7 +15,7 @@ from ...core.quant import fake_quant
 from ...ops.kv_attention import kv4_decode_attention
 from ..layer import Rope, apply_rope, decoder_layer, rms_norm
 from ..sites import FUSED_GROUPS
-from .cache import LayerKV, read_kv, write_kv
+from .cache import LayerKV, read_kv, write_kv, write_kv_packed
 from .config import RealConfig
 from .linear import FakeLinear, real_linear
 from .weights import RealLayer
@@ -77,8 +77,12 @@ def attention_step(
     q = q.transpose(1, 2)
     if qc.q.enabled:
         q = fake_quant(q, qc.q, clip_lo=layer.q_clip[0], clip_hi=layer.q_clip[1])
-    write_kv(k, layer.k_trans, layer.k_clip, qc.k, k_packed, kv.k, kv.k_scale, kv.k_zero, idx)
-    write_kv(v, None, layer.v_clip, qc.v, v_packed, kv.v, kv.v_scale, kv.v_zero, idx)
+    if k_packed and v_packed:  # one fused quantize + write for both sides, from the (B, T, Hkv, d) views
+        write_kv_packed(k.transpose(1, 2), v.transpose(1, 2), layer.k_trans, layer.k_clip, layer.v_clip, qc.k.bits,
+                        qc.v.bits, kv, idx)
+    else:
+        write_kv(k, layer.k_trans, layer.k_clip, qc.k, k_packed, kv.k, kv.k_scale, kv.k_zero, idx)
+        write_kv(v, None, layer.v_clip, qc.v, v_packed, kv.v, kv.v_scale, kv.v_zero, idx)
     scale = 1.0 / math.sqrt(a.head_dim)
     if decode and k_packed and v_packed:
         o = kv4_decode_attention(q[:, :, 0], kv.k, kv.k_scale, kv.k_zero, kv.v, kv.v_scale, kv.v_zero, start,
