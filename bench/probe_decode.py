@@ -7,7 +7,10 @@ Sections (``--sections``, comma-separated):
   decode shapes (qkv, o, gate+up, down; 1, 2, 3 and 16 rows), weights rotated through 3x L2; prints the default,
   the best and the HBM floor per shape.
 * ``attn``: :func:`flatquant.ops.kv_attention.kv4_decode_attention_triton` at batch 1 and 16 (8 KV heads, 32 query
-  heads, 2048 cached positions of a 2304-position cache) over BLOCK_T, warps, stages and splits.
+  heads, 2048 cached positions of a 2304-position cache) over its variants (plain / inline-PTX nibble unpack,
+  unswapped / swapped MMA layout: ``ATTN_VARIANTS``) at chosen BLOCK_T, warps and stages (``ATTN_LAUNCHES``) and
+  several split counts; prints the default, the best, and the best per variant (about 30 kernel compiles; alone,
+  ``--sections attn``, about a minute).
 * ``kron``: :func:`flatquant.ops.kron_quant.kron_quant_triton` at 1, 2048 and 32768 tokens for K = 4096 and
   14336 (and the o_proj head mix) over warps, stages and the grid cap.
 * ``ops``: torch.profiler of 3 eager-dispatched decode steps of a 2-layer compiled engine; every host op whose
@@ -35,7 +38,7 @@ from flatquant.core.kron import decompose_dim  # noqa: E402
 from flatquant.ops import sm_count  # noqa: E402
 from flatquant.ops.gemv import default_blocks, default_split_k, qgemv_triton  # noqa: E402
 from flatquant.ops.kron_quant import kron_quant_triton  # noqa: E402
-from flatquant.ops.kv_attention import kv4_decode_attention_triton  # noqa: E402
+from flatquant.ops.kv_attention import default_launch, default_splits, kv4_decode_attention_triton  # noqa: E402
 from flatquant.ops.matmul import MODE_W4A4  # noqa: E402
 
 GEMV_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -81,11 +84,45 @@ def sweep_gemv(bw: float) -> list[dict]:
     return rows
 
 
-def sweep_attn(bw: float) -> list[dict]:
-    """Decode attention over its launch options at batch 1 and 16."""
-    dev = torch.device("cuda")
+# Decode-attention variants (launcher keywords) and the (block_t, warps, stages) launches each is timed at; every
+# launch also at several split counts. "plain" is the kernel before the inline-PTX unpack (per-element shifts and
+# integer-to-float conversions); "swap" the swapped MMA layout (cache tiles on M, query heads on N).
+ATTN_VARIANTS = {
+    "plain": {"swar": False, "swap": False},
+    "swar": {"swar": True, "swap": False},
+    "plain+swap": {"swar": False, "swap": True},
+    "swar+swap": {"swar": True, "swap": True},
+}
+ATTN_LAUNCHES = {
+    1: {"plain": [(128, 4, 2), (64, 4, 2)],
+        "swar": [(128, 4, 2), (64, 4, 2), (32, 2, 2), (128, 4, 1), (128, 8, 2)],
+        "swar+swap": [(128, 4, 2), (64, 4, 2), (32, 2, 2), (128, 4, 1), (128, 8, 2)]},
+    16: {"plain": [(64, 4, 2)],
+         "plain+swap": [(64, 4, 2)],
+         "swar": [(64, 4, 2), (64, 4, 1), (64, 4, 3), (128, 4, 2), (32, 2, 2), (128, 8, 2)],
+         "swar+swap": [(64, 4, 2), (64, 4, 1), (64, 4, 3), (128, 4, 2), (128, 4, 1), (32, 2, 1), (32, 2, 2),
+                       (64, 2, 1), (128, 8, 2), (32, 1, 1)]},
+}
+ATTN_SPLIT_MULTS = {1: (0.5, 1, 2), 16: (1, 2, 3, 4, 8)}  # times default_splits at 2 programs per SM
+
+
+def _effective_splits(cap: int, block_t: int, splits: int) -> int:
+    """The split count the launcher ends up with (whole tiles per chunk, no empty trailing chunk)."""
+    chunk = -(-(-(-cap // splits)) // block_t) * block_t
+    return max(1, -(-cap // chunk))
+
+
+ATTN_SHAPE = (32, 8, 128, 2304, 2048)  # query heads, KV heads, head_dim, cache capacity, cached positions
+
+
+def sweep_attn(bw: float, device: str = "cuda") -> list[dict]:
+    """Decode attention over its variants and launch options at batch 1 and 16 (LLaMA-3-8B heads); the default,
+    the best overall and the best per variant. ``equal_plain``: bit-equal to the plain unpack at the same launch
+    and layout (where that was timed)."""
+    dev = torch.device(device)
+    sms = sm_count(dev)
     rows = []
-    hq, hkv, d, cap, n = 32, 8, 128, 2304, 2048
+    hq, hkv, d, cap, n = ATTN_SHAPE
     for b in (1, 16):
         g = torch.Generator(device=dev).manual_seed(b)
         q = torch.randn(b, hq, d, device=dev, generator=g).bfloat16()
@@ -95,27 +132,54 @@ def sweep_attn(bw: float) -> list[dict]:
         start = torch.zeros(b, dtype=torch.int32, device=dev)
         length = torch.full((b,), n, dtype=torch.int32, device=dev)
         args = (q, codes[0], sc[0], sc[1], codes[1], sc[2], sc[3], start, length, d ** -0.5)
-        ref = kv4_decode_attention_triton(*args)
+        ref = kv4_decode_attention_triton(*args, swar=False, swap=False)
         floor = b * hkv * n * (d + 16) / (bw / 2) * 1e6
+        plain_out: dict[tuple, torch.Tensor] = {}
         results = []
-        for bt, warps, stages, split_mult in itertools.product((32, 64, 128, 256), (4, 8), (2, 3), (0.5, 1, 2, 4)):
-            base = max(1, min(-(-2 * sm_count(dev) // (b * hkv)), -(-cap // bt)))
-            split = max(1, int(base * split_mult))
-            try:
-                out = kv4_decode_attention_triton(*args, block_t=bt, splits=split, num_warps=warps, num_stages=stages)
-                err = (out.float() - ref.float()).abs().max().item()
-                us = graph_time(lambda bt=bt, warps=warps, stages=stages, split=split: kv4_decode_attention_triton(
-                    *args, block_t=bt, splits=split, num_warps=warps, num_stages=stages))
-            except Exception as e:  # noqa: BLE001
-                results.append({"bt": bt, "warps": warps, "stages": stages, "split": split, "error": str(e)[:120]})
-                continue
-            results.append({"bt": bt, "warps": warps, "stages": stages, "split": split, "us": us, "max_err": err})
+        for name, launches in ATTN_LAUNCHES[b].items():
+            kw = ATTN_VARIANTS[name]
+            for bt, warps, stages in launches:
+                base = default_splits(b, hkv, cap, bt, sms)
+                for split in sorted({_effective_splits(cap, bt, max(1, int(base * m))) for m in ATTN_SPLIT_MULTS[b]}):
+                    cfg = {"variant": name, "bt": bt, "warps": warps, "stages": stages, "split": split}
+                    key = (kw["swap"], bt, warps, stages, split)
+
+                    def call(bt=bt, warps=warps, stages=stages, split=split, kw=kw):
+                        return kv4_decode_attention_triton(*args, block_t=bt, splits=split, num_warps=warps,
+                                                           num_stages=stages, **kw)
+                    try:
+                        out = call()
+                        err = (out.float() - ref.float()).abs().max().item()
+                        us = graph_time(call)
+                    except Exception as e:  # noqa: BLE001 - a launch option the compiler refuses is a result too
+                        results.append({**cfg, "error": str(e)[:120]})
+                        continue
+                    if not kw["swar"]:
+                        plain_out[key] = out
+                    eq = bool(torch.equal(out, plain_out[key])) if kw["swar"] and key in plain_out else None
+                    results.append({**cfg, "us": us, "max_err": err, "equal_plain": eq})
         timed = [r for r in results if "us" in r and r["max_err"] < 0.05]
         best = min(timed, key=lambda r: r["us"])
-        dflt_us = graph_time(lambda: kv4_decode_attention_triton(*args))
-        rows.append({"batch": b, "floor_us": floor, "default_us": dflt_us, "best": best, "all": results})
-        print(f"attn b={b:>2}: floor {floor:6.1f} µs | default {dflt_us:6.1f} | best {best['us']:6.1f} "
-              f"bt={best['bt']} w={best['warps']} s={best['stages']} split={best['split']}", flush=True)
+        by_variant = {v: min((r for r in timed if r["variant"] == v), key=lambda r: r["us"])
+                      for v in ATTN_LAUNCHES[b] if any(r["variant"] == v for r in timed)}
+        dl = default_launch(b, hkv, hq // hkv, sms)
+        dflt = {"variant": "swar+swap" if dl.swap else "swar", "bt": dl.block_t, "warps": dl.num_warps,
+                "stages": dl.num_stages, "split": _effective_splits(
+                    cap, dl.block_t, default_splits(b, hkv, cap, dl.block_t, sms, dl.programs_per_sm))}
+        out = kv4_decode_attention_triton(*args)
+        dflt["max_err"] = (out.float() - ref.float()).abs().max().item()
+        dflt["us"] = dflt_us = graph_time(lambda: kv4_decode_attention_triton(*args))
+        rows.append({"batch": b, "floor_us": floor, "default_us": dflt_us, "default": dflt, "best": best,
+                     "best_by_variant": by_variant, "all": results})
+
+        def fmt(r: dict) -> str:
+            return f"{r['us']:6.1f} {r['variant']} bt={r['bt']} w={r['warps']} s={r['stages']} split={r['split']}"
+        print(f"attn b={b:>2}: floor {floor:6.1f} µs | default {fmt(dflt)} | best {fmt(best)}", flush=True)
+        for v, r in by_variant.items():
+            print(f"attn b={b:>2}:   best {v:>10}: {fmt(r)}", flush=True)
+        bad = [r for r in results if r.get("equal_plain") is False or r.get("max_err", 0) >= 0.05 or "error" in r]
+        for r in bad:
+            print(f"attn b={b:>2}:   WRONG/FAILED {r}", flush=True)
     return rows
 
 

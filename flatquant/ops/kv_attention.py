@@ -9,9 +9,21 @@ query heads of a KV head, so the cache is read once per KV head and never expand
 The reference (:func:`flatquant.ops.reference.kv4_decode_attention_ref`, the CPU kernel) dequantizes the cache in
 fp32 and runs an fp32 softmax; the Triton kernel dequantizes tiles in registers and uses an online (flash-decoding
 style) softmax.
+
+Kernel variants (launcher keywords of :func:`kv4_decode_attention_triton`, defaults by :func:`default_launch`;
+``bench/probe_decode.py --sections attn`` times them on the GPU):
+
+* ``swar``: nibbles to bf16/fp16 with inline-PTX bit tricks, four code bytes per call, instead of a shift, a mask and
+  an integer-to-float conversion per element (CUDA; bit-identical; the interpreter always runs the plain unpack).
+* ``swap``: the swapped MMA layout (cache tiles on the M side, the GQA group's query heads on the N side): a group of
+  at most 8 heads pads to the MMA's n = 8 instead of its m = 16. The same sums in another accumulation order.
+* ``block_t``, ``num_warps``, ``num_stages``, ``splits``: position tile, Triton launch options and flash-decoding
+  chunks per (row, KV head).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -22,6 +34,52 @@ from . import reference as ref
 from ._launch import cpu_kernel, next_pow2, on_cpu, sm_count
 from ._register import register_op
 
+# Nibble -> 16-bit float with bit tricks (inline PTX, four code bytes per call). A code n in 0..15 ORed into the low
+# mantissa bits of 128.0 (bf16 0x4300) or 1024.0 (fp16 0x6400) reads as 128 + n or 1024 + n; one packed fma per two
+# values takes the magic number off again (exact). prmt places bytes 0/1 (2/3) of the masked word into the low
+# bytes of the two 16-bit lanes of the first (second) output register: output element i is the nibble of input
+# byte i, as Triton's pack=4 expects. The fp16 high nibbles are used in place (1024 + 16 n, times 1/16 minus 64).
+_LO_BF16 = tl.constexpr(
+    "{.reg .b32 t, one, off; mov.b32 one, 0x3F803F80; mov.b32 off, 0xC300C300; and.b32 t, $2, 0x0F0F0F0F; "
+    "prmt.b32 $0, t, 0x43434343, 0x5140; prmt.b32 $1, t, 0x43434343, 0x7362; "
+    "fma.rn.bf16x2 $0, $0, one, off; fma.rn.bf16x2 $1, $1, one, off;}")
+_HI_BF16 = tl.constexpr(
+    "{.reg .b32 t, one, off; mov.b32 one, 0x3F803F80; mov.b32 off, 0xC300C300; shr.b32 t, $2, 4; "
+    "and.b32 t, t, 0x0F0F0F0F; prmt.b32 $0, t, 0x43434343, 0x5140; prmt.b32 $1, t, 0x43434343, 0x7362; "
+    "fma.rn.bf16x2 $0, $0, one, off; fma.rn.bf16x2 $1, $1, one, off;}")
+_LO_F16 = tl.constexpr(
+    "{.reg .b32 t, one, off; mov.b32 one, 0x3C003C00; mov.b32 off, 0xE400E400; and.b32 t, $2, 0x0F0F0F0F; "
+    "prmt.b32 $0, t, 0x64646464, 0x5140; prmt.b32 $1, t, 0x64646464, 0x7362; "
+    "fma.rn.f16x2 $0, $0, one, off; fma.rn.f16x2 $1, $1, one, off;}")
+_HI_F16 = tl.constexpr(
+    "{.reg .b32 t, sc, off; mov.b32 sc, 0x2C002C00; mov.b32 off, 0xD400D400; and.b32 t, $2, 0xF0F0F0F0; "
+    "prmt.b32 $0, t, 0x64646464, 0x5140; prmt.b32 $1, t, 0x64646464, 0x7362; "
+    "fma.rn.f16x2 $0, $0, sc, off; fma.rn.f16x2 $1, $1, sc, off;}")
+
+
+@triton.jit
+def _nibbles(codes, HIGH: tl.constexpr, SWAR: tl.constexpr, dt: tl.constexpr):
+    """The low (``HIGH`` false: even elements) or high (odd elements) nibbles of a uint8 code tile as ``dt`` values
+    0..15. ``SWAR`` (CUDA, bf16/fp16 only): the inline-PTX bit trick above, bit-identical to the plain
+    shift / mask / integer-to-float conversion (exact either way)."""
+    if SWAR:
+        if dt == tl.bfloat16:
+            if HIGH:
+                out = tl.inline_asm_elementwise(_HI_BF16, "=r,=r,r", [codes], dtype=tl.bfloat16, is_pure=True, pack=4)
+            else:
+                out = tl.inline_asm_elementwise(_LO_BF16, "=r,=r,r", [codes], dtype=tl.bfloat16, is_pure=True, pack=4)
+        else:
+            if HIGH:
+                out = tl.inline_asm_elementwise(_HI_F16, "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
+            else:
+                out = tl.inline_asm_elementwise(_LO_F16, "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        c = codes.to(tl.int32)
+        if HIGH:
+            c = c >> 4
+        out = (c & 0xF).to(dt)
+    return out
+
 
 @triton.jit
 def _kv4_decode_attention_kernel(
@@ -29,6 +87,7 @@ def _kv4_decode_attention_kernel(
     ml_ptr, rep, d, sm_scale, chunk,
     stride_qb, stride_qh, stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_ob, stride_oh,
     REP_P: tl.constexpr, DP: tl.constexpr, BLOCK_T: tl.constexpr, F32_DOT: tl.constexpr, SPLIT: tl.constexpr,
+    EVEN_D: tl.constexpr, SWAR: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     # One program = one (batch row, KV head, position chunk): its REP query heads against that head's packed K/V
     # in positions [split * chunk, (split + 1) * chunk), BLOCK_T cache positions at a time, with the running
@@ -39,6 +98,9 @@ def _kv4_decode_attention_kernel(
     #   q·k = s_k (q·c_k - z_k Σq)            and   Σ_t p_t v_t = Σ_t (p_t s_v,t) c_v,t - Σ_t (p_t s_v,t) z_v,t,
     # so scale and zero act on (REP, BLOCK_T) score/probability tiles, never on (BLOCK_T, d) value tiles. Even and
     # odd elements (low and high nibbles) are separate half-width dots, so the bytes are never interleaved.
+    # SWAP_AB: the same sums with every tile transposed: the cache tiles are the MMA's M side (BLOCK_T positions,
+    # DH head elements) and the REP query heads its N side, so that a GQA group of <= 8 heads pads to the MMA's
+    # n = 8 instead of its m = 16 (half the tensor-core instructions and half the padded score elements).
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
     sp = tl.program_id(2)
@@ -48,60 +110,85 @@ def _kv4_decode_attention_kernel(
     r_ok = r < rep
     eh_ok = eh < d // 2
     heads = g * rep + r
-    q_off = b * stride_qb + heads[:, None] * stride_qh + 2 * eh[None, :]
-    q_mask = r_ok[:, None] & eh_ok[None, :]
+    prec: tl.constexpr = "ieee" if F32_DOT else None
     if F32_DOT:
         dt = tl.float32
     else:
         dt = q_ptr.dtype.element_ty
+    q_axis: tl.constexpr = 0 if SWAP_AB else 1  # the head-dim axis of the query tiles
+    if SWAP_AB:  # (DH, REP_P) query tiles
+        q_off = b * stride_qb + heads[None, :] * stride_qh + 2 * eh[:, None]
+        q_mask = r_ok[None, :] & eh_ok[:, None]
+    else:  # (REP_P, DH)
+        q_off = b * stride_qb + heads[:, None] * stride_qh + 2 * eh[None, :]
+        q_mask = r_ok[:, None] & eh_ok[None, :]
     qe = (tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32) * sm_scale).to(dt)
     qo = (tl.load(q_ptr + q_off + 1, mask=q_mask, other=0.0).to(tl.float32) * sm_scale).to(dt)
-    q_sum = tl.sum(qe.to(tl.float32), axis=1) + tl.sum(qo.to(tl.float32), axis=1)  # (REP_P,)
+    q_sum = tl.sum(qe.to(tl.float32), axis=q_axis) + tl.sum(qo.to(tl.float32), axis=q_axis)  # (REP_P,)
     t_lo = tl.maximum(tl.load(start_ptr + b), sp * chunk)
     t_hi = tl.minimum(tl.load(len_ptr + b), sp * chunk + chunk)
     m_i = tl.full((REP_P,), float("-inf"), tl.float32)
     l_i = tl.zeros((REP_P,), tl.float32)
     corr = tl.zeros((REP_P,), tl.float32)
-    acc_e = tl.zeros((REP_P, DH), tl.float32)
-    acc_o = tl.zeros((REP_P, DH), tl.float32)
+    if SWAP_AB:
+        acc_e = tl.zeros((DH, REP_P), tl.float32)
+        acc_o = tl.zeros((DH, REP_P), tl.float32)
+    else:
+        acc_e = tl.zeros((REP_P, DH), tl.float32)
+        acc_o = tl.zeros((REP_P, DH), tl.float32)
     c_base = b * stride_cb + g * stride_ch
     s_base = b * stride_sb + g * stride_sh
     for t0 in range((t_lo // BLOCK_T) * BLOCK_T, t_hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = (t >= t_lo) & (t < t_hi)
         c_off = c_base + t[:, None].to(tl.int64) * stride_ct + eh[None, :]
-        c_mask = t_ok[:, None] & eh_ok[None, :]
-        kb = tl.load(kc_ptr + c_off, mask=c_mask, other=0).to(tl.int32)
-        vb = tl.load(vc_ptr + c_off, mask=c_mask, other=0).to(tl.int32)
+        if EVEN_D:
+            c_mask = t_ok[:, None]  # no head-dim mask: the code rows load as 16-byte vectors
+        else:
+            c_mask = t_ok[:, None] & eh_ok[None, :]
+        kb = tl.load(kc_ptr + c_off, mask=c_mask, other=0)  # (BLOCK_T, DH) uint8
+        vb = tl.load(vc_ptr + c_off, mask=c_mask, other=0)
         ks = tl.load(ks_ptr + s_base + t, mask=t_ok, other=0.0)
         kz = tl.load(kz_ptr + s_base + t, mask=t_ok, other=0.0)
         vs = tl.load(vs_ptr + s_base + t, mask=t_ok, other=0.0)
         vz = tl.load(vz_ptr + s_base + t, mask=t_ok, other=0.0)
-        k_lo = (kb & 0xF).to(dt)
-        k_hi = ((kb >> 4) & 0xF).to(dt)
-        if F32_DOT:
-            qc = tl.dot(qe, tl.trans(k_lo), input_precision="ieee") + tl.dot(qo, tl.trans(k_hi),
-                                                                            input_precision="ieee")
+        k_lo = _nibbles(kb, False, SWAR, dt)
+        k_hi = _nibbles(kb, True, SWAR, dt)
+        if SWAP_AB:
+            qc = tl.dot(k_lo, qe, input_precision=prec)
+            qc = tl.dot(k_hi, qo, qc, input_precision=prec)  # (BLOCK_T, REP_P) fp32
+            s = (qc - kz[:, None] * q_sum[None, :]) * ks[:, None]
+            s = tl.where(t_ok[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[None, :])
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            pv = (p * vs[:, None]).to(dt)  # rounded once; the zero correction uses the same rounded weights
+            corr = corr * alpha + tl.sum(pv.to(tl.float32) * vz[:, None], axis=0)
+            vt = tl.trans(vb)  # (DH, BLOCK_T) codes: unpacked where the MMA wants them (no 16-bit transpose)
+            v_lo = _nibbles(vt, False, SWAR, dt)
+            v_hi = _nibbles(vt, True, SWAR, dt)
+            acc_e = tl.dot(v_lo, pv, acc_e * alpha[None, :], input_precision=prec)
+            acc_o = tl.dot(v_hi, pv, acc_o * alpha[None, :], input_precision=prec)
         else:
-            qc = tl.dot(qe, tl.trans(k_lo)) + tl.dot(qo, tl.trans(k_hi))  # (REP_P, BLOCK_T) fp32
-        s = (qc - q_sum[:, None] * kz[None, :]) * ks[None, :]
-        s = tl.where(t_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        pv = (p * vs[None, :]).to(dt)  # rounded once; the zero correction uses the same rounded weights
-        corr = corr * alpha + tl.sum(pv.to(tl.float32) * vz[None, :], axis=1)
-        v_lo = (vb & 0xF).to(dt)
-        v_hi = ((vb >> 4) & 0xF).to(dt)
-        if F32_DOT:
-            acc_e = acc_e * alpha[:, None] + tl.dot(pv, v_lo, input_precision="ieee")
-            acc_o = acc_o * alpha[:, None] + tl.dot(pv, v_hi, input_precision="ieee")
-        else:
-            acc_e = acc_e * alpha[:, None] + tl.dot(pv, v_lo)
-            acc_o = acc_o * alpha[:, None] + tl.dot(pv, v_hi)
+            qc = tl.dot(qe, tl.trans(k_lo), input_precision=prec) + tl.dot(qo, tl.trans(k_hi), input_precision=prec)
+            s = (qc - q_sum[:, None] * kz[None, :]) * ks[None, :]  # (REP_P, BLOCK_T)
+            s = tl.where(t_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            pv = (p * vs[None, :]).to(dt)  # rounded once; the zero correction uses the same rounded weights
+            corr = corr * alpha + tl.sum(pv.to(tl.float32) * vz[None, :], axis=1)
+            v_lo = _nibbles(vb, False, SWAR, dt)
+            v_hi = _nibbles(vb, True, SWAR, dt)
+            acc_e = acc_e * alpha[:, None] + tl.dot(pv, v_lo, input_precision=prec)
+            acc_o = acc_o * alpha[:, None] + tl.dot(pv, v_hi, input_precision=prec)
         m_i = m_new
-    acc_e = acc_e - corr[:, None]
+    if SWAP_AB:
+        acc_e = tl.trans(acc_e)
+        acc_o = tl.trans(acc_o)
+    acc_e = acc_e - corr[:, None]  # (REP_P, DH)
     acc_o = acc_o - corr[:, None]
     if SPLIT:
         n_sp = tl.num_programs(2)
@@ -113,8 +200,9 @@ def _kv4_decode_attention_kernel(
     else:
         inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
         o_off = b * stride_ob + heads[:, None] * stride_oh + 2 * eh[None, :]
-        tl.store(o_ptr + o_off, (acc_e * inv[:, None]).to(o_ptr.dtype.element_ty), mask=q_mask)
-        tl.store(o_ptr + o_off + 1, (acc_o * inv[:, None]).to(o_ptr.dtype.element_ty), mask=q_mask)
+        o_mask = r_ok[:, None] & eh_ok[None, :]
+        tl.store(o_ptr + o_off, (acc_e * inv[:, None]).to(o_ptr.dtype.element_ty), mask=o_mask)
+        tl.store(o_ptr + o_off + 1, (acc_o * inv[:, None]).to(o_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
@@ -154,27 +242,70 @@ def _check(q: Tensor, k_codes: Tensor, k_scale: Tensor, v_codes: Tensor, start: 
         raise ValueError("start and length must be (B,)")
 
 
-def default_splits(batch: int, kv_heads: int, positions: int, block_t: int, sms: int) -> int:
-    """Position chunks per (row, KV head) for the flash-decoding grid: about two programs per SM over the
-    cache's capacity (the grid depends on the capacity only, so a captured CUDA graph stays valid as the sequence
-    grows), never more chunks than ``block_t`` tiles."""
-    return max(1, min(triton.cdiv(2 * sms, max(batch * kv_heads, 1)), triton.cdiv(positions, block_t)))
+def default_splits(batch: int, kv_heads: int, positions: int, block_t: int, sms: int, programs_per_sm: int = 2) -> int:
+    """Position chunks per (row, KV head) for the flash-decoding grid: about ``programs_per_sm`` programs per SM
+    over the cache's capacity (the grid depends on the capacity only, so a captured CUDA graph stays valid as the
+    sequence grows), never more chunks than ``block_t`` tiles."""
+    return max(1, min(triton.cdiv(programs_per_sm * sms, max(batch * kv_heads, 1)), triton.cdiv(positions, block_t)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeLaunch:
+    """Launch choices of :func:`kv4_decode_attention_triton` (see :func:`default_launch`)."""
+
+    block_t: int  # cache positions per loop step
+    num_warps: int
+    num_stages: int
+    swap: bool  # SWAP_AB: cache tiles on the MMA's M side, query heads on its N side
+    programs_per_sm: int  # target of default_splits
+
+
+def default_launch(batch: int, kv_heads: int, rep: int, sms: int) -> DecodeLaunch:
+    """Default launch choices on CUDA for ``batch`` rows of ``kv_heads`` KV heads with ``rep`` query heads each.
+
+    * Few (row, KV head) pairs (``4 * batch * kv_heads <= sms``: batch <= 4 at 8 KV heads on an H100/H200): the
+      attention is latency-bound; measured on the H200 (bench/results/probe_decode_h200.json): position tiles of
+      128, 4 warps, 2 stages, about 2 programs per SM (batch 1: 9.4 vs 10.8 us for tiles of 64). Kept as measured.
+    * Many pairs (batch 16: 42 us against about 10 us of HBM bytes, bound by instruction issue; the tiles of 64 were
+      best): a guess, not measured yet. The swapped MMA layout (``SWAP_AB``) for GQA groups of at most 8 query heads,
+      which halves the tensor-core instructions and the padded score elements, with 4 warps, 2 stages, and about 4
+      programs per SM (128 registers per thread allow 4 resident programs of 4 warps; sm_90 compile, Triton 3.6).
+      ``bench/probe_decode.py --sections attn`` sweeps the alternatives.
+
+    Both use the inline-PTX nibble unpack (``swar``), which is bit-identical to the plain one and removes one
+    quarter-rate integer-to-float conversion per cache element.
+    """
+    if 4 * batch * kv_heads <= sms:
+        return DecodeLaunch(block_t=128, num_warps=4, num_stages=2, swap=False, programs_per_sm=2)
+    return DecodeLaunch(block_t=64, num_warps=4, num_stages=2, swap=rep <= 8, programs_per_sm=4)
 
 
 def kv4_decode_attention_triton(
     q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor,
     v_zero: Tensor, start: Tensor, length: Tensor, sm_scale: float, block_t: int | None = None,
-    splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+    splits: int | None = None, num_warps: int | None = None, num_stages: int | None = None, *,
+    swar: bool = True, swap: bool | None = None,
 ) -> Tensor:  # (B, Hq, d)
     """Triton launcher of :func:`kv4_decode_attention` (interpreter on CPU tensors).
 
     ``splits`` position chunks per (row, KV head) run as separate programs (flash-decoding); their partial softmax
-    sums are merged by a second kernel in a fixed order. Default :func:`default_splits`; 1 = one program per
-    (row, KV head) and no merge.
+    sums are merged by a second kernel in a fixed order. 1 = one program per (row, KV head) and no merge.
+
+    Every launch choice left at ``None`` comes from :func:`default_launch` (``splits``: :func:`default_splits` with
+    its programs per SM); on CPU tensors the tiles are small (16 positions) and the warps and stages unused.
+
+    Args:
+        block_t: cache positions per loop step (at least 32 on CUDA).
+        splits, num_warps, num_stages: grid and Triton launch options.
+        swar: unpack the nibbles with inline PTX bit tricks (CUDA, bf16/fp16 queries; bit-identical to the plain
+            unpack, which the interpreter and fp32 queries always use).
+        swap: the swapped MMA layout (``SWAP_AB``: cache tiles on the M side, query heads on the N side); the same
+            sums, its own accumulation order (not bit-identical to the unswapped layout).
     """
     _check(q, k_codes, k_scale, v_codes, start, length)
     b, hq, d = q.shape
     hkv, s_cap = k_codes.shape[1], k_codes.shape[2]
+    rep = hq // hkv
     out = torch.empty_like(q)
     if b == 0:
         return out
@@ -184,15 +315,16 @@ def kv4_decode_attention_triton(
     q = q.contiguous()
     cpu = on_cpu(q)
     kernel = cpu_kernel(_kv4_decode_attention_kernel) if cpu else _kv4_decode_attention_kernel
-    # H200 (bench/results/probe_decode_h200.json): position tiles of 128 when few (row, KV head) pairs share the
-    # GPU (batch 1, 8 KV heads: 9.4 vs 10.8 us), 64 otherwise (batch 16: 41.8 vs 42.4 us).
-    block_t = block_t or (16 if cpu else (128 if 4 * b * hkv <= sm_count(q.device) else 64))
+    sms = sm_count(q.device)
+    dflt = default_launch(b, hkv, rep, sms)
+    swap = dflt.swap if swap is None else swap
+    block_t = block_t or (16 if cpu else dflt.block_t)
     if not cpu:
         # bf16/fp16 tl.dot with a reduction side of 16 gave wrong results on the H200 (Triton 3.6, measured):
         # keep both reduction sides (head_dim tile and position tile) at 32 or more.
         block_t = max(block_t, 32)
     if splits is None:
-        splits = default_splits(b, hkv, s_cap, block_t, sm_count(q.device))
+        splits = default_splits(b, hkv, s_cap, block_t, sms, dflt.programs_per_sm)
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
     chunk = triton.cdiv(triton.cdiv(max(s_cap, 1), splits), block_t) * block_t
@@ -203,15 +335,17 @@ def kv4_decode_attention_triton(
         ml = torch.empty(b, hq, splits, 2, dtype=torch.float32, device=q.device)
     else:
         part, ml = out, scales[0]
-    extra = {} if cpu else {"num_warps": num_warps, "num_stages": num_stages}
+    f32_dot = cpu or q.dtype == torch.float32
+    extra = {} if cpu else {"num_warps": num_warps or dflt.num_warps,
+                            "num_stages": dflt.num_stages if num_stages is None else num_stages}
     kernel[(b, hkv, splits)](
         q, k_codes, scales[0], scales[1], v_codes, scales[2], scales[3],
         start.to(torch.int32).contiguous(), length.to(torch.int32).contiguous(), part, ml,
-        hq // hkv, d, float(sm_scale), chunk,
+        rep, d, float(sm_scale), chunk,
         q.stride(0), q.stride(1), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
         scales[0].stride(0), scales[0].stride(1), out.stride(0), out.stride(1),
-        REP_P=next_pow2(hq // hkv), DP=dp, BLOCK_T=block_t,
-        F32_DOT=cpu or q.dtype == torch.float32, SPLIT=splits > 1, **extra,
+        REP_P=next_pow2(rep, floor=8 if swap else 16), DP=dp, BLOCK_T=block_t, F32_DOT=f32_dot, SPLIT=splits > 1,
+        EVEN_D=d == dp, SWAR=swar and not f32_dot, SWAP_AB=swap, **extra,
     )
     if splits > 1:
         combine = cpu_kernel(_kv4_combine_kernel) if cpu else _kv4_combine_kernel
