@@ -1,12 +1,75 @@
-"""Architecture description of a Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3)."""
+"""Architecture description of a Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3): shapes
+(:class:`ModelArgs`), the families and their options (:data:`FAMILIES`), and the per-layer tensors a family adds
+(:data:`LAYER_TENSORS`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-HEAD_NORMS = ("q_norm", "k_norm")
-"""Per-head RMSNorm weights ``(head_dim,)`` on q and k before RoPE (Qwen3; present when ``qk_norm``)."""
+
+@dataclass(frozen=True)
+class Family:
+    """What an architecture (the HF config's ``model_type``) sets in :class:`ModelArgs` beyond its shapes.
+
+    Every field is a :class:`ModelArgs` option of the same name; the loader (:func:`flatquant.models.hf.
+    args_from_config`) passes them on as they are, except that ``qkv_bias`` is also on when the HF config says
+    ``attention_bias``.
+    """
+
+    qkv_bias: bool = False  # q/k/v projections have biases
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (the ``q_norm``/``k_norm`` layer tensors)
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(),
+    "mistral": Family(),
+    "qwen2": Family(qkv_bias=True),
+    "qwen3": Family(qk_norm=True),
+}
+"""The supported architectures (HF ``model_type``) and their options: the one table a new family adds a row to."""
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
+
+
+@dataclass(frozen=True)
+class LayerTensor:
+    """A per-layer tensor that a family adds beside the seven linears and the two RMSNorms.
+
+    It sits outside every transform site (e.g. a norm on q/k before RoPE), so folding passes it through unchanged;
+    the HF loaders read it, checkpoints store it (storage dtype, ``layers.{i}.{name}``) and expect it, the engine
+    keeps it in :attr:`flatquant.models.real.weights.RealLayer.extra`, and random models draw it near 1, all from
+    this declaration. Its math is :func:`flatquant.models.layer.qk_pre_rope`.
+
+    Attributes:
+        name: key in a layer dict, in checkpoints and in ``RealLayer.extra``.
+        hf_name: name under ``model.layers.{i}.`` in HF checkpoints.
+        flag: the :class:`ModelArgs` option that says a model has it.
+        dim: the :class:`ModelArgs` attribute that is its length (``head_dim``, ``q_dim``, ``kv_dim``, ``hidden``).
+    """
+
+    name: str
+    hf_name: str
+    flag: str
+    dim: str
+
+    def present(self, args: ModelArgs) -> bool:
+        """Whether a model of ``args`` has this tensor."""
+        return bool(getattr(args, self.flag))
+
+    def shape(self, args: ModelArgs) -> tuple[int]:
+        """Its shape in a model of ``args``."""
+        return (int(getattr(args, self.dim)),)
+
+
+LAYER_TENSORS: tuple[LayerTensor, ...] = (
+    LayerTensor("q_norm", "self_attn.q_norm.weight", flag="qk_norm", dim="head_dim"),  # Qwen3
+    LayerTensor("k_norm", "self_attn.k_norm.weight", flag="qk_norm", dim="head_dim"),
+)
+"""Every family's extra per-layer tensors, in layer-dict order."""
+
+
+def layer_tensors(args: ModelArgs) -> tuple[LayerTensor, ...]:
+    """The :data:`LAYER_TENSORS` a model of ``args`` has."""
+    return tuple(e for e in LAYER_TENSORS if e.present(args))
 
 
 @dataclass(frozen=True, kw_only=True)

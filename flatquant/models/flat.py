@@ -25,7 +25,7 @@ from ..core.kron import decompose_dim, kron_transform
 from ..core.quant import fake_quant
 from ..core.recompute import recompute_in_backward
 from ..core.spec import QuantConfig, QuantSpec, TransformConfig
-from .args import HEAD_NORMS, LINEARS, ModelArgs
+from .args import LAYER_TENSORS, LINEARS, ModelArgs
 from .sites import KRON_SITES, SITES
 
 Params = dict[str, Tensor]
@@ -187,7 +187,7 @@ def fold_layer(
     out["input_norm"] = frozen["input_norm"] * diag["ln_trans"] if "ln_trans" in diag else frozen["input_norm"]
     out["post_norm"] = (frozen["post_norm"] * diag["up_gate_trans"]
                         if "up_gate_trans" in diag else frozen["post_norm"])
-    out.update({n: frozen[n] for n in HEAD_NORMS if n in frozen})  # before RoPE and every transform: unchanged
+    out.update({e.name: frozen[e.name] for e in LAYER_TENSORS if e.name in frozen})  # outside every site: unchanged
     site_of = {n: s for s, ns in SITE_CONSUMERS.items() for n in ns}
     v_mat = mats.get("v_trans")
     for n in LINEARS:

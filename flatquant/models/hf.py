@@ -8,6 +8,7 @@ transformers into a per-layer safetensors cache that is then read the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .args import ATTENTION_LINEARS, HEAD_NORMS, LINEARS, SUPPORTED_ARCHITECTURES, ModelArgs
+from .args import ATTENTION_LINEARS, FAMILIES, LINEARS, SUPPORTED_ARCHITECTURES, ModelArgs, layer_tensors
 from .lazy import LazyLayers, read_tensors, safetensors_index
 from .model import ModelWeights
 
@@ -31,8 +32,14 @@ _HF_LAYER_NAMES = {
     "post_attention_layernorm.weight": "post_norm",
     **{f"self_attn.{n}.{w}": f"{n}.{w}" for n in ATTENTION_LINEARS for w in ("weight", "bias")},
     **{f"mlp.{n}.weight": f"{n}.weight" for n in LINEARS if n not in ATTENTION_LINEARS},
-    **{f"self_attn.{n}.weight": n for n in HEAD_NORMS},
 }
+"""HF name under ``model.layers.{i}.`` -> layer-dict key, for every family; :func:`hf_layer_names` adds a family's."""
+
+
+def hf_layer_names(args: ModelArgs) -> dict[str, str]:
+    """HF name under ``model.layers.{i}.`` -> layer-dict key of a model of ``args``: the linears and norms, then its
+    family's :data:`~flatquant.models.args.LAYER_TENSORS`."""
+    return {**_HF_LAYER_NAMES, **{e.hf_name: e.name for e in layer_tensors(args)}}
 
 
 class ModelLoadError(ValueError):
@@ -107,6 +114,8 @@ def args_from_config(cfg: object) -> ModelArgs:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ModelLoadError(f"unsupported activation {cfg.hidden_act!r}; only SwiGLU (silu) MLPs are supported")
+    options = dataclasses.asdict(FAMILIES[arch])  # the family's ModelArgs options
+    options["qkv_bias"] = options["qkv_bias"] or bool(getattr(cfg, "attention_bias", False))
     return ModelArgs(
         arch=arch,
         vocab_size=cfg.vocab_size,
@@ -117,10 +126,9 @@ def args_from_config(cfg: object) -> ModelArgs:
         n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
         head_dim=head_dim,
         rms_eps=float(cfg.rms_norm_eps),
-        qkv_bias=arch == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
-        qk_norm=arch == "qwen3",
         tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         bos_token_id=getattr(cfg, "bos_token_id", None),
+        **options,
     )
 
 
@@ -134,10 +142,11 @@ def weights_from_hf(model: torch.nn.Module, args: ModelArgs) -> ModelWeights:
     }
     rot = model.model.rotary_emb
     top["rope.inv_freq"] = rot.inv_freq.detach().float().clone()
+    names = hf_layer_names(args)
     layers = []
     for i in range(args.n_layers):
         pre = f"model.layers.{i}."
-        layers.append({ours: sd[pre + theirs] for theirs, ours in _HF_LAYER_NAMES.items() if pre + theirs in sd})
+        layers.append({ours: sd[pre + theirs] for theirs, ours in names.items() if pre + theirs in sd})
     missing = [n for n in LINEARS if f"{n}.weight" not in layers[0]]
     if missing:
         raise ModelLoadError(f"checkpoint lacks {missing} in layer 0; is this a Llama-family model?")
@@ -221,7 +230,7 @@ def lazy_weights(folder: Path, cfg: object, args: ModelArgs) -> ModelWeights:
     top.setdefault("lm_head", top["embed"])
     inv, scaling = rope_from_config(cfg)
     top["rope.inv_freq"] = inv
-    layers = LazyLayers.from_index(index, args.n_layers, _HF_LAYER_NAMES)
+    layers = LazyLayers.from_index(index, args.n_layers, hf_layer_names(args))
     missing = [n for n in LINEARS if f"{n}.weight" not in {e[0] for e in layers.entries[0]}] if len(layers) else []
     if missing:
         raise ModelLoadError(f"checkpoint lacks {missing} in layer 0; is this a Llama-family model?")

@@ -6,6 +6,8 @@ model: which transforms run online is decided by which keys the dict holds, and 
 ``bits >= 16`` are the identity. Keys of a *folded* layer dict:
 
 * ``input_norm``, ``post_norm`` (hidden,): RMSNorm weights (diag scales merged in).
+* the family's extra tensors (:data:`~flatquant.models.args.LAYER_TENSORS`, e.g. Qwen3's ``q_norm``, ``k_norm``
+  (head_dim,)), read by :func:`qk_pre_rope`.
 * ``{linear}.weight`` (out, in), optional ``{linear}.bias``: effective (possibly fake-quantized) weights.
 * ``{linear}.lac.lo|hi`` (1,): activation clip logits of that linear's input quantizer.
 * ``ln_trans.left|right``, ``up_gate_trans.left|right``, ``down_trans.left|right``: online Kronecker factors.
@@ -68,6 +70,24 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (y * weight.to(ct)).to(x.dtype)
 
 
+def qk_pre_rope(
+    q: Tensor,  # (B, T, heads, d)
+    k: Tensor,  # (B, T, kv_heads, d)
+    p: Params,
+    args: ModelArgs,
+) -> tuple[Tensor, Tensor]:  # same shapes
+    """A family's math on the projected q and k before RoPE, written once: the fake attention (:func:`attention`)
+    and the real engine's (:func:`flatquant.models.real.step.attention_step`) both call it.
+
+    ``p`` holds the family's layer tensors (:data:`~flatquant.models.args.LAYER_TENSORS`) by name: the layer dict
+    (fake path), or :attr:`RealLayer.extra <flatquant.models.real.weights.RealLayer.extra>` (engine). Both pass
+    the ``(B, T, heads, d)`` layout the projections produce, so ``q.flatten(-2)`` is the projection output.
+    """
+    if "q_norm" in p:  # Qwen3: per-head RMSNorm of q and k
+        q, k = rms_norm(q, p["q_norm"], args.rms_eps), rms_norm(k, p["k_norm"], args.rms_eps)
+    return q, k
+
+
 def quant_act(p: Params, prefix: str, x: Tensor, spec: QuantSpec, *, recompute: bool = False) -> Tensor:
     """Per-token fake quantization of ``x`` with the clip logits stored under ``prefix.lac``.
 
@@ -102,14 +122,14 @@ def attention(
     p: Params, x: Tensor, rope: Rope, args: ModelArgs, qcfg: QuantConfig, linear_fn: LinearFn = linear,
     *, recompute: bool = False,
 ) -> Tensor:  # x: (B, T, hidden) normalised input -> (B, T, H*d) attention output before o_proj
-    """Q/K/V projections, RoPE, K transform, Q/K/V quantization, causal softmax attention."""
+    """Q/K/V projections, the family's q/k math (:func:`qk_pre_rope`), RoPE, K transform, Q/K/V quantization,
+    causal softmax attention."""
     b, t, _ = x.shape
-    q = linear_fn(p, "q_proj", x, qcfg.a).view(b, t, args.n_heads, args.head_dim).transpose(1, 2)
-    k = linear_fn(p, "k_proj", x, qcfg.a).view(b, t, args.n_kv_heads, args.head_dim).transpose(1, 2)
+    q = linear_fn(p, "q_proj", x, qcfg.a).view(b, t, args.n_heads, args.head_dim)
+    k = linear_fn(p, "k_proj", x, qcfg.a).view(b, t, args.n_kv_heads, args.head_dim)
     v = linear_fn(p, "v_proj", x, qcfg.a).view(b, t, args.n_kv_heads, args.head_dim).transpose(1, 2)
-    if "q_norm" in p:  # Qwen3: per-head RMSNorm of q and k before RoPE
-        q, k = rms_norm(q, p["q_norm"], args.rms_eps), rms_norm(k, p["k_norm"], args.rms_eps)
-    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    q, k = qk_pre_rope(q, k, p, args)
+    q, k = apply_rope(q.transpose(1, 2), rope), apply_rope(k.transpose(1, 2), rope)
     if "k_trans" in p:
         q = head_transform(q, p["k_trans_inv_t"])
         k = head_transform(k, p["k_trans"])

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from .args import HEAD_NORMS, ModelArgs
+from .args import ModelArgs, layer_tensors
 from .model import ModelWeights
 
 LLAMA3_8B = ModelArgs(vocab_size=128256, hidden=4096, intermediate=14336, n_layers=32, n_heads=32, n_kv_heads=8,
                       head_dim=128, rms_eps=1e-5)
 LLAMA2_7B = ModelArgs(vocab_size=32000, hidden=4096, intermediate=11008, n_layers=32, n_heads=32, n_kv_heads=32,
                       head_dim=128, rms_eps=1e-5)
+
+
+def _near_one(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """``1 + 0.3 N(0, 1)`` (fp32): a family's extra layer tensors (:data:`~flatquant.models.args.LAYER_TENSORS`,
+    norm weights) in random models."""
+    return 1 + 0.3 * torch.randn(shape, generator=generator)
 
 
 def random_weights(args: ModelArgs, *, generator: torch.Generator, dtype: torch.dtype = torch.float32,
@@ -37,8 +43,8 @@ def random_weights(args: ModelArgs, *, generator: torch.Generator, dtype: torch.
         if args.qkv_bias:
             for name in ("q_proj", "k_proj", "v_proj"):
                 p[f"{name}.bias"] = w(args.linear_shapes[name][0])
-        for name in HEAD_NORMS if args.qk_norm else ():
-            p[name] = (1 + 0.3 * torch.randn(args.head_dim, generator=generator)).to(dtype)
+        for e in layer_tensors(args):
+            p[e.name] = _near_one(e.shape(args), generator).to(dtype)
         layers.append(p)
     embed = (torch.randn(args.vocab_size, args.hidden, generator=generator)).to(dtype)
     inv_freq = 1.0 / rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim)
@@ -78,8 +84,8 @@ def random_real_tensors(args: ModelArgs, *, generator: torch.Generator, device: 
         if args.qkv_bias:
             for n in ("q_proj", "k_proj", "v_proj"):
                 t[f"{n}.bias"] = torch.randn(args.linear_shapes[n][0], generator=generator).to(device, dtype)
-        for n in HEAD_NORMS if args.qk_norm else ():
-            t[n] = (1 + 0.3 * torch.randn(args.head_dim, generator=generator)).to(device, dtype)
+        for e in layer_tensors(args):
+            t[e.name] = _near_one(e.shape(args), generator).to(device, dtype)
         for site in KRON_SITES:
             n1, n2 = decompose_dim(site_dim(site, args))
             t[f"{site}.left"], t[f"{site}.right"] = orth(n1), orth(n2)

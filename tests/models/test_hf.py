@@ -55,6 +55,29 @@ def test_unsupported_architecture_is_named():
         hf.args_from_config(cfg)
 
 
+def test_family_options_come_from_the_family_table(monkeypatch):
+    """``args_from_config`` sets each family's options from ``FAMILIES`` (plus ``attention_bias`` for q/k/v biases),
+    and loads every declared ``LAYER_TENSORS`` entry under its HF name."""
+    import transformers
+
+    from flatquant.models.args import FAMILIES, LAYER_TENSORS, Family
+
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+              num_key_value_heads=2)
+    for cfg, bias, norm in ((transformers.LlamaConfig(**kw), False, False),
+                            (transformers.LlamaConfig(**kw, attention_bias=True), True, False),
+                            (transformers.Qwen2Config(**kw), True, False),
+                            (transformers.Qwen3Config(**kw), False, True)):
+        args = hf.args_from_config(cfg)
+        assert (args.qkv_bias, args.qk_norm) == (bias, norm)
+    monkeypatch.setitem(FAMILIES, "mistral", Family(qk_norm=True))  # a row edited: the loader follows it
+    assert hf.args_from_config(transformers.MistralConfig(**kw)).qk_norm
+    qwen3 = hf.args_from_config(transformers.Qwen3Config(**kw))
+    assert all(hf.hf_layer_names(qwen3)[e.hf_name] == e.name for e in LAYER_TENSORS if e.present(qwen3))
+    llama = hf.args_from_config(transformers.LlamaConfig(**kw))
+    assert not {e.hf_name for e in LAYER_TENSORS} & set(hf.hf_layer_names(llama))  # only its own family's
+
+
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(hf.ModelLoadError, match="does not exist"):
         hf.resolve_source(str(tmp_path / "nope"))

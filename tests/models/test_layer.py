@@ -10,6 +10,7 @@ fake forward's linears), with the quantizers off and at W4A4KV4 (packed KV4 cach
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -19,8 +20,9 @@ import flatquant.models.layer as layer_mod
 import flatquant.models.real.step as step_mod
 from flatquant.calib.methods import method_config
 from flatquant.core.spec import QuantConfig
+from flatquant.models.args import ModelArgs
 from flatquant.models.flat import fold_layer, init_flat_params
-from flatquant.models.layer import Params, decoder_layer, layer_forward, make_rope
+from flatquant.models.layer import Params, decoder_layer, layer_forward, make_rope, qk_pre_rope
 from flatquant.models.real import RealConfig, decode_layer, layer_from_tensors, layer_step, new_cache, rope_at
 from flatquant.models.real.checkpoint import export_layer
 from flatquant.presets import bits_preset
@@ -31,17 +33,17 @@ T = method_config("flatquant", diag_init="ones")
 QCFGS = {"bits16": QuantConfig(), "w4a4kv4": Q}
 
 
-def _folded(qcfg: QuantConfig, seed: int = 0) -> tuple[Params, torch.Tensor]:
-    """A folded TINY layer (fp32) with random transforms away from orthogonal / identity, and ``rope.inv_freq``."""
-    w = tiny_model(TINY, seed=seed)
+def _folded(qcfg: QuantConfig, seed: int = 0, args: ModelArgs = TINY) -> tuple[Params, torch.Tensor]:
+    """A folded layer (fp32) with random transforms away from orthogonal / identity, and ``rope.inv_freq``."""
+    w = tiny_model(args, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     p = w.layers[0]
-    trainable, fixed = init_flat_params(p, TINY, Q, T, absmax=None, generator=g)
+    trainable, fixed = init_flat_params(p, args, Q, T, absmax=None, generator=g)
     flat = {k: v.double() for k, v in {**trainable, **fixed}.items() if ".lwc." not in k}
     for k in flat:
         if k.endswith((".sigma", ".diag")):
             flat[k] = flat[k] * torch.exp(0.3 * torch.randn(flat[k].shape, generator=g, dtype=torch.float64))
-    folded = fold_layer(flat, {k: v.double() for k, v in p.items()}, TINY, qcfg, T.kind)
+    folded = fold_layer(flat, {k: v.double() for k, v in p.items()}, args, qcfg, T.kind)
     if not qcfg.a.enabled:
         folded = {k: v for k, v in folded.items() if ".lac." not in k}
     assert {"ln_trans.left", "up_gate_trans.left", "down_trans.left", "o_trans", "k_trans"} <= set(folded)
@@ -132,3 +134,41 @@ def test_decoder_layer_structure() -> None:
     hn = norm(y, n2)
     torch.testing.assert_close(out, y + (torch.nn.functional.silu(hn @ wg) * (hn @ wu)) @ wd)
     assert seen == ["attention", "o_proj", "gate", "up", "down"]
+
+
+def test_family_qk_math_is_one_function_for_the_fake_forward_and_the_engine(monkeypatch) -> None:
+    """Qwen3's q/k norms: the fake attention and the engine's ``attention_step`` both call :func:`qk_pre_rope`
+    (spied on, not replaced) with the family's tensors and the same ``(B, T, heads, d)`` q and k, and agree."""
+    args = dataclasses.replace(TINY, arch="qwen3", qk_norm=True)
+    folded, inv_freq = _folded(QuantConfig(), args=args)
+    cfg = RealConfig(args=args, qcfg=QuantConfig(), dtype=torch.float32, real_linears=False)
+    layer = layer_from_tensors(export_layer(folded, QuantConfig(), dtype=torch.float32, real=False), cfg)
+    assert set(layer.extra) == {"q_norm", "k_norm"} and torch.equal(layer.extra["q_norm"], folded["q_norm"])
+    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor, set[str]]]] = {"fake": [], "real": []}
+
+    def spy(where: str):
+        def f(q: torch.Tensor, k: torch.Tensor, p: Params, a: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
+            calls[where].append((q, k, {n for n in ("q_norm", "k_norm") if n in p}))
+            return qk_pre_rope(q, k, p, a)
+        return f
+
+    monkeypatch.setattr(layer_mod, "qk_pre_rope", spy("fake"))
+    monkeypatch.setattr(step_mod, "qk_pre_rope", spy("real"))
+    b, t = 2, 5
+    x = torch.randn(b, t, args.hidden, generator=torch.Generator().manual_seed(3))
+    want = layer_forward(folded, x, make_rope(inv_freq, torch.arange(t)), args, QuantConfig())
+    cache = new_cache(cfg, b, t, "cpu")
+    pos = torch.arange(t)
+    got = layer_step(layer, x, rope_at(inv_freq, pos[None].expand(b, -1), 1.0), cache.layers[0], cfg, pos,
+                     cache.start, torch.full((b,), t, dtype=torch.int32), n_valid=t, decode=False,
+                     causal_from_zero=True, k_packed=cache.k_packed, v_packed=cache.v_packed)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(calls["fake"]) == len(calls["real"]) == 1
+    (fq, fk, fnames), (rq, rk, rnames) = calls["fake"][0], calls["real"][0]
+    assert fnames == rnames == {"q_norm", "k_norm"}
+    assert fq.shape == rq.shape == (b, t, args.n_heads, args.head_dim) and fk.shape == rk.shape == (
+        b, t, args.n_kv_heads, args.head_dim)
+    torch.testing.assert_close(rq, fq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rk, fk, rtol=1e-5, atol=1e-5)
+    q2, k2 = qk_pre_rope(fq, fk, folded, args)  # the norms act: per head, over d
+    assert not torch.allclose(q2, fq) and not torch.allclose(k2, fk)

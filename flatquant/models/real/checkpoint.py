@@ -48,7 +48,7 @@ from ...core.quant import fake_quant, qparams, quantize, quantize_codes
 from ...core.spec import QuantConfig, QuantSpec, TransformConfig
 from ...io import quant_config_from_dict, read_format_json
 from ...ops import pack_int4
-from ..args import HEAD_NORMS, LINEARS, ModelArgs
+from ..args import LAYER_TENSORS, LINEARS, ModelArgs, layer_tensors
 from ..flat import fold_layer, site_dim
 from ..model import ModelWeights
 from ..sites import KRON_SITES
@@ -89,7 +89,7 @@ def export_layer(
     weights in ``dtype`` (for bit settings the kernels do not implement).
     """
     out: Params = {"input_norm": folded["input_norm"].to(dtype), "post_norm": folded["post_norm"].to(dtype)}
-    out.update({n: folded[n].to(dtype) for n in HEAD_NORMS if n in folded})
+    out.update({e.name: folded[e.name].to(dtype) for e in LAYER_TENSORS if e.name in folded})
     for n in LINEARS:
         w = folded[f"{n}.weight"].to(torch.float64)
         if real:
@@ -478,8 +478,7 @@ def expected_shapes(args: ModelArgs, qcfg: QuantConfig, backend: str, placement:
     for i in range(args.n_layers):
         p = f"layers.{i}."
         shapes[p + "input_norm"] = shapes[p + "post_norm"] = (args.hidden,)
-        if args.qk_norm:
-            shapes[p + "q_norm"] = shapes[p + "k_norm"] = (args.head_dim,)
+        shapes.update({p + e.name: e.shape(args) for e in layer_tensors(args)})
         for n, (o, k) in args.linear_shapes.items():
             if backend == "real":
                 shapes[p + f"{n}.qweight"] = (o, k // 2) if qcfg.w.bits == 4 else (o, k)

@@ -13,7 +13,7 @@ from torch import Tensor
 from ...core.kron import head_transform
 from ...core.quant import fake_quant
 from ...ops.kv_attention import kv4_decode_attention
-from ..layer import Rope, apply_rope, decoder_layer, rms_norm
+from ..layer import Rope, apply_rope, decoder_layer, qk_pre_rope
 from ..sites import FUSED_GROUPS
 from .cache import LayerKV, read_kv, write_kv, write_kv_packed
 from .config import RealConfig
@@ -67,8 +67,7 @@ def attention_step(
     # RoPE and q's K^{-T} run on the (B, T, heads, d) layout the projections produce: one GEMM over all rows
     # for the transform (a (B, heads, T, d) view made cuBLAS run one small batched GEMM per row).
     q, k = q.reshape(b, t, a.n_heads, a.head_dim), k.reshape(b, t, a.n_kv_heads, a.head_dim)
-    if layer.q_norm is not None and layer.k_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
-        q, k = rms_norm(q, layer.q_norm, a.rms_eps), rms_norm(k, layer.k_norm, a.rms_eps)
+    q, k = qk_pre_rope(q, k, layer.extra, a)  # the family's q/k math, shared with the fake attention
     q = apply_rope(q, rope)
     k = apply_rope(k, rope).transpose(1, 2)
     v = v.reshape(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ...ops import reference as ref
 from ...ops.qlinear import QLinearParams
-from ..args import LINEARS
+from ..args import LAYER_TENSORS, LINEARS
 from ..sites import FUSED_GROUPS, SITE_OF_LINEAR
 from .config import RealConfig
 from .linear import FakeLinear, FusedQLinear, Linear, fuse_linears
@@ -29,11 +29,10 @@ class RealLayer:
     cpu_codes: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # linear or group -> (N, K) int8 codes
     k_trans: Tensor | None  # (d, d)
     k_trans_inv_t: Tensor | None  # (d, d)
-    q_norm: Tensor | None  # (d,) Qwen3 per-head RMSNorm weights before RoPE
-    k_norm: Tensor | None  # (d,)
     q_clip: Tensor  # (2,) fp32
     k_clip: Tensor  # (2,) fp32
     v_clip: Tensor  # (2,) fp32
+    extra: Params = dataclasses.field(default_factory=dict)  # the family's layer tensors (args.LAYER_TENSORS) by name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +103,7 @@ def layer_from_tensors(t: Params, cfg: RealConfig) -> RealLayer:
     return RealLayer(
         input_norm=t["input_norm"].to(dt), post_norm=t["post_norm"].to(dt), linears=linears, fused=fused,
         cpu_codes=cpu_codes,
-        k_trans=fl("k_trans"), k_trans_inv_t=fl("k_trans_inv_t"), q_norm=fl("q_norm"), k_norm=fl("k_norm"),
+        k_trans=fl("k_trans"), k_trans_inv_t=fl("k_trans_inv_t"),
         q_clip=t.get("q_quant.clip", _ones_clip(dev)).float(), k_clip=t.get("k_cache.clip", _ones_clip(dev)).float(),
-        v_clip=t.get("v_cache.clip", _ones_clip(dev)).float())
+        v_clip=t.get("v_cache.clip", _ones_clip(dev)).float(),
+        extra={e.name: t[e.name].to(dt).contiguous() for e in LAYER_TENSORS if e.name in t})
