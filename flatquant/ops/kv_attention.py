@@ -101,6 +101,8 @@ def _kv4_decode_attention_kernel(
     # SWAP_AB: the same sums with every tile transposed: the cache tiles are the MMA's M side (BLOCK_T positions,
     # DH head elements) and the REP query heads its N side, so that a GQA group of <= 8 heads pads to the MMA's
     # n = 8 instead of its m = 16 (half the tensor-core instructions and half the padded score elements).
+    # The softmax sum and the zero correction are kept per position (l_t, corr_t: score-tile shaped, rescaled like
+    # the accumulators) and reduced once after the loop: per step only the running max is reduced across warps.
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
     sp = tl.program_id(2)
@@ -128,14 +130,16 @@ def _kv4_decode_attention_kernel(
     t_lo = tl.maximum(tl.load(start_ptr + b), sp * chunk)
     t_hi = tl.minimum(tl.load(len_ptr + b), sp * chunk + chunk)
     m_i = tl.full((REP_P,), float("-inf"), tl.float32)
-    l_i = tl.zeros((REP_P,), tl.float32)
-    corr = tl.zeros((REP_P,), tl.float32)
     if SWAP_AB:
         acc_e = tl.zeros((DH, REP_P), tl.float32)
         acc_o = tl.zeros((DH, REP_P), tl.float32)
+        l_t = tl.zeros((BLOCK_T, REP_P), tl.float32)
+        corr_t = tl.zeros((BLOCK_T, REP_P), tl.float32)
     else:
         acc_e = tl.zeros((REP_P, DH), tl.float32)
         acc_o = tl.zeros((REP_P, DH), tl.float32)
+        l_t = tl.zeros((REP_P, BLOCK_T), tl.float32)
+        corr_t = tl.zeros((REP_P, BLOCK_T), tl.float32)
     c_base = b * stride_cb + g * stride_ch
     s_base = b * stride_sb + g * stride_sh
     for t0 in range((t_lo // BLOCK_T) * BLOCK_T, t_hi, BLOCK_T):
@@ -147,7 +151,17 @@ def _kv4_decode_attention_kernel(
         else:
             c_mask = t_ok[:, None] & eh_ok[None, :]
         kb = tl.load(kc_ptr + c_off, mask=c_mask, other=0)  # (BLOCK_T, DH) uint8
-        vb = tl.load(vc_ptr + c_off, mask=c_mask, other=0)
+        if SWAP_AB:
+            # V codes as a (DH, BLOCK_T) tile of pointers: Triton then stages them through shared memory (cp.async)
+            # into the MMA's A operand. tl.trans of a (BLOCK_T, DH) tile instead left them in registers across
+            # loop steps, unpacked byte by byte (sm_90 SASS, Triton 3.6: 612 vs 572 instructions per step).
+            v_off = c_base + t[None, :].to(tl.int64) * stride_ct + eh[:, None]
+            if EVEN_D:
+                vb = tl.load(vc_ptr + v_off, mask=t_ok[None, :], other=0)
+            else:
+                vb = tl.load(vc_ptr + v_off, mask=t_ok[None, :] & eh_ok[:, None], other=0)
+        else:
+            vb = tl.load(vc_ptr + c_off, mask=c_mask, other=0)
         ks = tl.load(ks_ptr + s_base + t, mask=t_ok, other=0.0)
         kz = tl.load(kz_ptr + s_base + t, mask=t_ok, other=0.0)
         vs = tl.load(vs_ptr + s_base + t, mask=t_ok, other=0.0)
@@ -162,12 +176,11 @@ def _kv4_decode_attention_kernel(
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[None, :])
-            l_i = l_i * alpha + tl.sum(p, axis=0)
+            l_t = l_t * alpha[None, :] + p
             pv = (p * vs[:, None]).to(dt)  # rounded once; the zero correction uses the same rounded weights
-            corr = corr * alpha + tl.sum(pv.to(tl.float32) * vz[:, None], axis=0)
-            vt = tl.trans(vb)  # (DH, BLOCK_T) codes: unpacked where the MMA wants them (no 16-bit transpose)
-            v_lo = _nibbles(vt, False, SWAR, dt)
-            v_hi = _nibbles(vt, True, SWAR, dt)
+            corr_t = corr_t * alpha[None, :] + pv.to(tl.float32) * vz[:, None]
+            v_lo = _nibbles(vb, False, SWAR, dt)  # (DH, BLOCK_T)
+            v_hi = _nibbles(vb, True, SWAR, dt)
             acc_e = tl.dot(v_lo, pv, acc_e * alpha[None, :], input_precision=prec)
             acc_o = tl.dot(v_hi, pv, acc_o * alpha[None, :], input_precision=prec)
         else:
@@ -177,9 +190,9 @@ def _kv4_decode_attention_kernel(
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            l_t = l_t * alpha[:, None] + p
             pv = (p * vs[None, :]).to(dt)  # rounded once; the zero correction uses the same rounded weights
-            corr = corr * alpha + tl.sum(pv.to(tl.float32) * vz[None, :], axis=1)
+            corr_t = corr_t * alpha[:, None] + pv.to(tl.float32) * vz[None, :]
             v_lo = _nibbles(vb, False, SWAR, dt)
             v_hi = _nibbles(vb, True, SWAR, dt)
             acc_e = acc_e * alpha[:, None] + tl.dot(pv, v_lo, input_precision=prec)
@@ -188,6 +201,11 @@ def _kv4_decode_attention_kernel(
     if SWAP_AB:
         acc_e = tl.trans(acc_e)
         acc_o = tl.trans(acc_o)
+        l_i = tl.sum(l_t, axis=0)
+        corr = tl.sum(corr_t, axis=0)
+    else:
+        l_i = tl.sum(l_t, axis=1)
+        corr = tl.sum(corr_t, axis=1)
     acc_e = acc_e - corr[:, None]  # (REP_P, DH)
     acc_o = acc_o - corr[:, None]
     if SPLIT:
@@ -268,8 +286,9 @@ def default_launch(batch: int, kv_heads: int, rep: int, sms: int) -> DecodeLaunc
       128, 4 warps, 2 stages, about 2 programs per SM (batch 1: 9.4 vs 10.8 us for tiles of 64). Kept as measured.
     * Many pairs (batch 16: 42 us against about 10 us of HBM bytes, bound by instruction issue; the tiles of 64 were
       best): a guess, not measured yet. The swapped MMA layout (``SWAP_AB``) for GQA groups of at most 8 query heads,
-      which halves the tensor-core instructions and the padded score elements, with 4 warps, 2 stages, and about 4
-      programs per SM (128 registers per thread allow 4 resident programs of 4 warps; sm_90 compile, Triton 3.6).
+      which halves the tensor-core instructions and the padded score elements, with tiles of 64, 4 warps, 2 stages,
+      and about 4 programs per SM (sm_90 compile with Triton 3.6: 563 instructions per 64-position step against 951
+      unswapped without the PTX unpack, 128 registers per thread, so 4 programs of 4 warps fit on an SM).
       ``bench/probe_decode.py --sections attn`` sweeps the alternatives.
 
     Both use the inline-PTX nibble unpack (``swar``), which is bit-identical to the plain one and removes one
