@@ -25,6 +25,7 @@ import argparse
 import itertools
 import json
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -85,8 +86,9 @@ def sweep_gemv(bw: float) -> list[dict]:
 
 
 # Decode-attention variants (launcher keywords) and the (block_t, warps, stages) launches each is timed at; every
-# launch also at several split counts. "plain" is the kernel before the inline-PTX unpack (per-element shifts and
-# integer-to-float conversions); "swap" the swapped MMA layout (cache tiles on M, query heads on N).
+# launch also at several split counts. "plain": the per-element shift / mask / integer-to-float unpack (otherwise
+# the current kernel, not the one of probe_decode_h200.json); "swar": the inline-PTX unpack; "swap": the swapped
+# MMA layout (cache tiles on M, query heads on N).
 ATTN_VARIANTS = {
     "plain": {"swar": False, "swap": False},
     "swar": {"swar": True, "swap": False},
@@ -96,14 +98,14 @@ ATTN_VARIANTS = {
 ATTN_LAUNCHES = {
     1: {"plain": [(128, 4, 2), (64, 4, 2)],
         "swar": [(128, 4, 2), (64, 4, 2), (32, 2, 2), (128, 4, 1), (128, 8, 2)],
-        "swar+swap": [(128, 4, 2), (64, 4, 2), (32, 2, 2), (128, 4, 1), (128, 8, 2)]},
+        "swar+swap": [(128, 4, 2), (64, 4, 2), (64, 4, 1), (32, 2, 2), (128, 4, 1), (128, 8, 2)]},
     16: {"plain": [(64, 4, 2)],
          "plain+swap": [(64, 4, 2)],
          "swar": [(64, 4, 2), (64, 4, 1), (64, 4, 3), (128, 4, 2), (32, 2, 2), (128, 8, 2)],
          "swar+swap": [(64, 4, 2), (64, 4, 1), (64, 4, 3), (128, 4, 2), (128, 4, 1), (32, 2, 1), (32, 2, 2),
                        (64, 2, 1), (128, 8, 2), (32, 1, 1)]},
 }
-ATTN_SPLIT_MULTS = {1: (0.5, 1, 2), 16: (1, 2, 3, 4, 8)}  # times default_splits at 2 programs per SM
+ATTN_PROGRAMS_PER_SM = {1: (1, 2, 4), 16: (2, 3, 4, 6, 8, 16)}  # split counts: default_splits at these targets
 
 
 def _effective_splits(cap: int, block_t: int, splits: int) -> int:
@@ -124,6 +126,7 @@ def sweep_attn(bw: float, device: str = "cuda") -> list[dict]:
     rows = []
     hq, hkv, d, cap, n = ATTN_SHAPE
     for b in (1, 16):
+        t_start = time.perf_counter()
         g = torch.Generator(device=dev).manual_seed(b)
         q = torch.randn(b, hq, d, device=dev, generator=g).bfloat16()
         codes = [torch.randint(0, 256, (b, hkv, cap, d // 2), dtype=torch.uint8, device=dev, generator=g)
@@ -139,8 +142,8 @@ def sweep_attn(bw: float, device: str = "cuda") -> list[dict]:
         for name, launches in ATTN_LAUNCHES[b].items():
             kw = ATTN_VARIANTS[name]
             for bt, warps, stages in launches:
-                base = default_splits(b, hkv, cap, bt, sms)
-                for split in sorted({_effective_splits(cap, bt, max(1, int(base * m))) for m in ATTN_SPLIT_MULTS[b]}):
+                for split in sorted({_effective_splits(cap, bt, default_splits(b, hkv, cap, bt, sms, pps))
+                                     for pps in ATTN_PROGRAMS_PER_SM[b]}):
                     cfg = {"variant": name, "bt": bt, "warps": warps, "stages": stages, "split": split}
                     key = (kw["swap"], bt, warps, stages, split)
 
@@ -174,7 +177,8 @@ def sweep_attn(bw: float, device: str = "cuda") -> list[dict]:
 
         def fmt(r: dict) -> str:
             return f"{r['us']:6.1f} {r['variant']} bt={r['bt']} w={r['warps']} s={r['stages']} split={r['split']}"
-        print(f"attn b={b:>2}: floor {floor:6.1f} µs | default {fmt(dflt)} | best {fmt(best)}", flush=True)
+        print(f"attn b={b:>2}: floor {floor:6.1f} µs | default {fmt(dflt)} | best {fmt(best)} "
+              f"({len(results)} launches, {time.perf_counter() - t_start:.0f} s)", flush=True)
         for v, r in by_variant.items():
             print(f"attn b={b:>2}:   best {v:>10}: {fmt(r)}", flush=True)
         bad = [r for r in results if r.get("equal_plain") is False or r.get("max_err", 0) >= 0.05 or "error" in r]
