@@ -153,7 +153,7 @@ def decoder_layer(
     attention: Callable[[Tensor], Tensor],  # (B, T, hidden) normalised -> (B, T, H*d)
     o_proj: Callable[[Tensor], Tensor],  # (B, T, H*d) -> (B, T, hidden)
     gate_up: Callable[[Tensor], tuple[Tensor, Tensor]],  # (B, T, hidden) normalised -> 2 x (B, T, intermediate)
-    down: Callable[[Tensor], Tensor],  # (B, T, intermediate) -> (B, T, hidden)
+    down: Callable[[Tensor, Tensor], Tensor],  # gate, up: 2 x (B, T, intermediate) -> (B, T, hidden)
 ) -> Tensor:  # (B, T, hidden)
     """The decoder layer's skeleton, written once: pre-norm attention and pre-norm SwiGLU MLP with residuals.
 
@@ -169,7 +169,8 @@ def decoder_layer(
         attention: the attention output before ``o_proj`` of the normalised input.
         o_proj: the output projection of the attention output.
         gate_up: ``(gate, up)`` projections of the normalised MLP input.
-        down: the down projection of ``silu(gate) * up``.
+        down: the down projection of ``silu(gate) * up`` (:func:`swiglu`), given ``gate`` and ``up``: the engine
+            forms the product inside its transform kernel instead of writing it out.
 
     Returns:
         The layer output ``x + o_proj(attention(norm(x)))``, then ``+ down(silu(gate) * up)`` of its norm.
@@ -178,7 +179,12 @@ def decoder_layer(
     x = x + o_proj(attention(h))
     h = rms_norm(x, post_norm, eps)
     gate, up = gate_up(h)
-    return x + down(F.silu(gate) * up)
+    return x + down(gate, up)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:  # 2 x (B, T, intermediate) -> (B, T, intermediate)
+    """The SwiGLU activation ``silu(gate) * up`` that feeds down_proj."""
+    return F.silu(gate) * up
 
 
 def layer_forward(
@@ -210,8 +216,8 @@ def layer_forward(
         up = lin(p, "up_proj", h, qcfg.a)
         return lin(p, "gate_proj", h, qcfg.a), up
 
-    def down(m: Tensor) -> Tensor:  # (B, T, intermediate) -> (B, T, hidden)
-        return lin(p, "down_proj", _kron(p, "down_trans", m), qcfg.a)
+    def down(gate: Tensor, up: Tensor) -> Tensor:  # 2 x (B, T, intermediate) -> (B, T, hidden)
+        return lin(p, "down_proj", _kron(p, "down_trans", swiglu(gate, up)), qcfg.a)
 
     return decoder_layer(x, input_norm=p["input_norm"], post_norm=p["post_norm"], eps=args.rms_eps,
                          attention=attend, o_proj=o_proj, gate_up=gate_up, down=down)

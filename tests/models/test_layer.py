@@ -101,12 +101,12 @@ def test_fake_forward_and_real_engine_run_one_skeleton_and_agree(name: str, monk
     g = torch.Generator().manual_seed(4)
     h = torch.randn(b, t, TINY.hidden, generator=g)
     o = torch.randn(b, t, TINY.q_dim, generator=g)
-    m = torch.randn(b, t, TINY.intermediate, generator=g)
+    gate, up = (torch.randn(b, t, TINY.intermediate, generator=g) for _ in range(2))
     torch.testing.assert_close(r["attention"](h[:, :-1]), f["attention"](h)[:, :-1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(r["o_proj"](o), f["o_proj"](o), rtol=1e-5, atol=1e-5)
     for got, exp in zip(r["gate_up"](h), f["gate_up"](h), strict=True):
         torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(r["down"](m), f["down"](m), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r["down"](gate, up), f["down"](gate, up), rtol=1e-5, atol=1e-5)
 
 
 def test_decoder_layer_structure() -> None:
@@ -125,7 +125,7 @@ def test_decoder_layer_structure() -> None:
 
     out = decoder_layer(x, input_norm=n1, post_norm=n2, eps=1e-6, attention=lin("attention", wa),
                         o_proj=lin("o_proj", wo), gate_up=lambda h: (lin("gate", wg)(h), lin("up", wu)(h)),
-                        down=lin("down", wd))
+                        down=lambda gate, up: lin("down", wd)(torch.nn.functional.silu(gate) * up))
 
     def norm(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6) * w

@@ -13,7 +13,7 @@ from torch import Tensor
 from ...core.kron import head_transform
 from ...core.quant import fake_quant
 from ...ops.kv_attention import kv4_decode_attention
-from ..layer import Rope, apply_rope, decoder_layer, qk_pre_rope
+from ..layer import Rope, apply_rope, decoder_layer, qk_pre_rope, swiglu
 from ..sites import FUSED_GROUPS
 from .cache import LayerKV, read_kv, write_kv, write_kv_packed
 from .config import RealConfig
@@ -21,18 +21,19 @@ from .linear import FakeLinear, real_linear
 from .weights import RealLayer
 
 
-def _linear(layer: RealLayer, name: str, x: Tensor) -> Tensor:  # (B, T, K) -> (B, T, N)
+def _linear(layer: RealLayer, name: str, x: Tensor, up: Tensor | None = None) -> Tensor:  # (B, T, K) -> (B, T, N)
+    """Linear ``name`` of the layer on ``x``; with ``up``, on ``swiglu(x, up)`` (formed in the transform kernel)."""
     lin = layer.linears[name]
     if isinstance(lin, FakeLinear):
-        return lin(x)
-    return real_linear(x, lin, layer.cpu_codes.get(name))
+        return lin(x if up is None else swiglu(x, up))
+    return real_linear(x, lin, layer.cpu_codes.get(name), layer.gemv_counters.get(name), up)
 
 
 def _project(layer: RealLayer, group: str, h: Tensor) -> list[Tensor]:  # (B, T, K) -> G x (B, T, N_g)
     """The linears of a :data:`FUSED_GROUPS` group on ``h``: fused when the layer holds them fused."""
     fused = layer.fused.get(group)
     if fused is not None:
-        return fused(h, layer.cpu_codes.get(group))
+        return fused(h, layer.cpu_codes.get(group), layer.gemv_counters.get(group))
     return [_linear(layer, n, h) for n in FUSED_GROUPS[group]]
 
 
@@ -118,7 +119,7 @@ def layer_step(
 
     return decoder_layer(x, input_norm=layer.input_norm, post_norm=layer.post_norm, eps=cfg.args.rms_eps,
                          attention=attend, o_proj=lambda o: _linear(layer, "o_proj", o), gate_up=gate_up,
-                         down=lambda m: _linear(layer, "down_proj", m))
+                         down=lambda gate, up: _linear(layer, "down_proj", gate, up))
 
 
 def decode_layer(layer: RealLayer, x: Tensor, rope: Rope, kv: LayerKV, cfg: RealConfig, idx: Tensor,

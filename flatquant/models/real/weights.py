@@ -13,7 +13,7 @@ from ...ops.qlinear import QLinearParams
 from ..args import LAYER_TENSORS, LINEARS
 from ..sites import FUSED_GROUPS, SITE_OF_LINEAR
 from .config import RealConfig
-from .linear import FakeLinear, FusedQLinear, Linear, fuse_linears
+from .linear import FakeLinear, FusedQLinear, Linear, fuse_linears, gemv_counters
 
 Params = dict[str, Tensor]
 
@@ -27,6 +27,8 @@ class RealLayer:
     linears: dict[str, Linear]  # the linears that run on their own (not in ``fused``)
     fused: dict[str, FusedQLinear]  # FUSED_GROUPS name -> fused linears (W4A4 only; empty otherwise)
     cpu_codes: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # linear or group -> (N, K) int8 codes
+    # linear or group -> int32 arrival counters of its decode GEMV (CUDA, W4A4; see linear.gemv_counters)
+    gemv_counters: dict[str, Tensor] = dataclasses.field(default_factory=dict)
     k_trans: Tensor | None  # (d, d)
     k_trans_inv_t: Tensor | None  # (d, d)
     q_clip: Tensor  # (2,) fp32
@@ -100,9 +102,12 @@ def layer_from_tensors(t: Params, cfg: RealConfig) -> RealLayer:
                      and p.w_bits == 4},
                   **{g: f.weight for g, f in fused.items()}}
         cpu_codes = {n: ref.unpack_int4_ref(w) for n, w in packed.items()}
+    w4 = {**{n: p.out_features for n, p in linears.items() if isinstance(p, QLinearParams) and p.a_bits == 4
+             and p.w_bits == 4}, **{g: sum(f.sizes) for g, f in fused.items()}}
+    counters = {n: c for n, size in w4.items() if (c := gemv_counters(size, dev)) is not None}
     return RealLayer(
         input_norm=t["input_norm"].to(dt), post_norm=t["post_norm"].to(dt), linears=linears, fused=fused,
-        cpu_codes=cpu_codes,
+        cpu_codes=cpu_codes, gemv_counters=counters,
         k_trans=fl("k_trans"), k_trans_inv_t=fl("k_trans_inv_t"),
         q_clip=t.get("q_quant.clip", _ones_clip(dev)).float(), k_clip=t.get("k_cache.clip", _ones_clip(dev)).float(),
         v_clip=t.get("v_cache.clip", _ones_clip(dev)).float(),
