@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Stages of one H200 session through the device tool (see bench/README.md); each writes logs and JSON under $OUT.
+#   check:  the GPU tests of this session's kernels and engine paths, the kron_quant / attention probes, and a
+#           per-kernel engine profile (batch 1 and 16)
+#   e2e:    bench_e2e with every baseline, in one command (carry .whl for torchao)
+#   part1 / part2: keep a third of the SmolLM2 GGUF (.gguf1 / .gguf2 carried) on the warm machine
+#   generate: join the GGUF with the third part (.gguf3 carried, with its sha256), export the W4A4KV4 checkpoint of
+#           bench/results/transforms_smollm2_w4a4kv4_15ep and time `flatquant generate`'s engine against
+#           transformers' static-cache generate (bench/bench_generate.py --device cuda)
+# Usage: bash bench/device/h200_s3.sh STAGE [STAGE ...]
+set -uo pipefail
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+FQ=/root/fq
+mkdir -p $FQ
+for stage in "$@"; do
+case $stage in
+part1) cp .gguf1/part $FQ/p1 ;;
+part2) cp .gguf2/part $FQ/p2 ;;
+generate)
+  cat $FQ/p1 $FQ/p2 .gguf3/part > $FQ/smollm2.gguf
+  echo "$(cat .gguf3/sha)  $FQ/smollm2.gguf" | sha256sum -c - || exit 3
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/gguf-*.whl
+  PYTHONPATH=/tmp/site:$PYTHONPATH timeout 400 python3 bench/bench_generate.py --model $FQ/smollm2.gguf --device cuda \
+    --transforms bench/results/transforms_smollm2_w4a4kv4_15ep --new 128 --out $OUT/generate_h200.json 2>&1 \
+    | grep -v Warning | tail -25 ;;
+check)
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  timeout 100 python3 -m pytest -q -m cuda -p no:cacheprovider --tb=short -x tests/models/test_real.py \
+    -k fast_engine 2>&1 | tail -40 | tee $OUT/pytest_fast_engine.log | tail -8
+  timeout 100 python3 bench/probe_kron.py --tokens 1 16 2048 32768 --out $OUT/probe_kron_h200.json 2>&1 \
+    | grep -v Warning | tee $OUT/probe_kron.log
+  timeout 45 python3 bench/probe_gemv.py --out $OUT/probe_gemv_h200.json 2>&1 | grep -v Warning
+  timeout 80 python3 bench/probe_decode.py --sections attn --out $OUT/probe_attn_h200.json 2>&1 | grep -v Warning \
+    | tail -25
+  timeout 120 python3 bench/engine_probe.py --profile --variants fast --batches 1,16 --decode 32 \
+    --out $OUT/engine_probe_h200_s3.json > $OUT/engine_probe.log 2>&1
+  grep -A30 "decode_kernels\|prefill_kernels\|variant |" $OUT/engine_probe.log | grep -v "^--" | head -150
+  timeout ${TEST_S:-140} python3 -m pytest -q -m cuda -p no:cacheprovider --tb=line tests/ops/test_kron_quant.py \
+    tests/ops/test_kv_quant.py tests/ops/test_kv_attention.py tests/ops/test_gemv.py tests/models/test_real_linear.py \
+    tests/models/test_real_families.py tests/models/test_layer.py 2>&1 | tail -40 | tee $OUT/pytest_cuda.log | tail -12 ;;
+e2e)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
+  timeout 570 python3 bench/bench_e2e.py --quick --decode 256 --budget-s 540 --out $OUT/e2e_h200_s3.json ${E2E_ARGS:-} \
+    2>&1 | grep -v Warning | tail -40 ;;
+*) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
+done
