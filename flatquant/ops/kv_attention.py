@@ -296,7 +296,9 @@ def default_launch(batch: int, kv_heads: int, rep: int, sms: int) -> DecodeLaunc
     """
     if 4 * batch * kv_heads <= sms:
         return DecodeLaunch(block_t=128, num_warps=4, num_stages=2, swap=False, programs_per_sm=2)
-    return DecodeLaunch(block_t=64, num_warps=4, num_stages=2, swap=rep <= 8, programs_per_sm=4)
+    if rep > 8:  # the unswapped layout as measured (168 registers at tiles of 64: 3 programs of 4 warps per SM)
+        return DecodeLaunch(block_t=64, num_warps=4, num_stages=2, swap=False, programs_per_sm=2)
+    return DecodeLaunch(block_t=64, num_warps=4, num_stages=2, swap=True, programs_per_sm=4)
 
 
 def kv4_decode_attention_triton(

@@ -110,6 +110,7 @@ def test_default_launch_keeps_the_measured_batch_1_choices() -> None:
     dl = default_launch(16, 8, 4, 132)
     assert (dl.block_t, dl.num_warps, dl.num_stages, dl.swap, dl.programs_per_sm) == (64, 4, 2, True, 4)
     assert default_launch(8, 8, 4, 132).swap and not default_launch(16, 8, 16, 132).swap
+    assert default_launch(16, 8, 16, 132).programs_per_sm == 2
 
 
 # (batch, KV heads, GQA ratio, cache positions, head_dim): odd head counts and ratios, one row and several.
