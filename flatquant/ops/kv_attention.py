@@ -291,8 +291,8 @@ def default_launch(batch: int, kv_heads: int, rep: int, sms: int) -> DecodeLaunc
       unswapped without the PTX unpack, 128 registers per thread, so 4 programs of 4 warps fit on an SM).
       ``bench/probe_decode.py --sections attn`` sweeps the alternatives.
 
-    Both use the inline-PTX nibble unpack (``swar``), which is bit-identical to the plain one and removes one
-    quarter-rate integer-to-float conversion per cache element.
+    Both use the inline-PTX nibble unpack (``swar``), which is bit-identical to the plain one and removes the
+    integer-to-float conversion (a low-throughput conversion-unit instruction, I2F in SASS) per cache element.
     """
     if 4 * batch * kv_heads <= sms:
         return DecodeLaunch(block_t=128, num_warps=4, num_stages=2, swap=False, programs_per_sm=2)
