@@ -353,8 +353,10 @@ def kron_quant_triton(
     if t == 0:
         return codes, scale
     stride_qg, stride_sg = (codes.stride(0), scale.stride(0)) if multi else (0, 0)
-    n1p, n2p = next_pow2(n1), next_pow2(n2)
     cpu = on_cpu(x)
+    # Both products reduce over a padded factor side; a bf16/fp16 tl.dot with a reduction side of 16 gave wrong
+    # results on the H200 (Triton 3.6, see kv_attention.py), so on CUDA the sides are at least 32.
+    n1p, n2p = next_pow2(n1, floor=16 if cpu else 32), next_pow2(n2, floor=16 if cpu else 32)
     # H200 (bench/results/probe_decode_h200.json): 8 warps at a few tokens (K=14336: 18.4 vs 20.6 us at one
     # token), 4 warps with 4 programs per SM at many (K=14336, 32768 tokens: 2.21 vs 3.36 ms).
     warps = num_warps or (8 if t <= 64 else 4)

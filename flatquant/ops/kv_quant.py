@@ -173,7 +173,7 @@ def kv_quant_triton(
     kernel[(t,)](
         x, trans if trans is not None else x, clip.float().contiguous(), codes, scale, zero,
         h, d, x.stride(0), codes.stride(0),
-        HP=next_pow2(h), DP=next_pow2(d), HAS_TRANS=trans is not None, QMAX=2**bits - 1,
+        HP=next_pow2(h), DP=next_pow2(d, floor=16 if cpu else 32), HAS_TRANS=trans is not None, QMAX=2**bits - 1,
         F32_DOT=cpu or x.dtype == torch.float32, **extra,
     )
     return codes, scale, zero
@@ -265,8 +265,8 @@ def kv_quant_write_triton(
         t, h, d,
         *k.stride(), *v.stride(), *(trans.stride() if trans is not None else (0, 0)),
         *k_codes.stride(), *k_scale.stride(), *v_codes.stride(), *v_scale.stride(),
-        HP=next_pow2(h), DP=next_pow2(d), HAS_TRANS=trans is not None, K_QMAX=2**k_bits - 1, V_QMAX=2**v_bits - 1,
-        F32_DOT=cpu or k.dtype == torch.float32, **extra,
+        HP=next_pow2(h), DP=next_pow2(d, floor=16 if cpu else 32), HAS_TRANS=trans is not None,
+        K_QMAX=2**k_bits - 1, V_QMAX=2**v_bits - 1, F32_DOT=cpu or k.dtype == torch.float32, **extra,
     )
 
 

@@ -199,7 +199,8 @@ LAYOUT_CASES = [  # (tokens, n1, n2, left, right, clip pairs)
 @pytest.mark.parametrize("pack", [True, False])
 def test_layouts_give_the_same_codes(device: str, case: tuple, pack: bool) -> None:
     """The chunked and split kernel layouts (column blocks narrower than the padded n2, so several blocks) give
-    the codes and scales of the whole-token layout bit for bit; the default layout agrees too."""
+    the codes and scales of the whole-token layout bit for bit under the interpreter (exact fp32 products), and
+    the reference's codes within its tolerance on the GPU; the default layout too."""
     t, n1, n2, with_left, with_right, groups = case
     g = torch.Generator().manual_seed(t * 1000 + n2)
     x = (torch.randn(t, n1 * n2, generator=g) * 3).to(torch.bfloat16)
@@ -213,12 +214,30 @@ def test_layouts_give_the_same_codes(device: str, case: tuple, pack: bool) -> No
 
     args = (x.to(device), to(left), to(right), clip.to(device), n1, 4, pack)
     whole = kron_quant_triton(*args, variant="whole")
-    for variant, cols in (("chunked", 16), ("split", 16), ("split", 32), (None, None)):
-        got = kron_quant_triton(*args, variant=variant, block_cols=cols)
-        assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1]), (variant, cols)
     want, want_scale = (ref.kron_quant_multi_ref if groups > 1 else ref.kron_quant_ref)(
         x, left, right, *((clip,) if groups > 1 else (clip[0], clip[1])), n1, 4, pack)
     assert torch.allclose(whole[1].cpu(), want_scale, rtol=1e-5, atol=0)
+    for variant, cols in (("chunked", 16), ("split", 16), ("split", 32), (None, None)):
+        got = kron_quant_triton(*args, variant=variant, block_cols=cols)
+        if device == "cpu":  # exact fp32 products: every layout gives the same bits
+            assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1]), (variant, cols)
+        else:  # tensor-core dots of other tile shapes may sum in another order: the reference's tolerance
+            _assert_matches_reference(x, left, right, n1, clip, got, pack)
+
+
+def _assert_matches_reference(x, left, right, n1: int, clip: torch.Tensor, got: tuple, pack: bool = True) -> None:
+    """``got`` (codes, scales of one or G clip pairs) against the reference: scales to 1e-3, codes ±1 only near a
+    rounding tie or where the documented 16-bit ``X·right`` intermediate rounds the other way."""
+    x, clips = x.cpu(), clip.cpu().reshape(-1, 2)
+    want, want_scale = ref.kron_quant_multi_ref(x, None if left is None else left.cpu(),
+                                                None if right is None else right.cpu(), clips, n1, 4, pack)
+    codes, scale = got[0].cpu().reshape(want.shape), got[1].cpu().reshape(want_scale.shape)
+    assert torch.allclose(scale, want_scale, rtol=1e-3, atol=0)
+    y = ref.kron_transform_ref(x, None if left is None else left.cpu(), None if right is None else right.cpu(), n1)
+    unpack = ref.unpack_int4_ref if pack else (lambda c: c)
+    for g in range(clips.shape[0]):
+        ratio = torch.clamp(y / want_scale[g][:, None], -8, 7)
+        assert_codes_match(unpack(codes[g]), unpack(want[g]), ratio, left is not None and right is not None)
 
 
 @pytest.mark.cuda
@@ -226,7 +245,8 @@ def test_layouts_give_the_same_codes(device: str, case: tuple, pack: bool) -> No
 @pytest.mark.parametrize("k,left_only", [(4096, False), (14336, False), (11008, False), (4096, True)])
 @pytest.mark.parametrize("t", [1, 16, 300])
 def test_cuda_layouts_model_dims(k: int, left_only: bool, t: int) -> None:
-    """Full-size dims on the GPU: every layout and block width gives the whole-token layout's codes."""
+    """Full-size dims on the GPU: every layout and block width within the reference's tolerance (their tensor-core
+    tiles differ, so their fp32 sums need not agree to the bit; bench/probe_kron.py reports which do)."""
     from flatquant.core.kron import decompose_dim
 
     n1, n2 = (32, k // 32) if left_only else decompose_dim(k)
@@ -236,12 +256,11 @@ def test_cuda_layouts_model_dims(k: int, left_only: bool, t: int) -> None:
     right = None if left_only else torch.linalg.qr(torch.randn(n2, n2, device="cuda", generator=g))[0].to(
         torch.bfloat16)
     clips = torch.tensor([[0.9, 0.95], [0.8, 1.0]], device="cuda")
-    whole = kron_quant_triton(x, left, right, clips, n1, variant="whole")
-    layouts = [("chunked", 16), ("chunked", 32), ("chunked", 64), (None, None)]
+    layouts = [("whole", None), ("chunked", 16), ("chunked", 32), ("chunked", 64), (None, None)]
     layouts += [("split", 16), ("split", 32), ("split", 64)] if t <= 16 else []
     for variant, cols in layouts:
         got = kron_quant_triton(x, left, right, clips, n1, variant=variant, block_cols=cols)
-        assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1]), (variant, cols)
+        _assert_matches_reference(x, left, right, n1, clips, got)
 
 
 def test_layout_choice_and_validation() -> None:
