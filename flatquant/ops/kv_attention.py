@@ -281,21 +281,22 @@ class DecodeLaunch:
 def default_launch(batch: int, kv_heads: int, rep: int, sms: int) -> DecodeLaunch:
     """Default launch choices on CUDA for ``batch`` rows of ``kv_heads`` KV heads with ``rep`` query heads each.
 
-    * Few (row, KV head) pairs (``4 * batch * kv_heads <= sms``: batch <= 4 at 8 KV heads on an H100/H200): the
-      attention is latency-bound; measured on the H200 (bench/results/probe_decode_h200.json): position tiles of
-      128, 4 warps, 2 stages, about 2 programs per SM (batch 1: 9.4 vs 10.8 us for tiles of 64). Kept as measured.
-    * Many pairs (batch 16: 42 us against about 10 us of HBM bytes, bound by instruction issue; the tiles of 64 were
-      best): a guess, not measured yet. The swapped MMA layout (``SWAP_AB``) for GQA groups of at most 8 query heads,
-      which halves the tensor-core instructions and the padded score elements, with tiles of 64, 4 warps, 2 stages,
-      and about 4 programs per SM (sm_90 compile with Triton 3.6: 563 instructions per 64-position step against 951
-      unswapped without the PTX unpack, 128 registers per thread, so 4 programs of 4 warps fit on an SM).
-      ``bench/probe_decode.py --sections attn`` sweeps the alternatives.
+    Measured on the H200 (``bench/probe_decode.py --sections attn``, bench/results/probe_decode_attn_h200.json;
+    LLaMA-3-8B heads, 2048 cached positions), the swapped MMA layout (``SWAP_AB``: cache tiles on the M side, the
+    GQA group of at most 8 query heads on the N side, half the tensor-core instructions) with the PTX unpack was the
+    fastest at both batch sizes:
+
+    * Few (row, KV head) pairs (``4 * batch * kv_heads <= sms``: batch <= 4 at 8 KV heads): latency-bound; tiles of
+      128 positions, 4 warps, 2 stages, about 2 programs per SM: batch 1 6.7 us (unswapped 7.9, the plain unpack
+      8.8; the previous kernel 9.4).
+    * Many pairs: tiles of 64, 4 warps, 2 stages, about 4 programs per SM: batch 16 22.7 us (best split 21.8;
+      unswapped 31.2, plain 39.1; the previous kernel 42).
 
     Both use the inline-PTX nibble unpack (``swar``), which is bit-identical to the plain one and removes the
     integer-to-float conversion (a low-throughput conversion-unit instruction, I2F in SASS) per cache element.
     """
     if 4 * batch * kv_heads <= sms:
-        return DecodeLaunch(block_t=128, num_warps=4, num_stages=2, swap=False, programs_per_sm=2)
+        return DecodeLaunch(block_t=128, num_warps=4, num_stages=2, swap=rep <= 8, programs_per_sm=2)
     if rep > 8:  # the unswapped layout as measured (168 registers at tiles of 64: 3 programs of 4 warps per SM)
         return DecodeLaunch(block_t=64, num_warps=4, num_stages=2, swap=False, programs_per_sm=2)
     return DecodeLaunch(block_t=64, num_warps=4, num_stages=2, swap=True, programs_per_sm=4)

@@ -101,12 +101,13 @@ def test_default_splits_fill_the_gpu_and_depend_on_capacity_only() -> None:
     assert default_splits(16, 8, 4096, 64, 132, programs_per_sm=4) == 5
 
 
-def test_default_launch_keeps_the_measured_batch_1_choices() -> None:
-    """Few (row, KV head) pairs: the measured H200 choices (tiles of 128, 4 warps, 2 stages, unswapped, 2 programs
-    per SM); many pairs: the swapped layout for GQA groups of <= 8 heads, tiles of 64, 4 programs per SM."""
+def test_default_launch_keeps_the_measured_choices() -> None:
+    """The measured H200 choices: few (row, KV head) pairs tiles of 128, 4 warps, 2 stages, 2 programs per SM;
+    many pairs tiles of 64, 4 programs per SM; the swapped layout for GQA groups of <= 8 heads at both."""
     for b in (1, 2, 4):
         dl = default_launch(b, 8, 4, 132)
-        assert (dl.block_t, dl.num_warps, dl.num_stages, dl.swap, dl.programs_per_sm) == (128, 4, 2, False, 2)
+        assert (dl.block_t, dl.num_warps, dl.num_stages, dl.swap, dl.programs_per_sm) == (128, 4, 2, True, 2)
+    assert not default_launch(1, 8, 16, 132).swap
     dl = default_launch(16, 8, 4, 132)
     assert (dl.block_t, dl.num_warps, dl.num_stages, dl.swap, dl.programs_per_sm) == (64, 4, 2, True, 4)
     assert default_launch(8, 8, 4, 132).swap and not default_launch(16, 8, 16, 132).swap
