@@ -22,15 +22,18 @@ from timing import copy_bandwidth, graph_time  # noqa: E402
 from flatquant.core.kron import decompose_dim  # noqa: E402
 from flatquant.ops.kron_quant import default_variant, kron_quant_triton  # noqa: E402
 
-# (name, K, left only): the ln/up_gate transforms (4096), down (14336, and LLaMA-2's 11008), o_proj's head mixing
-SITES = [("kron4096", 4096, False), ("kron11008", 11008, False), ("kron14336", 14336, False),
-         ("headmix32x128", 4096, True)]
+# (name, K, left only, SwiGLU input): the ln/up_gate transforms (4096), down (14336, also fed gate and up; LLaMA-2's
+# 11008), o_proj's head mixing
+SITES = [("kron4096", 4096, False, False), ("kron11008", 11008, False, False), ("kron14336", 14336, False, False),
+         ("down14336glu", 14336, False, True), ("headmix32x128", 4096, True, False)]
 
 
 def configs(m: int) -> list[dict]:
     """Launch settings to try at ``m`` tokens."""
     out: list[dict] = [{"variant": "whole", "num_warps": w} for w in (4, 8)]
-    out += [{"variant": "chunked", "block_cols": b, "num_warps": w} for b in (16, 32, 64) for w in (4, 8)]
+    out += [{"variant": "chunked", "block_cols": b, "num_warps": w} for b in (32, 64) for w in (4, 8)]
+    if m > 16:
+        out += [{"variant": "two_pass", "num_warps": w} for w in (4, 8)]
     if m <= 64:
         out += [{"variant": "split", "block_cols": b, "num_warps": w} for b in (16, 32, 64) for w in (4, 8)]
     return out
@@ -45,7 +48,7 @@ def main() -> int:
     bw = copy_bandwidth()
     rows = []
     print(f"# copy bandwidth {bw * 1e-9:.0f} GB/s")
-    for name, k, left_only in SITES:
+    for name, k, left_only, glu in SITES:
         if left_only:
             n1, n2 = 32, k // 32
         else:
@@ -57,15 +60,16 @@ def main() -> int:
         clip = torch.tensor([0.9, 0.95], device=dev)
         for m in a.tokens:
             x = torch.randn(m, k, device=dev, generator=g).bfloat16()
-            base = kron_quant_triton(x, left, right, clip, n1, variant="whole")
-            floor = (m * k * 2 + m * k // 2 + 4 * m) / bw * 1e6
+            up = torch.randn(m, k, device=dev, generator=g).bfloat16() if glu else None
+            base = kron_quant_triton(x, left, right, clip, n1, up=up, variant="whole")
+            floor = (m * k * (4 if glu else 2) + m * k // 2 + 4 * m) / bw * 1e6
             dflt = default_variant(m, n1, n2)
-            t_def = graph_time(lambda: kron_quant_triton(x, left, right, clip, n1))
+            t_def = graph_time(lambda: kron_quant_triton(x, left, right, clip, n1, up=up))
             res = []
             for cfg in configs(m):
-                out = kron_quant_triton(x, left, right, clip, n1, **cfg)
+                out = kron_quant_triton(x, left, right, clip, n1, up=up, **cfg)
                 equal = bool(torch.equal(out[0], base[0]) and torch.equal(out[1], base[1]))
-                us = graph_time(lambda cfg=cfg: kron_quant_triton(x, left, right, clip, n1, **cfg))
+                us = graph_time(lambda cfg=cfg: kron_quant_triton(x, left, right, clip, n1, up=up, **cfg))
                 res.append({**cfg, "us": us, "equal": equal})
             best = min(res, key=lambda r: r["us"])
             rows.append({"site": name, "k": k, "n1": n1, "n2": n2, "m": m, "floor_us": floor, "default": dflt,

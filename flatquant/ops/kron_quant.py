@@ -197,6 +197,32 @@ def _kron_quant_kernel(
 
 
 @triton.jit
+def _kron_right_kernel(
+    x_ptr, u_ptr, r_ptr, z_ptr, ROWS, n2,
+    BM: tl.constexpr, N2P: tl.constexpr, F32_DOT: tl.constexpr, HAS_GLU: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
+):
+    # First pass of the two-pass layout (many tokens): Z = X R for every token row at once, X viewed as
+    # (T·n1, n2) (row-major tokens: row r is row r % n1 of token r // n1), BM rows per step, R loaded once per
+    # program; Z rounded to x's dtype, the documented 16-bit intermediate the left product reads.
+    j = tl.arange(0, N2P)
+    col_ok = j < n2
+    r = tl.load(r_ptr + j[:, None] * n2 + j[None, :], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
+    for blk in range(tl.program_id(0), tl.cdiv(ROWS, BM), tl.num_programs(0)):
+        rows = blk * BM + tl.arange(0, BM)
+        mask = (rows < ROWS)[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * n2 + j[None, :]
+        x = _load_act(x_ptr, u_ptr, offs, mask, HAS_GLU, INTERPRET_BF16)
+        if F32_DOT:
+            z = tl.dot(x.to(tl.float32), r.to(tl.float32), input_precision="ieee")
+            if INTERPRET_BF16:
+                z = round_to_bf16_f32(z)
+        else:
+            z = tl.dot(x, r)
+        tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _kron_cols_kernel(
     x_ptr, u_ptr, l_ptr, r_ptr, ws_ptr, mm_ptr, n1, n2, stride_xt,
     N1P: tl.constexpr, N2P: tl.constexpr, BJ: tl.constexpr,
@@ -278,10 +304,10 @@ def grid_programs(device: torch.device) -> int:
     return 4 * sm_count(device)
 
 
-VARIANTS = ("whole", "chunked", "split")
+VARIANTS = ("whole", "chunked", "split", "two_pass")
 SPLIT_MAX_T = 16  # tokens up to which large transforms are split across programs (decode)
 SPLIT_MIN_ELEMS = 64 * 128  # padded n1 x n2 from which the split pays for its second launch
-CHUNK_MIN_ELEMS = 128 * 128  # padded n1 x n2 from which many-token calls build Y in column blocks
+CHUNK_MIN_ELEMS = 128 * 128  # padded n1 x n2 from which many-token calls run the two-pass layout
 
 
 def default_variant(t: int, n1: int, n2: int) -> str:
@@ -290,7 +316,7 @@ def default_variant(t: int, n1: int, n2: int) -> str:
     if t <= SPLIT_MAX_T and big:
         return "split"
     if t > SPLIT_MAX_T and next_pow2(n1) * next_pow2(n2) >= CHUNK_MIN_ELEMS:
-        return "chunked"
+        return "two_pass"
     return "whole"
 
 
@@ -322,7 +348,9 @@ def kron_quant_triton(
       L2-resident per-program workspace before it is quantized (smaller register tiles for large factors, many
       tokens);
     * ``"split"``: few tokens: program (t, c) computes column block c of token t (all programs run at once instead
-      of one per token), a second kernel reduces the block ranges and writes the codes.
+      of one per token), a second kernel reduces the block ranges and writes the codes;
+    * ``"two_pass"``: many tokens, both factors: ``Z = X R`` for all token rows at once (one GEMM-like pass, rounded
+      to x's dtype as the fused kernels round it), then the left product, clip and quantization on Z (``whole``).
 
     ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``programs`` caps the grid of the looping
     layouts (default 4 per SM on CUDA); ``block_cols`` (power of two
@@ -369,6 +397,17 @@ def kron_quant_triton(
              "INTERPRET_BF16": cpu and x.dtype == torch.bfloat16}
     up_p = up if up is not None else x
     quant = {"G": g, "GP": next_pow2(g, floor=2), "QMAX": 2 ** (bits - 1) - 1, "PACK": pack}
+    if variant == "two_pass" and (left is None or right is None):
+        variant = "whole"  # one product: nothing to split into passes
+    if variant == "two_pass":
+        z = torch.empty_like(x)
+        bm = 64 if cpu else 128
+        right_k = cpu_kernel(_kron_right_kernel) if cpu else _kron_right_kernel
+        right_k[(min(triton.cdiv(t * n1, bm), programs or grid_programs(x.device)),)](
+            x, up_p, rp, z, t * n1, n2, BM=bm, N2P=n2p, F32_DOT=flags["F32_DOT"], HAS_GLU=up is not None,
+            INTERPRET_BF16=flags["INTERPRET_BF16"], **extra)
+        return kron_quant_triton(z, left, None, clip, n1, bits, pack, None, programs, num_warps, num_stages,
+                                 "whole")
     if variant == "split":
         bj = min(block_cols or 16, n2p)
         nb = n2p // bj

@@ -217,7 +217,7 @@ def test_layouts_give_the_same_codes(device: str, case: tuple, pack: bool) -> No
     want, want_scale = (ref.kron_quant_multi_ref if groups > 1 else ref.kron_quant_ref)(
         x, left, right, *((clip,) if groups > 1 else (clip[0], clip[1])), n1, 4, pack)
     assert torch.allclose(whole[1].cpu(), want_scale, rtol=1e-5, atol=0)
-    for variant, cols in (("chunked", 16), ("split", 16), ("split", 32), (None, None)):
+    for variant, cols in (("chunked", 16), ("split", 16), ("split", 32), ("two_pass", None), (None, None)):
         got = kron_quant_triton(*args, variant=variant, block_cols=cols)
         if device == "cpu":  # exact fp32 products: every layout gives the same bits
             assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1]), (variant, cols)
@@ -256,7 +256,7 @@ def test_cuda_layouts_model_dims(k: int, left_only: bool, t: int) -> None:
     right = None if left_only else torch.linalg.qr(torch.randn(n2, n2, device="cuda", generator=g))[0].to(
         torch.bfloat16)
     clips = torch.tensor([[0.9, 0.95], [0.8, 1.0]], device="cuda")
-    layouts = [("whole", None), ("chunked", 16), ("chunked", 32), ("chunked", 64), (None, None)]
+    layouts = [("whole", None), ("chunked", 16), ("chunked", 32), ("chunked", 64), ("two_pass", None), (None, None)]
     layouts += [("split", 16), ("split", 32), ("split", 64)] if t <= 16 else []
     for variant, cols in layouts:
         got = kron_quant_triton(x, left, right, clips, n1, variant=variant, block_cols=cols)
@@ -267,7 +267,7 @@ def test_layout_choice_and_validation() -> None:
     from flatquant.ops.kron_quant import default_variant
 
     assert default_variant(1, 112, 128) == "split"  # decode, down_proj of LLaMA-3-8B
-    assert default_variant(2048, 112, 128) == "chunked"
+    assert default_variant(2048, 112, 128) == "two_pass"
     assert default_variant(2048, 6, 10) == default_variant(1, 6, 10) == "whole"
     x = torch.randn(2, 6 * 10, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="variant"):
@@ -277,7 +277,7 @@ def test_layout_choice_and_validation() -> None:
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("variant", ["whole", "chunked", "split"])
+@pytest.mark.parametrize("variant", ["whole", "chunked", "split", "two_pass"])
 @pytest.mark.parametrize("with_left,with_right", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_glu_input(device: str, variant: str, with_left: bool, with_right: bool, dtype: torch.dtype) -> None:
