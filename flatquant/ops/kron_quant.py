@@ -307,16 +307,19 @@ def grid_programs(device: torch.device) -> int:
 VARIANTS = ("whole", "chunked", "split", "two_pass")
 SPLIT_MAX_T = 16  # tokens up to which large transforms are split across programs (decode)
 SPLIT_MIN_ELEMS = 64 * 128  # padded n1 x n2 from which the split pays for its second launch
-CHUNK_MIN_ELEMS = 128 * 128  # padded n1 x n2 from which many-token calls run the two-pass layout
 
 
 def default_variant(t: int, n1: int, n2: int) -> str:
-    """The kernel layout :func:`kron_quant_triton` uses by default for ``t`` tokens of ``n1 x n2`` (see there)."""
-    big = next_pow2(n1) * next_pow2(n2) >= SPLIT_MIN_ELEMS
-    if t <= SPLIT_MAX_T and big:
+    """The kernel layout :func:`kron_quant_triton` uses by default for ``t`` tokens of ``n1 x n2`` (see there).
+
+    Measured on the H200 (``bench/probe_kron.py``, bench/results/probe_kron_h200.json): at 1 and 16 tokens the
+    split layout takes 5.4 / 6.1 us for the 14336 transform against 14.2 / 14.6 for whole (11008: 5.9 vs 15.1); at
+    K = 4096 and for the o_proj head mix whole is best. At 2048 and 32768 tokens no layout beats whole by more
+    than 12% (chunked, 64-column blocks, at 14336 without the SwiGLU input), and with down_proj's SwiGLU input
+    whole is best (207 us at 2048 tokens; two_pass 215, chunked 210+); so whole.
+    """
+    if t <= SPLIT_MAX_T and next_pow2(n1) * next_pow2(n2) >= SPLIT_MIN_ELEMS:
         return "split"
-    if t > SPLIT_MAX_T and next_pow2(n1) * next_pow2(n2) >= CHUNK_MIN_ELEMS:
-        return "two_pass"
     return "whole"
 
 

@@ -267,7 +267,7 @@ def test_layout_choice_and_validation() -> None:
     from flatquant.ops.kron_quant import default_variant
 
     assert default_variant(1, 112, 128) == "split"  # decode, down_proj of LLaMA-3-8B
-    assert default_variant(2048, 112, 128) == "two_pass"
+    assert default_variant(2048, 112, 128) == "whole"
     assert default_variant(2048, 6, 10) == default_variant(1, 6, 10) == "whole"
     x = torch.randn(2, 6 * 10, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="variant"):

@@ -83,7 +83,7 @@ class FusedQLinear:
             lo, hi = bounds[i], bounds[i + 1]
             bias = None if self.bias is None else self.bias[lo:hi]
             y = gemm4(codes[i], scale[i], self.weight[lo:hi], self.w_scale[lo:hi], bias, x.dtype,
-                      None if cpu_codes is None else cpu_codes[lo:hi])
+                      None if cpu_codes is None else cpu_codes[lo:hi], counters)  # one stream: calls never overlap
             outs.append(y.reshape(*lead, hi - lo))
         return outs
 

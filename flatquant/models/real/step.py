@@ -90,7 +90,9 @@ def attention_step(
         return o.reshape(b, 1, a.q_dim)
     kk = read_kv(kv.k, kv.k_scale, kv.k_zero, k_packed, n_valid, q.dtype)
     vv = read_kv(kv.v, kv.v_scale, kv.v_zero, v_packed, n_valid, q.dtype)
-    gqa = a.n_heads != a.n_kv_heads  # SDPA maps query heads to KV heads itself: the cache is never expanded
+    # SDPA maps query heads to KV heads itself: the cache is never expanded. bool(): once dynamo has compiled this
+    # for models of several head counts in one process it traces them as SymInts, and SDPA refuses a SymBool.
+    gqa = bool(a.n_heads != a.n_kv_heads)
     if causal_from_zero:
         o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
     else:
