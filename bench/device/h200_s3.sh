@@ -38,10 +38,16 @@ check)
     tests/models/test_real_linear.py tests/models/test_real_families.py tests/models/test_layer.py 2>&1 \
     | grep -v DEBUG | tail -40 | tee $OUT/pytest_cuda.log | tail -14 ;;
 e2e)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PYTHONPATH
-  timeout 570 python3 bench/bench_e2e.py --quick --decode 256 --budget-s 540 --out $OUT/e2e_h200_s3.json ${E2E_ARGS:-} \
-    2>&1 | grep -v Warning | tail -40 ;;
+  timeout 60 python3 -m pytest -q -m cuda -p no:cacheprovider --show-capture=no --tb=short tests/models/test_real.py \
+    -k fast_engine 2>&1 | grep -v DEBUG | tail -30 | tee $OUT/pytest_fast_engine.log | grep -E "Error|assert|passed|failed"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/torchao-*.whl
+  PYTHONPATH=/tmp/site:$PYTHONPATH timeout ${E2E_S:-470} python3 bench/bench_e2e.py --quick --decode 256 \
+    --engines real-w4a4kv4,hf-bf16-static,torchao-fp8,ours-bf16,hf-bf16-eager,torchao-int4 \
+    --budget-s ${E2E_BUDGET:-330} --out $OUT/e2e_h200_s3.json 2>&1 | grep -v -i warn | tail -30
+  timeout ${TEST_S:-80} python3 -m pytest -q -m cuda -p no:cacheprovider --show-capture=no --tb=line \
+    tests/models/test_real_families.py tests/models/test_real.py tests/models/test_real_linear.py \
+    tests/ops/test_kv_attention.py 2>&1 | grep -v DEBUG | tail -20 | tee $OUT/pytest_cuda2.log | tail -8 ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 done
