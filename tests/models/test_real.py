@@ -227,3 +227,19 @@ def test_generate_refuses_bad_settings_in_the_library(pair, kw, match) -> None:
     n = args.pop("max_new_tokens")
     with pytest.raises(ValueError, match=match):
         next(real.generate(tokens(1, 4), n, **args))
+
+
+def test_compiled_prefill_serves_models_of_several_head_counts() -> None:
+    """One process, compiled prefill layers of models with different head counts and GQA ratios (as a benchmark or
+    a test session builds them), left padding (the masked SDPA with enable_gqa): dynamo then traces the head
+    counts as SymInts, and a SymBool enable_gqa made SDPA refuse the call; the compiled prefill must equal the
+    eager one."""
+    for heads, kv_heads in [(4, 4), (6, 2), (8, 2)]:
+        args = _gqa_args(heads, kv_heads, False)
+        eager = _engine(args, True)
+        compiled = type(eager)(eager.weights, compile_decode=False, compile_prefill=True)
+        x = tokens(2, 12, vocab=64, seed=heads)
+        start = torch.tensor([0, 3], dtype=torch.int32)
+        want = eager(x, eager.new_cache(2, 16, start))
+        got = compiled(x, compiled.new_cache(2, 16, start))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

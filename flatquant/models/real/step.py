@@ -90,9 +90,10 @@ def attention_step(
         return o.reshape(b, 1, a.q_dim)
     kk = read_kv(kv.k, kv.k_scale, kv.k_zero, k_packed, n_valid, q.dtype)
     vv = read_kv(kv.v, kv.v_scale, kv.v_zero, v_packed, n_valid, q.dtype)
-    # SDPA maps query heads to KV heads itself: the cache is never expanded. bool(): once dynamo has compiled this
-    # for models of several head counts in one process it traces them as SymInts, and SDPA refuses a SymBool.
-    gqa = bool(a.n_heads != a.n_kv_heads)
+    # SDPA maps query heads to KV heads itself: the cache is never expanded. A Python branch, not a value: once
+    # dynamo has compiled this for models of several head counts in one process it traces them as SymInts, and SDPA
+    # refuses a SymBool enable_gqa (bool() does not specialise it); the branch guards on it instead.
+    gqa = True if a.n_heads != a.n_kv_heads else False  # noqa: SIM210
     if causal_from_zero:
         o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
     else:
