@@ -123,3 +123,20 @@ def test_real_prefill_then_decode_equals_fake(family_pair) -> None:
     cache = real.new_cache(3, 20)
     steps = [real(x[:, :9], cache)] + [real(x[:, i:i + 1], cache) for i in range(9, 20)]
     torch.testing.assert_close(torch.cat(steps, 1), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_real_prefill_then_decode_close_to_fake(family_pair) -> None:
+    """On the GPU (Triton kernels, compiled layers, the fused decode path): the loaded checkpoint's prefill and
+    decode logits against the fake forward's (CPU), within the GPU tolerance of the Llama engine tests."""
+    fake, ck = family_pair
+    real = load_checkpoint(ck, torch.device("cuda"))
+    x = _tokens(2, 20, seed=11)
+    want = forward(fake, x, Q).float()
+    cache = real.new_cache(2, 20)
+    xc = x.cuda()
+    steps = [real(xc[:, :9], cache)] + [real(xc[:, i:i + 1], cache) for i in range(9, 20)]
+    got = torch.cat(steps, 1).float().cpu()
+    rel = float((got - want).norm() / want.norm())
+    assert rel < 3e-2, f"real (GPU) vs fake logits differ by {rel:.3g} (relative)"
