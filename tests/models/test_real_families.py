@@ -127,16 +127,22 @@ def test_real_prefill_then_decode_equals_fake(family_pair) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_real_prefill_then_decode_close_to_fake(family_pair) -> None:
+def test_cuda_real_prefill_then_decode_close_to_cpu_engine(family_pair) -> None:
     """On the GPU (Triton kernels, compiled layers, the fused decode path): the loaded checkpoint's prefill and
-    decode logits against the fake forward's (CPU), within the GPU tolerance of the Llama engine tests."""
-    fake, ck = family_pair
+    decode logits against the CPU engine's (reference ops) in the same compute dtype, within the GPU tolerance of
+    the Llama engine tests. Not against the fp32 fake forward: on CUDA the engine computes in bf16, and on these
+    tiny random 4-bit models bf16 alone moves the logits by up to 30% relative (measured on CPU: qwen3_gqa7_7x1
+    0.30, qwen2_gqa7_7x1 0.089 for the bf16 engine against the fp32 fake; the fp32 engine matches to 3e-7)."""
+    _, ck = family_pair
     real = load_checkpoint(ck, torch.device("cuda"))
+    cpu = load_checkpoint(ck, "cpu", dtype=real.cfg.dtype)
     x = _tokens(2, 20, seed=11)
-    want = forward(fake, x, Q).float()
-    cache = real.new_cache(2, 20)
-    xc = x.cuda()
-    steps = [real(xc[:, :9], cache)] + [real(xc[:, i:i + 1], cache) for i in range(9, 20)]
-    got = torch.cat(steps, 1).float().cpu()
+
+    def run(model, xs: torch.Tensor) -> torch.Tensor:
+        cache = model.new_cache(2, 20)
+        steps = [model(xs[:, :9], cache)] + [model(xs[:, i:i + 1], cache) for i in range(9, 20)]
+        return torch.cat(steps, 1).float().cpu()
+
+    want, got = run(cpu, x), run(real, x.cuda())
     rel = float((got - want).norm() / want.norm())
-    assert rel < 3e-2, f"real (GPU) vs fake logits differ by {rel:.3g} (relative)"
+    assert rel < 3e-2, f"GPU vs CPU engine logits differ by {rel:.3g} (relative)"
