@@ -8,14 +8,13 @@ Usage (GPU): ``python bench/probe_gemv.py --out bench/results/probe_gemv_h200.js
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from env import environment  # noqa: E402
+from env import environment, write_json  # noqa: E402
 from timing import copy_bandwidth, graph_time  # noqa: E402
 
 from flatquant.ops import w4a4_gemv, w4a4_matmul  # noqa: E402
@@ -53,9 +52,7 @@ def main() -> int:
             rows.append(r)
             print(f"{name:>8} M={m:>2} | split-K + reduce {t_two:6.1f} us | counters {t_one:6.1f} us | floor "
                   f"{floor:5.1f} | equal {r['equal']} zero {r['counters_zero']}", flush=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"command": " ".join(sys.argv), "env": environment(), "copy_GBps": bw * 1e-9,
-                                 "rows": rows}, indent=1))
+    write_json(a.out, {"command": " ".join(sys.argv), "env": environment(), "copy_GBps": bw * 1e-9, "rows": rows})
     return 0
 
 

@@ -9,14 +9,13 @@ Usage (GPU): ``python bench/probe_kron.py --out bench/results/probe_kron_h200.js
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from env import environment  # noqa: E402
+from env import environment, write_json  # noqa: E402
 from timing import copy_bandwidth, graph_time  # noqa: E402
 
 from flatquant.core.kron import decompose_dim  # noqa: E402
@@ -79,9 +78,7 @@ def main() -> int:
                   f"{best['variant']}/{best.get('block_cols', '-')}/{best['num_warps']}w {best['us']:9.1f} | "
                   f"floor {floor:7.1f} ({floor / best['us']:.2f}) | all equal "
                   f"{all(r['equal'] for r in res)}", flush=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"command": " ".join(sys.argv), "env": environment(), "copy_GBps": bw * 1e-9,
-                                 "rows": rows}, indent=1))
+    write_json(a.out, {"command": " ".join(sys.argv), "env": environment(), "copy_GBps": bw * 1e-9, "rows": rows})
     return 0
 
 
