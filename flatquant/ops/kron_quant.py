@@ -316,7 +316,7 @@ def default_variant(t: int, n1: int, n2: int) -> str:
     split layout takes 5.4 / 6.1 us for the 14336 transform against 14.2 / 14.6 for whole (11008: 5.9 vs 15.1); at
     K = 4096 and for the o_proj head mix whole is best. At 2048 and 32768 tokens no layout beats whole by more
     than 12% (chunked, 64-column blocks, at 14336 without the SwiGLU input), and with down_proj's SwiGLU input
-    whole is best (207 us at 2048 tokens; two_pass 215, chunked 210+); so whole.
+    whole is best (207 us at 2048 tokens; chunked 213, two_pass 215); so whole.
     """
     if t <= SPLIT_MAX_T and next_pow2(n1) * next_pow2(n2) >= SPLIT_MIN_ELEMS:
         return "split"
