@@ -332,8 +332,9 @@ def qgemv_triton(
     return out
 
 
-def _w4a4_gemv_cuda(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-                    out_dtype: torch.dtype, counters: Tensor) -> Tensor:
+def w4a4_gemv_triton(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+                     out_dtype: torch.dtype, counters: Tensor) -> Tensor:  # (M, K/2) packed codes -> (M, N)
+    """Triton launcher of :func:`w4a4_gemv` (interpreter on CPU tensors)."""
     return qgemv_triton(a, a_scale, w, w_scale, bias, a.shape[1] * 2, MODE_W4A4, out_dtype, counters=counters)
 
 
@@ -341,7 +342,7 @@ def _w4a4_gemv_fake(a: Tensor, w: Tensor, out_dtype: torch.dtype, **_: object) -
     return a.new_empty(a.shape[0], w.shape[0], dtype=out_dtype)
 
 
-@register_op("flatquant::w4a4_gemv", cuda=_w4a4_gemv_cuda, fake=_w4a4_gemv_fake, mutates_args=("counters",))
+@register_op("flatquant::w4a4_gemv", cuda=w4a4_gemv_triton, fake=_w4a4_gemv_fake, mutates_args=("counters",))
 def w4a4_gemv(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
               counters: Tensor) -> Tensor:
     """:func:`~flatquant.ops.w4a4_matmul` for few tokens (decode) through the split-K kernel with the caller's
