@@ -246,7 +246,10 @@ def test_compiled_prefill_serves_models_of_several_head_counts() -> None:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monkeypatch) -> None:
+@pytest.mark.parametrize("heads,kv_heads,bias,batch", [(6, 2, True, 2), (4, 4, False, 2), (8, 2, False, 2),
+                                                      (7, 1, True, 1)])
+def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monkeypatch, heads: int, kv_heads: int,
+                                                                            bias: bool, batch: int) -> None:
     """The engine's CUDA-only paths, end to end on CPU: the ops replaced by their Triton launchers (the
     interpreter) and the CUDA-only switches turned on: the split ``kron_quant`` layout at decode tokens (forced at
     these tiny dims), ``up=`` SwiGLU in down's transform, int8 codes + unpacked weights from ``UNPACK_MIN_M``
@@ -267,12 +270,14 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
     from flatquant.ops.pack import unpack_int4_triton
 
     kq_mod = importlib.import_module("flatquant.ops.kron_quant")  # the module (flatquant.ops.kron_quant is the op)
-    args = _gqa_args(6, 2, True)
+    args = _gqa_args(heads, kv_heads, bias)
     want_engine = _engine(args, False, cpu_codes=False)
-    x = tokens(2, 70, vocab=64, seed=9)  # 2 x 68 prefill rows >= UNPACK_MIN_M
-    start = torch.tensor([0, 5], dtype=torch.int32)
-    c_want = want_engine.new_cache(2, 72, start)
-    wants = [want_engine(x[:, :68], c_want)] + [want_engine(x[:, i:i + 1], c_want) for i in (68, 69)]  # unpatched
+    t = 134 // batch  # batch x (t - 2) prefill rows >= UNPACK_MIN_M
+    x = tokens(batch, t, vocab=64, seed=9)
+    start = torch.tensor([0, 5][:batch], dtype=torch.int32)
+    c_want = want_engine.new_cache(batch, t + 2, start)
+    steps = (t - 2, t - 1)
+    wants = [want_engine(x[:, :t - 2], c_want)] + [want_engine(x[:, i:i + 1], c_want) for i in steps]  # unpatched
     reduced: list[int] = []
 
     def gemv_split(a, a_scale, w, w_scale, bias, out_dtype, counters):  # a K split wherever K has 2 tiles of 64
@@ -305,11 +310,11 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
     fast = _engine(args, True, cpu_codes=False)
     counters = [c for layer in fast.weights.layers for c in layer.gemv_counters.values()]
     assert counters and all(int(c.abs().sum()) == 0 for c in counters)
-    c_fast = fast.new_cache(2, 72, start)
-    a = fast(x[:, :68], c_fast)
+    c_fast = fast.new_cache(batch, t + 2, start)
+    a = fast(x[:, :t - 2], c_fast)
     rel = float((a - wants[0]).norm() / wants[0].norm())
     assert rel < 1e-3, f"prefill logits differ by {rel:.3g} (relative)"
-    for i, want in zip((68, 69), wants[1:], strict=True):
+    for i, want in zip(steps, wants[1:], strict=True):
         got = fast(x[:, i:i + 1], c_fast)
         rel = float((got - want).norm() / want.norm())
         assert rel < 1e-3, f"decode step {i}: logits differ by {rel:.3g} (relative)"
