@@ -4,6 +4,7 @@
 #           per-kernel engine profile (batch 1 and 16)
 #   e2e:    bench_e2e with every baseline, in one command (carry .whl for torchao)
 #   part1 / part2: keep a third of the SmolLM2 GGUF (.gguf1 / .gguf2 carried) on the warm machine
+#   gpu-tests: the engine-level -m cuda tests (fast vs unfused engine, Qwen2/Qwen3 GPU vs CPU engine), then all
 #   generate: join the GGUF with the third part (.gguf3 carried, with its sha256), export the W4A4KV4 checkpoint of
 #           bench/results/transforms_smollm2_w4a4kv4_15ep and time `flatquant generate`'s engine against
 #           transformers' static-cache generate (bench/bench_generate.py --device cuda)
@@ -48,6 +49,14 @@ e2e)
   timeout ${TEST_S:-80} python3 -m pytest -q -m cuda -p no:cacheprovider --show-capture=no --tb=line \
     tests/models/test_real_families.py tests/models/test_real.py tests/models/test_real_linear.py \
     tests/ops/test_kv_attention.py 2>&1 | grep -v DEBUG | tail -20 | tee $OUT/pytest_cuda2.log | tail -8 ;;
+gpu-tests)
+  # what this session could not re-run: the fast-vs-unfused engine test after the SymBool fix, and the families'
+  # GPU-vs-CPU engine test (Qwen2/Qwen3), then the rest of the -m cuda suite while time allows
+  timeout 200 python3 -m pytest -q -m cuda -p no:cacheprovider --show-capture=no --tb=short \
+    tests/models/test_real.py tests/models/test_real_families.py 2>&1 | grep -v DEBUG | tail -30 \
+    | tee $OUT/pytest_engine_cuda.log | grep -E "^E |passed|failed"
+  timeout ${TEST_S:-300} python3 -m pytest -q -m cuda -p no:cacheprovider --show-capture=no --tb=line tests 2>&1 \
+    | grep -v DEBUG | tail -30 | tee $OUT/pytest_cuda_all.log | tail -8 ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 done
