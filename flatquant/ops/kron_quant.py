@@ -57,7 +57,7 @@ def _load_token(x_ptr, u_ptr, t, stride_xt, n2, i, row_ok, N2P: tl.constexpr, HA
 def _y_cols(
     x, x_ptr, u_ptr, lt, r_ptr, t, stride_xt, n1, n2, j0, i, row_ok,
     N2P: tl.constexpr, BJ: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, F32_DOT: tl.constexpr,
-    HAS_GLU: tl.constexpr,
+    HAS_GLU: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):
     """Columns ``[j0, j0 + BJ)`` of token ``t``'s ``Y = Lᵀ X R``, fp32 ``(N1P, BJ)`` (padding 0).
 
@@ -76,14 +76,14 @@ def _y_cols(
         else:
             y = tl.dot(x, r)
         if HAS_LEFT:
-            if F32_DOT and x_ptr.dtype.element_ty == tl.bfloat16:
+            if INTERPRET_BF16:
                 # The interpreter truncates fp32 -> bf16; round to nearest even on the bits instead.
                 xb = round_to_bf16_f32(y)
             else:
                 xb = y.to(x_ptr.dtype.element_ty)
     else:
         xb = _load_act(x_ptr, u_ptr, t * stride_xt + i[:, None] * n2 + jj[None, :], row_ok[:, None] & jj_ok[None, :],
-                       HAS_GLU, F32_DOT and x_ptr.dtype.element_ty == tl.bfloat16)
+                       HAS_GLU, INTERPRET_BF16)
         y = xb.to(tl.float32)
     if HAS_LEFT:
         if F32_DOT:
@@ -174,7 +174,7 @@ def _kron_quant_kernel(
             x = tl.zeros((N1P, N2P), dtype=x_ptr.dtype.element_ty)  # unused: _y_cols loads its columns
         if NB == 1:
             y = _y_cols(x, x_ptr, u_ptr, lt, r_ptr, t, stride_xt, n1, n2, 0, i, row_ok, N2P, BJ, HAS_LEFT, HAS_RIGHT,
-                        F32_DOT, HAS_GLU)
+                        F32_DOT, HAS_GLU, INTERPRET_BF16)
             y_hi = tl.maximum(tl.max(tl.max(y, axis=1), axis=0), 0.0)
             y_lo = tl.minimum(tl.min(tl.min(y, axis=1), axis=0), 0.0)
             _quant_cols(y, y_hi, y_lo, clip_lo, clip_hi, gg, q_ptr, s_ptr, t, n2, 0, i, row_ok, stride_qt,
@@ -184,7 +184,7 @@ def _kron_quant_kernel(
             y_lo = tl.full((), 0.0, tl.float32)
             for c in range(NB):
                 y = _y_cols(x, x_ptr, u_ptr, lt, r_ptr, t, stride_xt, n1, n2, c * BJ, i, row_ok, N2P, BJ, HAS_LEFT,
-                            HAS_RIGHT, F32_DOT, HAS_GLU)
+                            HAS_RIGHT, F32_DOT, HAS_GLU, INTERPRET_BF16)
                 y_hi = tl.maximum(y_hi, tl.max(tl.max(y, axis=1), axis=0))
                 y_lo = tl.minimum(y_lo, tl.min(tl.min(y, axis=1), axis=0))
                 tl.store(slot + c * BJ, y)
@@ -241,7 +241,7 @@ def _kron_cols_kernel(
     else:
         x = tl.zeros((N1P, N2P), dtype=x_ptr.dtype.element_ty)  # unused
     y = _y_cols(x, x_ptr, u_ptr, lt, r_ptr, t, stride_xt, n1, n2, c * BJ, i, row_ok, N2P, BJ, HAS_LEFT, HAS_RIGHT,
-                F32_DOT, HAS_GLU)
+                F32_DOT, HAS_GLU, INTERPRET_BF16)
     jb = tl.arange(0, BJ)
     tl.store(ws_ptr + t * (N1P * N2P) + i[:, None] * N2P + (c * BJ + jb)[None, :], y)
     NB: tl.constexpr = N2P // BJ
@@ -356,8 +356,8 @@ def kron_quant_triton(
       to x's dtype as the fused kernels round it), then the left product, clip and quantization on Z (``whole``).
 
     ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``programs`` caps the grid of the looping
-    layouts (default 4 per SM on CUDA); ``block_cols`` (power of two
-    >= 16; default 16 split, 32 chunked) is the column block; ``num_warps`` (default 8 at up to 64 tokens, else 4)
+    layouts (default 4 per SM on CUDA); ``block_cols`` (power of two >= 16; default 16 split, 32 chunked) is the
+    column block; ``num_warps`` (default 8 at up to 64 tokens, else 4)
     and ``num_stages`` are Triton launch options (CUDA only).
     """
     _check(x, left, right, n1, bits, pack)
@@ -393,12 +393,10 @@ def kron_quant_triton(
     warps = num_warps or (8 if t <= 64 else 4)
     extra = {} if cpu else {"num_warps": warps, "num_stages": num_stages}
     lp, rp = left if left is not None else x, right if right is not None else x
-    if up is not None:
-        up = up.contiguous()
     flags = {"HAS_LEFT": left is not None, "HAS_RIGHT": right is not None,
              "F32_DOT": cpu or x.dtype == torch.float32, "HAS_GLU": up is not None,
              "INTERPRET_BF16": cpu and x.dtype == torch.bfloat16}
-    up_p = up if up is not None else x
+    up_p = up.contiguous() if up is not None else x
     quant = {"G": g, "GP": next_pow2(g, floor=2), "QMAX": 2 ** (bits - 1) - 1, "PACK": pack}
     if variant == "two_pass" and (left is None or right is None):
         variant = "whole"  # one product: nothing to split into passes
@@ -407,7 +405,7 @@ def kron_quant_triton(
         bm = 64 if cpu else 128
         right_k = cpu_kernel(_kron_right_kernel) if cpu else _kron_right_kernel
         right_k[(min(triton.cdiv(t * n1, bm), programs or grid_programs(x.device)),)](
-            x, up_p, rp, z, t * n1, n2, BM=bm, N2P=n2p, F32_DOT=flags["F32_DOT"], HAS_GLU=up is not None,
+            x, up_p, rp, z, t * n1, n2, BM=bm, N2P=n2p, F32_DOT=flags["F32_DOT"], HAS_GLU=flags["HAS_GLU"],
             INTERPRET_BF16=flags["INTERPRET_BF16"], **extra)
         return kron_quant_triton(z, left, None, clip, n1, bits, pack, None, programs, num_warps, num_stages,
                                  "whole")

@@ -17,6 +17,7 @@ from ...ops import reference as ref
 from ...ops.gemv import counter_slots
 from ...ops.matmul import GEMV_MAX_M, UNPACK_MIN_M
 from ...ops.qlinear import QLinearParams, qlinear
+from ..layer import swiglu
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,11 +144,9 @@ def real_linear(x: Tensor, p: QLinearParams, cpu_codes: Tensor | None = None,
     packed by ``pack_int4`` after the fused transform + quantize instead of inside it); ``cpu_codes`` /
     ``counters``: see :func:`gemm4`; ``up``: ``x`` is the SwiGLU gate and the linear reads ``silu(x) * up``
     (formed inside the transform kernel, :func:`flatquant.ops.kron_quant`)."""
-    if up is not None and p.a_bits != 4:
-        x, up = F.silu(x) * up, None
-    k = x.shape[-1]
     if p.a_bits != 4:
-        return qlinear(x, p, "real")
+        return qlinear(x if up is None else swiglu(x, up), p, "real")
+    k = x.shape[-1]
     x2 = x.reshape(-1, k)
     up2 = None if up is None else up.reshape(-1, k)
     if unpacked_prefill(x2, cpu_codes):

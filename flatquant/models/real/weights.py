@@ -96,15 +96,14 @@ def layer_from_tensors(t: Params, cfg: RealConfig) -> RealLayer:
                 fused[name] = f
                 for n in group:  # the fused copy replaces the separate linears (no second copy in memory)
                     del linears[n]
+    # the W4A4 GEMMs (a linear on its own or a fused group) by name: their packed (N, K/2) weights
+    w4a4 = {**{n: p.weight for n, p in linears.items() if isinstance(p, QLinearParams) and p.a_bits == 4
+               and p.w_bits == 4},
+            **{g: f.weight for g, f in fused.items()}}
     cpu_codes: dict[str, Tensor] = {}
     if cfg.real_linears and cfg.cpu_codes and dev.type == "cpu":
-        packed = {**{n: p.weight for n, p in linears.items() if isinstance(p, QLinearParams) and p.a_bits == 4
-                     and p.w_bits == 4},
-                  **{g: f.weight for g, f in fused.items()}}
-        cpu_codes = {n: ref.unpack_int4_ref(w) for n, w in packed.items()}
-    w4 = {**{n: p.out_features for n, p in linears.items() if isinstance(p, QLinearParams) and p.a_bits == 4
-             and p.w_bits == 4}, **{g: sum(f.sizes) for g, f in fused.items()}}
-    counters = {n: c for n, size in w4.items() if (c := gemv_counters(size, dev)) is not None}
+        cpu_codes = {n: ref.unpack_int4_ref(w) for n, w in w4a4.items()}
+    counters = {n: c for n, w in w4a4.items() if (c := gemv_counters(w.shape[0], dev)) is not None}
     return RealLayer(
         input_norm=t["input_norm"].to(dt), post_norm=t["post_norm"].to(dt), linears=linears, fused=fused,
         cpu_codes=cpu_codes, gemv_counters=counters,
