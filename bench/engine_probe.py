@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import time
@@ -28,6 +29,7 @@ from flatquant.models.real import (  # noqa: E402
     RealWeights,
     layer_from_tensors,
 )
+from flatquant.models.real.graphs import CUDAGraphDecoder, CUDAGraphPrefill  # noqa: E402
 from flatquant.presets import bits_preset  # noqa: E402
 
 log = logging.getLogger("engine_probe")
@@ -108,6 +110,59 @@ def run(model: RealModel, batch: int, prefill: int, decode: int, profile: bool) 
     return r
 
 
+def _setting(spec: str) -> dict[str, str]:
+    """``"PDL=1,PF=2"`` -> the environment variables of that launch setting."""
+    names = {"PDL": "FLATQUANT_PDL", "PF": "FLATQUANT_GEMV_PREFETCH"}
+    return {names[k]: v for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
+
+
+@torch.no_grad()
+def launch_ab(model: RealModel, batch: int, prefill: int, decode: int, specs: list[str], rounds: int = 2) -> list[dict]:
+    """Decode ms/step (and graphed prefill ms) of the same model under several launch settings, side by side:
+    each setting captures its own CUDA graphs (kernels launched with that setting), and the settings run in
+    order, then in reverse order, and so on for ``rounds``; each reported figure is the median over rounds."""
+    args = model.cfg.args
+    tok = torch.randint(0, args.vocab_size, (batch, prefill), device="cuda")
+    cache = model.new_cache(batch, prefill + decode + 16)
+    graphs: dict[str, tuple[CUDAGraphPrefill, CUDAGraphDecoder]] = {}
+    times: dict[str, dict[str, list[float]]] = {s: {"decode": [], "prefill": []} for s in specs}
+    for rnd in range(rounds):
+        for spec in specs if rnd % 2 == 0 else specs[::-1]:
+            env = _setting(spec)
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                if spec not in graphs:
+                    cache.seen = 0
+                    pre = CUDAGraphPrefill(model, batch, prefill, cache)
+                    cache.seen = prefill
+                    graphs[spec] = (pre, CUDAGraphDecoder(model, cache))
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k)
+                    else:
+                        os.environ[k] = v
+            pre, dec = graphs[spec]
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            logits = pre.run(tok)
+            torch.cuda.synchronize()
+            times[spec]["prefill"].append(1e3 * (time.perf_counter() - t0))
+            nxt = logits.argmax(-1)
+            for _ in range(3):
+                nxt = dec.step(nxt).argmax(-1)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(decode):
+                nxt = dec.step(nxt).argmax(-1)
+            torch.cuda.synchronize()
+            times[spec]["decode"].append(1e3 * (time.perf_counter() - t0) / decode)
+    return [{"batch": batch, "setting": s, "prefill_ms": statistics.median(t["prefill"]),
+             "decode_ms_per_step": statistics.median(t["decode"]), "decode_all": t["decode"]}
+            for s, t in times.items()]
+
+
 def main() -> int:
     """Entry point."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -117,6 +172,9 @@ def main() -> int:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--variants", default="fast,unfused-eager")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--launch-ab", default="", help="';'-separated launch settings to compare on the fast engine, "
+                    "e.g. 'PDL=0;PDL=1,PF=0;PDL=1,PF=2' (PDL: programmatic dependent launch, PF: GEMV L2 prefetch "
+                    "tiles); replaces the variant runs")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -124,6 +182,16 @@ def main() -> int:
     variants = {"fast": dict(fuse=True, compile_decode=True), "unfused-eager": dict(fuse=False, compile_decode=False),
                 "fused-eager": dict(fuse=True, compile_decode=False)}
     result: dict = {"env": environment(), "command": " ".join(sys.argv), "rows": []}
+    if a.launch_ab:
+        model = build(args, fuse=True, compile_decode=True)
+        print("| batch | setting | prefill ms | decode ms/step | decode per round |\n|---|---|---|---|---|")
+        for b in [int(x) for x in a.batches.split(",")]:
+            for r in launch_ab(model, b, a.prefill, a.decode, a.launch_ab.split(";")):
+                result["rows"].append(r)
+                print(f"| {b} | {r['setting']} | {r['prefill_ms']:.2f} | {r['decode_ms_per_step']:.4f} | "
+                      f"{' '.join(f'{x:.4f}' for x in r['decode_all'])} |", flush=True)
+        write_json(a.out, result)
+        return 0
     for v in a.variants.split(","):
         model = build(args, **variants[v])
         for b in [int(x) for x in a.batches.split(",")]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import threading
 from collections.abc import Iterator
 from functools import cache
@@ -102,6 +103,44 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return _CPU_SMS
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@cache
+def _pdl_capable(index: int) -> bool:
+    from triton.language.extra import cuda as tl_cuda
+
+    return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(tl_cuda, "gdc_wait")
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch with programmatic dependent launch (PDL).
+
+    True on Hopper or newer CUDA devices with a Triton that has grid-dependency control, unless the environment
+    sets ``FLATQUANT_PDL=0`` (read at each launch, for side-by-side measurements). A PDL kernel may start while the
+    kernel before it drains; every such kernel calls :func:`pdl_wait` before it touches anything that earlier
+    kernels write (and before any store), so the results are the same either way.
+    """
+    if device.type != "cuda" or os.environ.get("FLATQUANT_PDL", "1") == "0":
+        return False
+    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_options(device: torch.device, **options: Any) -> dict[str, Any]:
+    """Triton launch options for a kernel that calls :func:`pdl_wait`: none on CPU (interpreter), else
+    ``options`` plus ``launch_pdl`` where :func:`pdl_enabled`; pass ``PDL=opts.get("launch_pdl", False)``."""
+    if device.type != "cuda":
+        return {}
+    return {**options, "launch_pdl": True} if pdl_enabled(device) else dict(options)
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """With ``PDL``: wait until the previous kernel has finished and its writes are visible, then let the next
+    kernel start launching. Everything a PDL kernel does before this may read only constant inputs (weights) and
+    must write nothing."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def on_cpu(t: torch.Tensor) -> bool:

@@ -30,13 +30,26 @@ W8A8 int8 ``(M, K)`` / ``(N, K)``. The fp32 multiply-add of the epilogue is neve
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from ._launch import cpu_kernel, dequant_epilogue, next_pow2, nibble_hi, nibble_lo, on_cpu, sm_count
+from ._launch import (
+    cpu_kernel,
+    dequant_epilogue,
+    launch_options,
+    next_pow2,
+    nibble_hi,
+    nibble_lo,
+    on_cpu,
+    pdl_enabled,
+    pdl_wait,
+    sm_count,
+)
 from ._modes import MODE_W4A4, MODE_W4A8, MODE_W8A8, check_operands, halves_cols
 from ._register import register_op
 
@@ -68,12 +81,20 @@ def _hi(b, SWAR: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte lines at ``ptrs`` (no data comes back; CUDA only)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _qgemv_kernel(
     a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, p_ptr, cnt_ptr,
     M, N, K, KW, K_SPLIT, KB_SPLIT, SPLIT_K, stride_am, stride_wn, stride_cm, stride_ps,
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF_TILE: tl.constexpr,
-    EVEN_K: tl.constexpr, SWAR: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    EVEN_K: tl.constexpr, SWAR: tl.constexpr, INTERPRET_BF16: tl.constexpr, PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = 0,
 ):
     # K_SPLIT / KB_SPLIT: K elements / packed bytes per split (separate arguments, so that both keep the 16-byte
     # divisibility Triton specializes on and the weight loads stay 16 bytes wide).
@@ -94,6 +115,16 @@ def _qgemv_kernel(
     n_iter = tl.cdiv(tl.minimum(K - k_start, K_SPLIT), BLOCK_K)
     KH: tl.constexpr = BLOCK_K // 2
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)  # accᵀ: weights are the MMA's left operand
+    if PREFETCH > 0:
+        # PDL: while the previous kernel drains, pull this program's first weight tiles (constant input) into L2,
+        # one 128-byte line per row and tile (rows of a 4-bit tile are KH <= 128 bytes; W8A8 rows are BLOCK_K).
+        ROW_BYTES: tl.constexpr = BLOCK_K if MODE == 0 else KH
+        LINES: tl.constexpr = PREFETCH * ((ROW_BYTES + 127) // 128)
+        col0 = k_start if MODE == 0 else pid_s * KB_SPLIT
+        row_end = K if MODE == 0 else KW
+        line = tl.minimum(tl.arange(0, LINES) * 128, tl.minimum(n_iter * ROW_BYTES, row_end - col0) - 1)
+        _prefetch_l2(w_ptr + rn[:, None] * stride_wn + (col0 + line)[None, :])
+    pdl_wait(PDL)
 
     if MODE == 1:
         # W4A4: a byte tile of either operand unpacks into its even-k (low) and odd-k (high) half tiles.
@@ -181,8 +212,10 @@ def _qgemv_kernel(
 def _qgemv_reduce_kernel(
     p_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, SPLIT_K, stride_cm, stride_ps,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # Sums the SPLIT_K int32 partials of a (BLOCK_M, BLOCK_N) tile in a fixed order, then the fp32 epilogue.
+    pdl_wait(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -215,6 +248,15 @@ def default_split_k(n_tiles: int, k: int, block_k: int, sms: int) -> int:
     while split < max_split and 2 * n_tiles * split < 3 * sms:
         split *= 2
     return min(split, max_split)
+
+
+def default_prefetch(device: torch.device) -> int:
+    """Weight K-tiles per program that the GEMV asks L2 for before it waits on the previous kernel: 2 with
+    programmatic dependent launch (else 0); ``FLATQUANT_GEMV_PREFETCH`` overrides it (read at each launch)."""
+    env = os.environ.get("FLATQUANT_GEMV_PREFETCH")
+    if env is not None:
+        return int(env)
+    return 2 if pdl_enabled(device) else 0
 
 
 def counter_slots(n: int, device: torch.device, m: int = 1) -> int:
@@ -252,6 +294,7 @@ def qgemv_triton(
     num_stages: int = 4,
     swar: bool = True,
     counters: Tensor | None = None,
+    prefetch: int | None = None,
 ) -> Tensor:  # (M, N)
     """Split-K integer GEMM for few tokens; same operands and bit-identical results as ``qmatmul_triton``.
 
@@ -268,6 +311,8 @@ def qgemv_triton(
             as every call leaves them): with a K split, the last program of each output tile sums the partials and
             applies the epilogue (no second kernel). The caller owns them; calls that share counters must not
             overlap (one stream, or one CUDA graph). Same result as without.
+        prefetch: weight K-tiles per program requested into L2 before the kernel waits for the previous one
+            (programmatic dependent launch; default :func:`default_prefetch`; 0 under the interpreter).
 
     CPU tensors run through Triton's interpreter.
     """
@@ -313,22 +358,27 @@ def qgemv_triton(
             raise ValueError(f"counters must be int32 on {dev} with at least {n_blocks * m_blocks} slots, got "
                              f"{counters.dtype} on {counters.device} with {counters.numel()}")
     ws = out if split == 1 else torch.empty(split, m, n, dtype=torch.int32, device=dev)
-    opts = {} if cpu else {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": False}
+    opts = launch_options(dev, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
+    pdl = bool(opts.get("launch_pdl"))
+    prefetch = 0 if cpu else (default_prefetch(dev) if prefetch is None else prefetch)
+    if prefetch < 0 or prefetch & (prefetch - 1):
+        raise ValueError(f"prefetch must be 0 or a power of two, got {prefetch}")
     kernel = cpu_kernel(_qgemv_kernel) if cpu else _qgemv_kernel
     kernel[(n_blocks, split, m_blocks)](
         a, w, sa, sw, b, out, ws, counters if red == 2 else ws, m, n, k, w.shape[1], tiles_per_split * block_k,
         tiles_per_split * block_k // 2, split, a.stride(0), w.stride(0), out.stride(0), m * n, MODE=mode,
         HAS_BIAS=bias is not None, REDUCE=red,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HALF_TILE=ref.W4A8_BLOCK_K // 2, EVEN_K=k % block_k == 0,
-        SWAR=not cpu and swar, INTERPRET_BF16=interpret_bf16, **opts)
+        SWAR=not cpu and swar, INTERPRET_BF16=interpret_bf16, PDL=pdl, PREFETCH=prefetch,
+        **opts)
     if red == 1:
         rbm = min(next_pow2(m, floor=1), 16)
         rbn = min(256, max(32, 1024 // rbm))
         reduce_kernel = cpu_kernel(_qgemv_reduce_kernel) if cpu else _qgemv_reduce_kernel
-        ropts = {} if cpu else {"num_warps": 4, "enable_fp_fusion": False}
+        ropts = launch_options(dev, num_warps=4, enable_fp_fusion=False)
         reduce_kernel[(triton.cdiv(n, rbn), triton.cdiv(m, rbm))](
             ws, sa, sw, b, out, m, n, split, out.stride(0), m * n, HAS_BIAS=bias is not None, BLOCK_M=rbm, BLOCK_N=rbn,
-            INTERPRET_BF16=interpret_bf16, **ropts)
+            INTERPRET_BF16=interpret_bf16, PDL=bool(ropts.get("launch_pdl")), **ropts)
     return out
 
 

@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from ._launch import cpu_kernel, next_pow2, on_cpu, round_to_bf16_f32, sm_count
+from ._launch import cpu_kernel, launch_options, next_pow2, on_cpu, pdl_wait, round_to_bf16_f32, sm_count
 from ._register import register_op
 
 
@@ -151,7 +151,7 @@ def _kron_quant_kernel(
     N1P: tl.constexpr, N2P: tl.constexpr, BJ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     QMAX: tl.constexpr, PACK: tl.constexpr, F32_DOT: tl.constexpr, HAS_GLU: tl.constexpr,
-    INTERPRET_BF16: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # Program p handles tokens p, p + P, p + 2P, ... (P programs): the factors are loaded once per program, not
     # once per token. Per token: X (n1, n2) -> Y = Lᵀ (X R) -> LAC -> sym per-token codes (-> packed nibbles), for
@@ -166,6 +166,7 @@ def _kron_quant_kernel(
     NB: tl.constexpr = N2P // BJ
     jb = tl.arange(0, BJ)
     slot = ws_ptr + tl.program_id(0).to(tl.int64) * (N1P * N2P) + i[:, None] * N2P + jb[None, :]
+    pdl_wait(PDL)  # the factors and clips above are constant inputs
     for tt in range(tl.program_id(0), T, tl.num_programs(0)):
         t = tl.cast(tt, tl.int64)
         if HAS_RIGHT:
@@ -200,7 +201,7 @@ def _kron_quant_kernel(
 def _kron_right_kernel(
     x_ptr, u_ptr, r_ptr, z_ptr, ROWS, n2,
     BM: tl.constexpr, N2P: tl.constexpr, F32_DOT: tl.constexpr, HAS_GLU: tl.constexpr,
-    INTERPRET_BF16: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # First pass of the two-pass layout (many tokens): Z = X R for every token row at once, X viewed as
     # (T·n1, n2) (row-major tokens: row r is row r % n1 of token r // n1), BM rows per step, R loaded once per
@@ -208,6 +209,7 @@ def _kron_right_kernel(
     j = tl.arange(0, N2P)
     col_ok = j < n2
     r = tl.load(r_ptr + j[:, None] * n2 + j[None, :], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
+    pdl_wait(PDL)
     for blk in range(tl.program_id(0), tl.cdiv(ROWS, BM), tl.num_programs(0)):
         rows = blk * BM + tl.arange(0, BM)
         mask = (rows < ROWS)[:, None] & col_ok[None, :]
@@ -227,7 +229,7 @@ def _kron_cols_kernel(
     x_ptr, u_ptr, l_ptr, r_ptr, ws_ptr, mm_ptr, n1, n2, stride_xt,
     N1P: tl.constexpr, N2P: tl.constexpr, BJ: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, F32_DOT: tl.constexpr, HAS_GLU: tl.constexpr,
-    INTERPRET_BF16: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # Split transform (few tokens): program (t, c) computes column block c of token t's Y into ws_ptr
     # ((T, N1P, N2P) fp32) and its max / min into mm_ptr ((T, NB, 2) fp32); _kron_finish_kernel quantizes.
@@ -236,6 +238,7 @@ def _kron_cols_kernel(
     i = tl.arange(0, N1P)
     row_ok = i < n1
     lt = _load_lt(l_ptr, n1, i, row_ok, x_ptr.dtype.element_ty, N1P, HAS_LEFT)
+    pdl_wait(PDL)
     if HAS_RIGHT:
         x = _load_token(x_ptr, u_ptr, t, stride_xt, n2, i, row_ok, N2P, HAS_GLU, INTERPRET_BF16)
     else:
@@ -253,9 +256,10 @@ def _kron_cols_kernel(
 def _kron_finish_kernel(
     ws_ptr, mm_ptr, clip_ptr, q_ptr, s_ptr, n1, n2, stride_qt, stride_qg, stride_sg,
     N1P: tl.constexpr, N2P: tl.constexpr, BJ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-    QMAX: tl.constexpr, PACK: tl.constexpr,
+    QMAX: tl.constexpr, PACK: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # Program (t, c): token t's range from the NB block ranges, then the codes of column block c.
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     NB: tl.constexpr = N2P // BJ
@@ -391,7 +395,8 @@ def kron_quant_triton(
     # H200 (bench/results/probe_decode_h200.json): 8 warps at a few tokens (K=14336: 18.4 vs 20.6 us at one
     # token), 4 warps with 4 programs per SM at many (K=14336, 32768 tokens: 2.21 vs 3.36 ms).
     warps = num_warps or (8 if t <= 64 else 4)
-    extra = {} if cpu else {"num_warps": warps, "num_stages": num_stages}
+    extra = launch_options(x.device, num_warps=warps, num_stages=num_stages)
+    extra["PDL"] = bool(extra.get("launch_pdl"))
     lp, rp = left if left is not None else x, right if right is not None else x
     flags = {"HAS_LEFT": left is not None, "HAS_RIGHT": right is not None,
              "F32_DOT": cpu or x.dtype == torch.float32, "HAS_GLU": up is not None,

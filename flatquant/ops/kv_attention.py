@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from ._launch import cpu_kernel, next_pow2, on_cpu, sm_count
+from ._launch import cpu_kernel, launch_options, next_pow2, on_cpu, pdl_wait, sm_count
 from ._register import register_op
 
 # Nibble -> 16-bit float with bit tricks (inline PTX, four code bytes per call). A code n in 0..15 ORed into the low
@@ -87,7 +87,7 @@ def _kv4_decode_attention_kernel(
     ml_ptr, rep, d, sm_scale, chunk,
     stride_qb, stride_qh, stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_ob, stride_oh,
     REP_P: tl.constexpr, DP: tl.constexpr, BLOCK_T: tl.constexpr, F32_DOT: tl.constexpr, SPLIT: tl.constexpr,
-    EVEN_D: tl.constexpr, SWAR: tl.constexpr, SWAP_AB: tl.constexpr,
+    EVEN_D: tl.constexpr, SWAR: tl.constexpr, SWAP_AB: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # One program = one (batch row, KV head, position chunk): its REP query heads against that head's packed K/V
     # in positions [split * chunk, (split + 1) * chunk), BLOCK_T cache positions at a time, with the running
@@ -103,6 +103,7 @@ def _kv4_decode_attention_kernel(
     # n = 8 instead of its m = 16 (half the tensor-core instructions and half the padded score elements).
     # The softmax sum and the zero correction are kept per position (l_t, corr_t: score-tile shaped, rescaled like
     # the accumulators) and reduced once after the loop: per step only the running max is reduced across warps.
+    pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
     sp = tl.program_id(2)
@@ -226,8 +227,9 @@ def _kv4_decode_attention_kernel(
 @triton.jit
 def _kv4_combine_kernel(
     part_ptr, ml_ptr, o_ptr, d, n_split, stride_ob, stride_oh, n_heads,
-    DP: tl.constexpr, SP: tl.constexpr,
+    DP: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     # One program = one (batch row, query head): merges the split partials in a fixed order (deterministic):
     # out = Σ_s acc_s e^{m_s - M} / Σ_s l_s e^{m_s - M}, M = max_s m_s; empty splits have m = -inf, l = 0.
     bh = tl.program_id(0).to(tl.int64)
@@ -358,8 +360,9 @@ def kv4_decode_attention_triton(
     else:
         part, ml = out, scales[0]
     f32_dot = cpu or q.dtype == torch.float32
-    extra = {} if cpu else {"num_warps": num_warps or dflt.num_warps,
-                            "num_stages": dflt.num_stages if num_stages is None else num_stages}
+    extra = launch_options(q.device, num_warps=num_warps or dflt.num_warps,
+                           num_stages=dflt.num_stages if num_stages is None else num_stages)
+    pdl = bool(extra.get("launch_pdl"))
     kernel[(b, hkv, splits)](
         q, k_codes, scales[0], scales[1], v_codes, scales[2], scales[3],
         start.to(torch.int32).contiguous(), length.to(torch.int32).contiguous(), part, ml,
@@ -367,12 +370,12 @@ def kv4_decode_attention_triton(
         q.stride(0), q.stride(1), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
         scales[0].stride(0), scales[0].stride(1), out.stride(0), out.stride(1),
         REP_P=next_pow2(rep, floor=8 if swap else 16), DP=dp, BLOCK_T=block_t, F32_DOT=f32_dot, SPLIT=splits > 1,
-        EVEN_D=d == dp, SWAR=swar and not f32_dot, SWAP_AB=swap, **extra,
+        EVEN_D=d == dp, SWAR=swar and not f32_dot, SWAP_AB=swap, PDL=pdl, **extra,
     )
     if splits > 1:
         combine = cpu_kernel(_kv4_combine_kernel) if cpu else _kv4_combine_kernel
         combine[(b * hq,)](part, ml, out, d, splits, out.stride(0), out.stride(1), hq,
-                           DP=dp, SP=next_pow2(splits, floor=2), **({} if cpu else {"num_warps": 4}))
+                           DP=dp, SP=next_pow2(splits, floor=2), PDL=pdl, **launch_options(q.device, num_warps=4))
     return out
 
 

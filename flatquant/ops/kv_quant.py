@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from ._launch import cpu_kernel, next_pow2, on_cpu
+from ._launch import cpu_kernel, launch_options, next_pow2, on_cpu, pdl_wait
 from ._register import register_op
 
 
@@ -122,10 +122,11 @@ def _kv_quant_write_kernel(
     stride_kcb, stride_kch, stride_kcs, stride_kce, stride_ksb, stride_ksh, stride_kss,
     stride_vcb, stride_vch, stride_vcs, stride_vce, stride_vsb, stride_vsh, stride_vss,
     HP: tl.constexpr, DP: tl.constexpr, HAS_TRANS: tl.constexpr, K_QMAX: tl.constexpr, V_QMAX: tl.constexpr,
-    F32_DOT: tl.constexpr,
+    F32_DOT: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # Grid (B * T, 2): program (b * T + t, side) writes token t of row b, side 0 = K (after its transform),
     # side 1 = V, at cache position idx[t] of row b; rows of the tile are heads, columns head_dim.
+    pdl_wait(PDL)
     bt = tl.program_id(0).to(tl.int64)
     b = bt // tokens
     t = bt % tokens
@@ -258,7 +259,8 @@ def kv_quant_write_triton(
     trans = k_trans.to(k.dtype) if k_trans is not None else None
     cpu = on_cpu(k)
     kernel = cpu_kernel(_kv_quant_write_kernel) if cpu else _kv_quant_write_kernel
-    extra = {} if cpu else {"num_warps": 4, "num_stages": 1}
+    extra = launch_options(k.device, num_warps=4, num_stages=1)
+    extra["PDL"] = bool(extra.get("launch_pdl"))
     kernel[(b * t, 2)](
         k, v, trans if trans is not None else k, k_clip.float().contiguous(), v_clip.float().contiguous(), idx,
         *caches,

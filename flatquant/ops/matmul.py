@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from ._launch import cpu_kernel, dequant_epilogue, nibble_hi, nibble_lo, on_cpu
+from ._launch import cpu_kernel, dequant_epilogue, launch_options, nibble_hi, nibble_lo, on_cpu, pdl_wait
 from ._modes import MODE_W4A4 as MODE_W4A4
 from ._modes import MODE_W4A8 as MODE_W4A8
 from ._modes import MODE_W8A8 as MODE_W8A8
@@ -263,10 +263,11 @@ def qmatmul_triton(
 def _w8a8_tma_kernel(
     a_desc, w_desc, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_cm, M_BUCKET,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, STAGES: tl.constexpr, INTERPRET_BF16: tl.constexpr = False,
+    GROUP_M: tl.constexpr, STAGES: tl.constexpr, INTERPRET_BF16: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     # W8A8 with both int8 tiles fed by TMA (host descriptors; edges are zero-filled by the copy engine): the
     # prefill path. Same grouped order and fp32 epilogue as _qmatmul_kernel.
+    pdl_wait(PDL)
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
@@ -344,8 +345,9 @@ def w8a8_tma_triton(
     def tuned_grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
+    opts = launch_options(a.device)
     _w8a8_tma_tuned[tuned_grid](a_desc, w_desc, sa, sw, b, out, m, n, k, out.stride(0), m_bucket(m),
-                          HAS_BIAS=bias is not None)
+                                HAS_BIAS=bias is not None, PDL=bool(opts.get("launch_pdl")), **opts)
     return out
 
 

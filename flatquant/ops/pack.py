@@ -8,7 +8,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from ._launch import cpu_kernel, nibble_hi, nibble_lo, on_cpu
+from ._launch import cpu_kernel, launch_options, nibble_hi, nibble_lo, on_cpu, pdl_wait
 from ._register import register_op
 
 _BLOCK = 1024
@@ -26,8 +26,9 @@ def _pack_int4_kernel(c_ptr, p_ptr, n_bytes, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _unpack_int4_kernel(p_ptr, c_ptr, n_bytes, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _unpack_int4_kernel(p_ptr, c_ptr, n_bytes, SIGNED: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     # One program unpacks BLOCK bytes into 2*BLOCK contiguous int8 codes.
+    pdl_wait(PDL)
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     b = tl.load(p_ptr + offs, mask=offs < n_bytes, other=0).to(tl.int8, bitcast=True)
@@ -66,7 +67,9 @@ def unpack_int4_triton(packed: Tensor, signed: bool = True) -> Tensor:  # (..., 
     n = packed.numel()
     if n:
         kernel = cpu_kernel(_unpack_int4_kernel) if on_cpu(packed) else _unpack_int4_kernel
-        kernel[(triton.cdiv(n, _BLOCK),)](packed, out, n, SIGNED=signed, BLOCK=_BLOCK)
+        opts = launch_options(packed.device)
+        kernel[(triton.cdiv(n, _BLOCK),)](packed, out, n, SIGNED=signed, BLOCK=_BLOCK, PDL=bool(opts.get("launch_pdl")),
+                                          **opts)
     return out
 
 
