@@ -7,6 +7,7 @@
 #              engine), a cold-weight GEMV launch sweep at one token, then the kernels' -m cuda tests
 #   generate:  join the GGUF with the third part (.gguf3 carried), export the W4A4KV4 checkpoint and time
 #              `flatquant generate`'s engine against transformers' static-cache generate (bench_generate.py)
+#   final:     bench_e2e (real engine, bf16-static, our bf16, eager), the families' GPU test, the engine tests
 #   e2e:       the fast-engine test, then bench_e2e with every baseline the time allows, in one command
 # Usage: bash bench/device/h200_s4.sh STAGE [STAGE ...]
 set -uo pipefail
@@ -47,6 +48,17 @@ e2e)
   PYTHONPATH=/tmp/site:$PYTHONPATH timeout ${E2E_S:-500} python3 bench/bench_e2e.py --quick --decode 256 \
     --engines ${ENGINES:-real-w4a4kv4,hf-bf16-static,ours-bf16,hf-bf16-eager,torchao-fp8,torchao-int4} \
     --budget-s ${E2E_BUDGET:-420} --out $OUT/e2e_h200_s4.json 2>&1 | grep -v -i warn | tail -30 ;;
+final)
+  # the e2e numbers first (anchored on hf-bf16-static), then the GPU tests the probe stage ran out of time for
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/torchao-*.whl
+  PYTHONPATH=/tmp/site:$PYTHONPATH timeout ${E2E_S:-300} python3 bench/bench_e2e.py --quick --decode 256 \
+    --engines ${ENGINES:-real-w4a4kv4,hf-bf16-static,ours-bf16,hf-bf16-eager} --budget-s ${E2E_BUDGET:-240} \
+    --out $OUT/e2e_h200_s4.json 2>&1 | grep -v -i warn | tail -30
+  timeout 170 $PYT --tb=short tests/models/test_real_families.py 2>&1 | grep -v DEBUG | tail -30 \
+    | tee $OUT/pytest_families_cuda.log | grep -E "^E |passed|failed"
+  timeout ${TEST_S:-110} $PYT --tb=short tests/models/test_real.py tests/ops/test_launch.py tests/ops/test_gemv.py 2>&1 \
+    | grep -v DEBUG | tail -30 | tee $OUT/pytest_engine_cuda.log | grep -E "^E |passed|failed" ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 done

@@ -125,12 +125,21 @@ def pdl_enabled(device: torch.device) -> bool:
     return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def launch_options(device: torch.device, **options: Any) -> dict[str, Any]:
-    """Triton launch options for a kernel that calls :func:`pdl_wait`: none on CPU (interpreter), else
-    ``options`` plus ``launch_pdl`` where :func:`pdl_enabled`; pass ``PDL=opts.get("launch_pdl", False)``."""
+PDL_MAX_ROWS = 8
+"""Launches over at most this many token rows use PDL (decode at small batch). On the H200 PDL took a batch-1
+decode step from 3.41 to 3.23 ms, but made batch-16 decode (4.76 -> 4.78-4.92 ms) and 2048-token prefills (42.2 ->
+43.1 ms) slower (``bench/results/engine_launch_ab_h200.json``)."""
+
+
+def launch_options(device: torch.device, rows: int, **options: Any) -> dict[str, Any]:
+    """Triton launch options for a kernel that calls :func:`pdl_wait` over ``rows`` token rows: none on CPU
+    (interpreter), else ``options`` plus ``launch_pdl`` where :func:`pdl_enabled` and ``rows <= PDL_MAX_ROWS``.
+    Pass the kernel ``PDL=bool(opts.get("launch_pdl"))``."""
     if device.type != "cuda":
         return {}
-    return {**options, "launch_pdl": True} if pdl_enabled(device) else dict(options)
+    if rows <= PDL_MAX_ROWS and pdl_enabled(device):
+        return {**options, "launch_pdl": True}
+    return dict(options)
 
 
 @triton.jit

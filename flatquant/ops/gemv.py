@@ -259,10 +259,21 @@ def default_prefetch(device: torch.device) -> int:
     return 2 if pdl_enabled(device) else 0
 
 
+def default_block_n(mode: int, n: int, m_blocks: int, device: torch.device) -> int:
+    """Default ``BLOCK_N``: :func:`default_blocks`' width, doubled to 128 for W4A4 on CUDA when 64-wide tiles would
+    already give 3 or more programs per SM without a K split (H200 sweep at one token, cold weights,
+    ``bench/results/probe_gemv_sweep_h200.json``: gate/up 4096 -> 28672 took 24.9 us at 64 and 19.7 us at 128;
+    the narrower shapes were fastest at 64 with a split)."""
+    block_n = default_blocks(mode, device)[0]
+    if mode == MODE_W4A4 and device.type == "cuda" and triton.cdiv(n, block_n) * m_blocks >= 3 * sm_count(device):
+        return 2 * block_n
+    return block_n
+
+
 def counter_slots(n: int, device: torch.device, m: int = 1) -> int:
     """Arrival counters that :func:`qgemv_triton` needs for ``N = n`` outputs and ``m`` rows (default blocks)."""
-    block_n = default_blocks(MODE_W4A4, device)[0]
-    return triton.cdiv(n, block_n) * triton.cdiv(m, min(next_pow2(m), _MAX_BLOCK_M))
+    m_blocks = triton.cdiv(m, min(next_pow2(m), _MAX_BLOCK_M))
+    return triton.cdiv(n, default_block_n(MODE_W4A4, n, m_blocks, device)) * m_blocks
 
 
 def split_plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
@@ -328,9 +339,10 @@ def qgemv_triton(
         return out
     dev = a.device
     cpu = on_cpu(a)
-    dflt_n, dflt_k = default_blocks(mode, dev)
-    block_n = block_n or dflt_n
-    block_k = block_k or dflt_k
+    block_m = min(next_pow2(m), _MAX_BLOCK_M)
+    m_blocks = triton.cdiv(m, block_m)
+    block_n = block_n or default_block_n(mode, n, m_blocks, dev)
+    block_k = block_k or default_blocks(mode, dev)[1]
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     if block_k < 32 or block_k & (block_k - 1):
@@ -339,8 +351,7 @@ def qgemv_triton(
         raise ValueError(f"W4A4 needs block_k >= 64 (an int8 dot of at least 32 per nibble half), got {block_k}")
     if mode == MODE_W4A8 and block_k % ref.W4A8_BLOCK_K:
         raise ValueError(f"W4A8 needs block_k to be a multiple of {ref.W4A8_BLOCK_K}, got {block_k}")
-    block_m = min(next_pow2(m), _MAX_BLOCK_M)
-    n_blocks, m_blocks = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
+    n_blocks = triton.cdiv(n, block_n)
     if split_k is None:
         split_k = default_split_k(n_blocks * m_blocks, k, block_k, sm_count(dev))
     tiles_per_split, split = split_plan(k, block_k, split_k)
@@ -358,7 +369,7 @@ def qgemv_triton(
             raise ValueError(f"counters must be int32 on {dev} with at least {n_blocks * m_blocks} slots, got "
                              f"{counters.dtype} on {counters.device} with {counters.numel()}")
     ws = out if split == 1 else torch.empty(split, m, n, dtype=torch.int32, device=dev)
-    opts = launch_options(dev, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
+    opts = launch_options(dev, m, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
     pdl = bool(opts.get("launch_pdl"))
     prefetch = 0 if cpu else (default_prefetch(dev) if prefetch is None else prefetch)
     if prefetch < 0 or prefetch & (prefetch - 1):
@@ -375,7 +386,7 @@ def qgemv_triton(
         rbm = min(next_pow2(m, floor=1), 16)
         rbn = min(256, max(32, 1024 // rbm))
         reduce_kernel = cpu_kernel(_qgemv_reduce_kernel) if cpu else _qgemv_reduce_kernel
-        ropts = launch_options(dev, num_warps=4, enable_fp_fusion=False)
+        ropts = launch_options(dev, m, num_warps=4, enable_fp_fusion=False)
         reduce_kernel[(triton.cdiv(n, rbn), triton.cdiv(m, rbm))](
             ws, sa, sw, b, out, m, n, split, out.stride(0), m * n, HAS_BIAS=bias is not None, BLOCK_M=rbm, BLOCK_N=rbn,
             INTERPRET_BF16=interpret_bf16, PDL=bool(ropts.get("launch_pdl")), **ropts)

@@ -395,7 +395,7 @@ def kron_quant_triton(
     # H200 (bench/results/probe_decode_h200.json): 8 warps at a few tokens (K=14336: 18.4 vs 20.6 us at one
     # token), 4 warps with 4 programs per SM at many (K=14336, 32768 tokens: 2.21 vs 3.36 ms).
     warps = num_warps or (8 if t <= 64 else 4)
-    extra = launch_options(x.device, num_warps=warps, num_stages=num_stages)
+    extra = launch_options(x.device, t, num_warps=warps, num_stages=num_stages)
     extra["PDL"] = bool(extra.get("launch_pdl"))
     lp, rp = left if left is not None else x, right if right is not None else x
     flags = {"HAS_LEFT": left is not None, "HAS_RIGHT": right is not None,

@@ -360,7 +360,7 @@ def kv4_decode_attention_triton(
     else:
         part, ml = out, scales[0]
     f32_dot = cpu or q.dtype == torch.float32
-    extra = launch_options(q.device, num_warps=num_warps or dflt.num_warps,
+    extra = launch_options(q.device, b, num_warps=num_warps or dflt.num_warps,
                            num_stages=dflt.num_stages if num_stages is None else num_stages)
     pdl = bool(extra.get("launch_pdl"))
     kernel[(b, hkv, splits)](
@@ -375,7 +375,7 @@ def kv4_decode_attention_triton(
     if splits > 1:
         combine = cpu_kernel(_kv4_combine_kernel) if cpu else _kv4_combine_kernel
         combine[(b * hq,)](part, ml, out, d, splits, out.stride(0), out.stride(1), hq,
-                           DP=dp, SP=next_pow2(splits, floor=2), PDL=pdl, **launch_options(q.device, num_warps=4))
+                           DP=dp, SP=next_pow2(splits, floor=2), PDL=pdl, **launch_options(q.device, b, num_warps=4))
     return out
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flatquant.ops import kron_quant, kv4_decode_attention, w4a4_gemv
-from flatquant.ops._launch import launch_options, pdl_enabled
+from flatquant.ops._launch import PDL_MAX_ROWS, launch_options, pdl_enabled
 from flatquant.ops.gemv import counter_slots, default_prefetch
 
 CUDA = torch.cuda.is_available()
@@ -14,17 +14,19 @@ def test_pdl_is_off_on_cpu_and_when_switched_off(monkeypatch: pytest.MonkeyPatch
     """The interpreter never gets launch options; FLATQUANT_PDL=0 turns PDL and the GEMV's prefetch off (read at
     each launch), and FLATQUANT_GEMV_PREFETCH overrides the prefetch depth."""
     cpu = torch.device("cpu")
-    assert not pdl_enabled(cpu) and launch_options(cpu, num_warps=4) == {}
+    assert not pdl_enabled(cpu) and launch_options(cpu, 1, num_warps=4) == {}
     assert default_prefetch(cpu) == 0
     monkeypatch.setenv("FLATQUANT_GEMV_PREFETCH", "4")
     assert default_prefetch(cpu) == 4
     if CUDA:
         dev = torch.device("cuda")
         monkeypatch.setenv("FLATQUANT_PDL", "0")
-        assert not pdl_enabled(dev) and launch_options(dev, num_warps=4) == {"num_warps": 4}
+        assert not pdl_enabled(dev) and launch_options(dev, 1, num_warps=4) == {"num_warps": 4}
         monkeypatch.setenv("FLATQUANT_PDL", "1")
         if torch.cuda.get_device_capability()[0] >= 9:
-            assert pdl_enabled(dev) and launch_options(dev, num_warps=4) == {"num_warps": 4, "launch_pdl": True}
+            assert pdl_enabled(dev) and launch_options(dev, 1, num_warps=4) == {"num_warps": 4, "launch_pdl": True}
+            # many token rows (prefill, batch-16 decode) launch without PDL: it was slower there on the H200
+            assert launch_options(dev, PDL_MAX_ROWS + 1, num_warps=4) == {"num_warps": 4}
 
 
 def _chain(x: torch.Tensor, layers: list[dict], steps: int) -> torch.Tensor:  # (T, K) bf16 -> (T, K) bf16
@@ -45,7 +47,7 @@ def test_cuda_pdl_chain_in_a_graph_equals_plain_launches(monkeypatch: pytest.Mon
     as eager launches without PDL, over several replays."""
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
-    k, t = 4096, 2
+    k, t = 4096, 2  # few token rows: the launches use PDL
     layers = []
     for _ in range(3):
         w = torch.randint(0, 256, (k, k // 2), device=dev, dtype=torch.uint8, generator=g)
