@@ -129,13 +129,12 @@ def test_real_prefill_then_decode_equals_fake(family_pair) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_real_prefill_then_decode_close_to_cpu_engine(family_pair) -> None:
     """On the GPU (Triton kernels, compiled layers, the fused decode path): the loaded checkpoint's prefill and
-    decode logits against the CPU engine's (reference ops) in the same compute dtype, within the GPU tolerance of
-    the Llama engine tests. Not against the fp32 fake forward: on CUDA the engine computes in bf16, and on these
-    tiny random 4-bit models bf16 alone moves the logits by up to 30% relative (measured on CPU: qwen3_gqa7_7x1
-    0.30, qwen2_gqa7_7x1 0.089 for the bf16 engine against the fp32 fake; the fp32 engine matches to 3e-7)."""
+    decode logits against the CPU engine's (reference ops), both computing in fp32, so that a misplaced bias or
+    norm (which moves these logits by 10% or more) is not hidden by rounding. In bf16 the comparison says little
+    on these tiny random 4-bit models: bf16 alone moves their logits by up to 30% relative to fp32 (CPU:
+    qwen3_gqa7_7x1 0.30, qwen2_gqa7_7x1 0.089), and two bf16 engines round differently, so the bf16 GPU run is
+    only checked to be finite and reported."""
     _, ck = family_pair
-    real = load_checkpoint(ck, torch.device("cuda"))
-    cpu = load_checkpoint(ck, "cpu", dtype=real.cfg.dtype)
     x = _tokens(2, 20, seed=11)
 
     def run(model, xs: torch.Tensor) -> torch.Tensor:
@@ -143,6 +142,11 @@ def test_cuda_real_prefill_then_decode_close_to_cpu_engine(family_pair) -> None:
         steps = [model(xs[:, :9], cache)] + [model(xs[:, i:i + 1], cache) for i in range(9, 20)]
         return torch.cat(steps, 1).float().cpu()
 
-    want, got = run(cpu, x), run(real, x.cuda())
+    want = run(load_checkpoint(ck, "cpu"), x)
+    got = run(load_checkpoint(ck, torch.device("cuda"), dtype=torch.float32), x.cuda())
     rel = float((got - want).norm() / want.norm())
-    assert rel < 3e-2, f"GPU vs CPU engine logits differ by {rel:.3g} (relative)"
+    got16 = run(load_checkpoint(ck, torch.device("cuda")), x.cuda())
+    rel16 = float((got16 - want).norm() / want.norm())
+    print(f"GPU vs CPU engine, relative: fp32 {rel:.3g}, bf16 (vs the fp32 CPU engine) {rel16:.3g}")
+    assert torch.isfinite(got16).all()
+    assert rel < 1e-2, f"GPU vs CPU engine logits differ by {rel:.3g} (relative, both fp32)"
