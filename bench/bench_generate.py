@@ -115,11 +115,12 @@ def main() -> int:
         ckpt = a.checkpoint
         if ckpt is None:
             from flatquant.io import load_transforms
-            from flatquant.models.real.checkpoint import export_checkpoint
+            from flatquant.models.real.checkpoint import declared_dtype, export_checkpoint
 
             flats, qcfg, tcfg, meta = load_transforms(a.transforms, weights.args)
             ckpt = Path(tmp) / "ck"
-            export_checkpoint(weights, flats, qcfg, tcfg, ckpt, method=meta["method"])
+            # the storage dtype `flatquant export` uses by default (--dtype auto): the model's declared 16-bit dtype
+            export_checkpoint(weights, flats, qcfg, tcfg, ckpt, method=meta["method"], dtype=declared_dtype(weights))
         del weights
         result["ours"] = time_ours(ckpt, ids, a.new, device)
         log.info("ours: %s", result["ours"])

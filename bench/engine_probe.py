@@ -65,6 +65,19 @@ def md(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def decode_ms(dec: CUDAGraphDecoder, logits: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:
+    """Greedy graph-replayed decode from ``logits``: ms per step over ``steps`` after 3 warm-up steps, last tokens."""
+    nxt = logits.argmax(-1)
+    for _ in range(3):
+        nxt = dec.step(nxt).argmax(-1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        nxt = dec.step(nxt).argmax(-1)
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / steps, nxt
+
+
 @torch.no_grad()
 def run(model: RealModel, batch: int, prefill: int, decode: int, profile: bool) -> dict:
     """Prefill median of 3 (after a warm-up), CUDA-graph decode ms/step, optional kernel tables."""
@@ -80,16 +93,8 @@ def run(model: RealModel, batch: int, prefill: int, decode: int, profile: bool) 
         if i:
             times.append(time.perf_counter() - t0)
     dec = model.graphed_decoder(cache)
-    nxt = logits.argmax(-1)
-    for _ in range(3):
-        nxt = dec.step(nxt).argmax(-1)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(decode):
-        nxt = dec.step(nxt).argmax(-1)
-    torch.cuda.synchronize()
-    r = {"batch": batch, "prefill_ms": 1e3 * statistics.median(times),
-         "decode_ms_per_step": 1e3 * (time.perf_counter() - t0) / decode,
+    step_ms, nxt = decode_ms(dec, logits, decode)
+    r = {"batch": batch, "prefill_ms": 1e3 * statistics.median(times), "decode_ms_per_step": step_ms,
          "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "kv_bytes": cache.nbytes()}
     if profile:
         pos = torch.tensor([cache.seen], device="cuda")
@@ -149,15 +154,7 @@ def launch_ab(model: RealModel, batch: int, prefill: int, decode: int, specs: li
             logits = pre.run(tok)
             torch.cuda.synchronize()
             times[spec]["prefill"].append(1e3 * (time.perf_counter() - t0))
-            nxt = logits.argmax(-1)
-            for _ in range(3):
-                nxt = dec.step(nxt).argmax(-1)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(decode):
-                nxt = dec.step(nxt).argmax(-1)
-            torch.cuda.synchronize()
-            times[spec]["decode"].append(1e3 * (time.perf_counter() - t0) / decode)
+            times[spec]["decode"].append(decode_ms(dec, logits, decode)[0])
     return [{"batch": batch, "setting": s, "prefill_ms": statistics.median(t["prefill"]),
              "decode_ms_per_step": statistics.median(t["decode"]), "decode_all": t["decode"]}
             for s, t in times.items()]

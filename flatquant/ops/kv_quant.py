@@ -314,10 +314,18 @@ def kv_quant_write(
     _check_write(k, v, k_trans, k_clip, v_clip, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero), idx, k_bits,
                  v_bits)
     b, t, h, d = k.shape
-    sides = ((k, k_trans, k_clip, k_bits, k_codes, k_scale, k_zero),
-             (v, None, v_clip, v_bits, v_codes, v_scale, v_zero))
-    for x, trans, clip, bits, codes, scale, zero in sides:
-        c, s, z = ref.kv_quant_ref(x.reshape(b * t, h, d), trans, clip[0], clip[1], bits)
+    caches = ((k_codes, k_scale, k_zero), (v_codes, v_scale, v_zero))
+    if k_bits == v_bits:  # both sides in one pass (per-row statistics: the same bits as one pass per side)
+        clips = torch.stack([k_clip, v_clip]).float()[:, :, None, None, None]  # (2, 2, 1, 1, 1)
+        kt = k.reshape(b * t, h, d)
+        y = torch.stack([kt.float() @ k_trans.float() if k_trans is not None else kt.float(),
+                         v.reshape(b * t, h, d).float()])
+        codes, scale, zero = ref.kv_quant_ref(y, None, clips[:, 0], clips[:, 1], k_bits)
+        outs = list(zip(codes, scale, zero, strict=True))
+    else:
+        outs = [ref.kv_quant_ref(x.reshape(b * t, h, d), trans, clip[0], clip[1], bits)
+                for x, trans, clip, bits in ((k, k_trans, k_clip, k_bits), (v, None, v_clip, v_bits))]
+    for (c, s, z), (codes, scale, zero) in zip(outs, caches, strict=True):
         codes.index_copy_(2, idx, c.view(b, t, h, d // 2).transpose(1, 2))
         scale.index_copy_(2, idx, s.view(b, t, h).transpose(1, 2))
         zero.index_copy_(2, idx, z.view(b, t, h).transpose(1, 2))

@@ -126,8 +126,8 @@ def kron_quant_multi_ref(
 ) -> tuple[Tensor, Tensor]:
     """:func:`kron_quant_ref` for G clip pairs over one transform: ``(G, T, n/2 | n)`` codes, ``(G, T)`` scales."""
     y = kron_transform_ref(x, left, right, n1)
-    outs = [_quantize_tokens(y, c[0], c[1], bits, pack) for c in clips]
-    return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+    c = clips.float()[:, :, None, None]  # (G, 2, 1, 1): one pass over (G, T, n), the same bits as G passes
+    return _quantize_tokens(y.expand(c.shape[0], *y.shape), c[:, 0], c[:, 1], bits, pack)
 
 
 def kv_quant_ref(

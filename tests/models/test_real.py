@@ -151,6 +151,16 @@ def test_cuda_triton_path_matches_reference_and_graph_decode(tmp_path: Path) -> 
     for i in range(20, 24):
         eager = gpu(x[:, i:i + 1].cuda(), c_eager)[:, -1]
         torch.testing.assert_close(dec.step(x[:, i].cuda()).clone(), eager)
+    # generate keeps its graphed cache per (batch, bucketed capacity): a second call of a similar size captures
+    # nothing new and gives the same tokens; a call while the first generator still runs gets its own cache
+    first = torch.stack(list(gpu.generate(x[:, :6].cuda(), 5)), 1)
+    decoders = dict(gpu._decoders)
+    assert len(list(gpu.generate(x[:, :7].cuda(), 4))) == 4 and gpu._decoders == decoders
+    assert torch.equal(torch.stack(list(gpu.generate(x[:, :6].cuda(), 5)), 1), first) and gpu._decoders == decoders
+    running = gpu.generate(x[:, :6].cuda(), 5)
+    head = next(running)
+    assert torch.equal(torch.stack(list(gpu.generate(x[:, :6].cuda(), 5)), 1), first)
+    assert torch.equal(torch.stack([head, *running], 1), first)
 
 
 def _engine(args, fuse: bool, dtype=torch.float32, device="cpu", seed=0, cpu_codes: bool = True):
@@ -164,19 +174,24 @@ def _engine(args, fuse: bool, dtype=torch.float32, device="cpu", seed=0, cpu_cod
                      compile_decode=False)
 
 
-def _gqa_args(n_heads: int, n_kv_heads: int, qkv_bias: bool):
+def _gqa_args(n_heads: int, n_kv_heads: int, family: str):
+    """Tiny args in a family's style: "llama" (plain), "qwen2" (q/k/v biases), "qwen3" (q/k RMSNorm before RoPE)."""
     from flatquant.models.args import ModelArgs
 
     return ModelArgs(vocab_size=64, hidden=48, intermediate=80, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                     head_dim=8, qkv_bias=qkv_bias)
+                     head_dim=8, qkv_bias=family == "qwen2", qk_norm=family == "qwen3")
 
 
-@pytest.mark.parametrize("heads,kv_heads,bias", [(4, 4, False), (6, 2, True), (8, 2, False), (7, 1, True)])
-def test_fused_engine_equals_unfused(heads: int, kv_heads: int, bias: bool) -> None:
+GQA_CASES = [(4, 4, "llama"), (6, 2, "qwen2"), (8, 2, "qwen3"), (7, 1, "qwen2")]
+
+
+@pytest.mark.parametrize("heads,kv_heads,family", GQA_CASES)
+def test_fused_engine_equals_unfused(heads: int, kv_heads: int, family: str) -> None:
     """q/k/v and gate/up as one transform + quantize and one weight give the unfused engine's logits bit for bit
     (reference ops; with and without the CPU's unpacked weight codes): GQA ratios 1, 3, 4, 7 (odd head counts),
-    biases, left padding, batch 1 and 3, prefill then decode (the decode GEMM stacks the code sets as rows)."""
-    args = _gqa_args(heads, kv_heads, bias)
+    biases, q/k norms, left padding, batch 1 and 3, prefill then decode (the decode GEMM stacks the code sets as
+    rows)."""
+    args = _gqa_args(heads, kv_heads, family)
     fused, plain, packed = _engine(args, True), _engine(args, False, cpu_codes=False), _engine(args, True,
                                                                                           cpu_codes=False)
     assert set(fused.weights.layers[0].fused) == {"qkv", "up_gate"} and not plain.weights.layers[0].fused
@@ -195,13 +210,13 @@ def test_fused_engine_equals_unfused(heads: int, kv_heads: int, bias: bool) -> N
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("heads,kv_heads,bias", [(4, 4, False), (6, 2, True), (8, 2, False), (7, 1, True)])
-def test_cuda_fast_engine_equals_unfused_eager(heads: int, kv_heads: int, bias: bool) -> None:
+@pytest.mark.parametrize("heads,kv_heads,family", GQA_CASES)
+def test_cuda_fast_engine_equals_unfused_eager(heads: int, kv_heads: int, family: str) -> None:
     """On the GPU: fused linears, compiled decode layer, split decode attention and the CUDA-graph decoder against
     the unfused eager engine, with a prompt longer than one attention split."""
     from flatquant.models.real import CUDAGraphDecoder
 
-    args = _gqa_args(heads, kv_heads, bias)
+    args = _gqa_args(heads, kv_heads, family)
     fast, slow = _engine(args, True, torch.bfloat16, "cuda"), _engine(args, False, torch.bfloat16, "cuda")
     fast._decode_layer = torch.compile(decode_layer, fullgraph=True, dynamic=False)
     x = tokens(2, 300, vocab=64, seed=4).cuda()
@@ -236,7 +251,7 @@ def test_compiled_prefill_serves_models_of_several_head_counts() -> None:
     counts as SymInts, and a SymBool enable_gqa made SDPA refuse the call; the compiled prefill must equal the
     eager one."""
     for heads, kv_heads in [(4, 4), (6, 2), (8, 2)]:
-        args = _gqa_args(heads, kv_heads, False)
+        args = _gqa_args(heads, kv_heads, "llama")
         eager = _engine(args, True)
         compiled = type(eager)(eager.weights, compile_decode=False, compile_prefill=True)
         x = tokens(2, 12, vocab=64, seed=heads)
@@ -246,10 +261,10 @@ def test_compiled_prefill_serves_models_of_several_head_counts() -> None:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("heads,kv_heads,bias,batch", [(6, 2, True, 2), (4, 4, False, 2), (8, 2, False, 2),
-                                                      (7, 1, True, 1)])
+@pytest.mark.parametrize("heads,kv_heads,family,batch", [(6, 2, "qwen2", 2), (4, 4, "llama", 2),
+                                                        (8, 2, "qwen3", 2), (7, 1, "qwen2", 1)])
 def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monkeypatch, heads: int, kv_heads: int,
-                                                                            bias: bool, batch: int) -> None:
+                                                                            family: str, batch: int) -> None:
     """The engine's CUDA-only paths, end to end on CPU: the ops replaced by their Triton launchers (the
     interpreter) and the CUDA-only switches turned on: the split ``kron_quant`` layout at decode tokens (forced at
     these tiny dims), ``up=`` SwiGLU in down's transform, int8 codes + unpacked weights from ``UNPACK_MIN_M``
@@ -270,7 +285,7 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
     from flatquant.ops.pack import unpack_int4_triton
 
     kq_mod = importlib.import_module("flatquant.ops.kron_quant")  # the module (flatquant.ops.kron_quant is the op)
-    args = _gqa_args(heads, kv_heads, bias)
+    args = _gqa_args(heads, kv_heads, family)
     want_engine = _engine(args, False, cpu_codes=False)
     t = 134 // batch  # batch x (t - 2) prefill rows >= UNPACK_MIN_M
     x = tokens(batch, t, vocab=64, seed=9)

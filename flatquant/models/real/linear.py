@@ -74,7 +74,8 @@ class FusedQLinear:
             return [w8a8_matmul(codes8[i], scale[i], w8[lo:hi], self.w_scale[lo:hi],
                                 None if self.bias is None else self.bias[lo:hi], x.dtype).reshape(*lead, hi - lo)
                     for i, (lo, hi) in enumerate(itertools.pairwise(bounds))]
-        codes, scale = kron_quant_multi(x2, self.left, self.right, self.clips, self.n1, 4, True)
+        # with cpu_codes the CPU product takes int8 codes: no pack here and unpack in gemm4
+        codes, scale = kron_quant_multi(x2, self.left, self.right, self.clips, self.n1, 4, cpu_codes is None)
         if m * g <= GEMV_MAX_M:
             out = gemm4(codes.reshape(g * m, -1), scale.reshape(g * m), self.weight, self.w_scale, self.bias,
                         x.dtype, cpu_codes, counters).view(g, m, -1)
@@ -102,12 +103,12 @@ def gemm4(codes: Tensor, scale: Tensor, weight: Tensor, w_scale: Tensor, bias: T
     arrival counters, :func:`gemv_counters`) ``flatquant::w4a4_gemv``, which reduces its K split in-kernel; on CPU
     with ``cpu_codes`` ((N, K) int8 weight codes unpacked once at load) an exact int8 product
     (:func:`~flatquant.ops.reference.int8_mm_cpu`) and the same fp32 epilogue, without unpacking the weight on every
-    call. All give the reference's result."""
+    call; ``codes`` may then be the unpacked ``(M, K)`` int8 codes. All give the reference's result."""
     if cpu_codes is None:
         if counters is not None and codes.shape[0] <= GEMV_MAX_M:
             return w4a4_gemv(codes, scale, weight, w_scale, bias, dtype, counters)
         return w4a4_matmul(codes, scale, weight, w_scale, bias, dtype)
-    acc = ref.int8_mm_cpu(ref.unpack_int4_ref(codes), cpu_codes)
+    acc = ref.int8_mm_cpu(codes if codes.dtype == torch.int8 else ref.unpack_int4_ref(codes), cpu_codes)
     return ref.dequant_epilogue_ref(acc, scale, w_scale, bias, dtype)
 
 
@@ -153,8 +154,9 @@ def real_linear(x: Tensor, p: QLinearParams, cpu_codes: Tensor | None = None,
         codes8, scale = kron_quant(x2, p.left, p.right, p.clip, p.n1, 4, False, up2)
         out = w8a8_matmul(codes8, scale, unpack_int4(p.weight), p.w_scale, p.bias, x.dtype)
         return out.reshape(*x.shape[:-1], p.out_features)
-    even = (k // p.n1) % 2 == 0
-    codes, scale = kron_quant(x2, p.left, p.right, p.clip, p.n1, 4, even, up2)
-    out = gemm4(codes if even else pack_int4(codes), scale, p.weight, p.w_scale, p.bias, x.dtype, cpu_codes,
-                counters)
+    pack = (k // p.n1) % 2 == 0 and cpu_codes is None  # the CPU product with cpu_codes takes int8 codes
+    codes, scale = kron_quant(x2, p.left, p.right, p.clip, p.n1, 4, pack, up2)
+    if not pack and cpu_codes is None:
+        codes = pack_int4(codes)
+    out = gemm4(codes, scale, p.weight, p.w_scale, p.bias, x.dtype, cpu_codes, counters)
     return out.reshape(*x.shape[:-1], p.out_features)

@@ -19,6 +19,9 @@ from .weights import RealWeights
 log = logging.getLogger(__name__)
 Params = dict[str, Tensor]
 
+GEN_BUCKET = 256
+"""On CUDA, :meth:`RealModel.generate` sizes its reusable cache to a multiple of this many positions."""
+
 
 class CompiledOrEager:
     """``torch.compile(fn, fullgraph=True)`` that falls back to ``fn`` for good, with one logged warning, once
@@ -64,6 +67,7 @@ class RealModel:
         self._static: dict[tuple[int, int], KVCache] = {}
         self._prefill_graphs: dict[tuple[int, int, int], CUDAGraphPrefill] = {}
         self._decoders: dict[int, CUDAGraphDecoder] = {}
+        self._generating: set[tuple[int, int]] = set()
 
     @property
     def device(self) -> torch.device:
@@ -166,16 +170,29 @@ class RealModel:
         """
         check_sampling(max_new_tokens, temperature, top_p)
         b, t = prompt.shape
-        cache = self.new_cache(b, t + max_new_tokens)
-        logits = self.forward(prompt, cache, last_only=True)[:, -1]
-        # On CUDA every decode step is one CUDA-graph replay (captured after the prefill, before the first token).
-        graph = CUDAGraphDecoder(self, cache) if self.device.type == "cuda" and max_new_tokens > 1 else None
-        done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
-        for _ in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_p, generator)
-            yield nxt
-            if eos_token_id is not None:
-                done |= nxt == eos_token_id
-                if bool(done.all()):
-                    return
-            logits = graph.step(nxt) if graph is not None else self.forward(nxt[:, None], cache)[:, -1]
+        graphed = self.device.type == "cuda" and max_new_tokens > 1
+        # On CUDA every decode step is one CUDA-graph replay. The cache and its captured graph are kept per
+        # (batch, capacity rounded up to GEN_BUCKET), so a later call of a similar size starts without a capture;
+        # a call whose key is still held by an unfinished generator gets a cache and graph of its own.
+        key = (b, -(-(t + max_new_tokens) // GEN_BUCKET) * GEN_BUCKET)
+        shared = graphed and key not in self._generating
+        cache = self.static_cache(*key) if shared else self.new_cache(b, t + max_new_tokens)
+        if shared:
+            self._generating.add(key)
+        try:
+            logits = self.forward(prompt, cache, last_only=True)[:, -1]
+            graph = None
+            if graphed:
+                graph = self.graphed_decoder(cache) if shared else CUDAGraphDecoder(self, cache)
+            done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+            for _ in range(max_new_tokens):
+                nxt = sample(logits, temperature, top_p, generator)
+                yield nxt
+                if eos_token_id is not None:
+                    done |= nxt == eos_token_id
+                    if bool(done.all()):
+                        return
+                logits = graph.step(nxt) if graph is not None else self.forward(nxt[:, None], cache)[:, -1]
+        finally:
+            if shared:
+                self._generating.discard(key)
