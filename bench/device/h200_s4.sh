@@ -8,6 +8,7 @@
 #   generate:  join the GGUF with the third part (.gguf3 carried), export the W4A4KV4 checkpoint and time
 #              `flatquant generate`'s engine against transformers' static-cache generate (bench_generate.py)
 #   final:     bench_e2e (real engine, bf16-static, our bf16, eager), the families' GPU test, the engine tests
+#   verify:    the families' GPU test for every config, then the engine-level GPU tests (for the next session)
 #   e2e:       the fast-engine test, then bench_e2e with every baseline the time allows, in one command
 # Usage: bash bench/device/h200_s4.sh STAGE [STAGE ...]
 set -uo pipefail
@@ -59,6 +60,14 @@ final)
     | tee $OUT/pytest_families_cuda.log | grep -E "^E |passed|failed"
   timeout ${TEST_S:-110} $PYT --tb=short tests/models/test_real.py tests/ops/test_launch.py tests/ops/test_gemv.py 2>&1 \
     | grep -v DEBUG | tail -30 | tee $OUT/pytest_engine_cuda.log | grep -E "^E |passed|failed" ;;
+verify)
+  # what this session's device time did not reach: the families' GPU test for every config (Qwen3 included; about a
+  # minute per config, most of it compilation) and the engine-level tests (fast engine in llama/qwen2/qwen3 styles,
+  # generate's graph reuse), each file its own process so that a timeout keeps the other's result
+  timeout ${FAM_S:-330} $PYT -s --tb=short tests/models/test_real_families.py 2>&1 | grep -v DEBUG \
+    | grep -E "GPU vs|^E |passed|failed|Error" | tee $OUT/pytest_families_cuda.log
+  timeout ${ENG_S:-250} $PYT --tb=short tests/models/test_real.py tests/ops/test_launch.py 2>&1 | grep -v DEBUG \
+    | tail -30 | tee $OUT/pytest_engine_cuda.log | grep -E "^E |passed|failed" ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 done
