@@ -282,10 +282,8 @@ def _w8a8_tma_kernel(
 
 
 # Tiles measured on the H100 (bench/results/probe_tma_h100.log): 256x128x128 with 4 stages was best or within 3%
-# on every prefill shape; 128x256 wins some. 128x128 is offered for narrow outputs (a GQA model's k/v projections,
-# N = 1024 on LLaMA-3-8B): at 2048 tokens the 256x128 tiles give 64 programs, under half of 132 SMs, and 128x128
-# twice as many (the autotuner keeps whichever is faster per shape; not yet measured on the H200).
-_TMA_TILES = [(256, 128, 128, 8, 4), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4)]
+# on every prefill shape; 128x256 wins some.
+_TMA_TILES = [(256, 128, 128, 8, 4), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3)]
 
 
 def _set_tma_blocks(nargs: dict) -> None:
