@@ -469,6 +469,10 @@ def kron_quant(
 
     Returns:
         ``codes`` ``(T, n/2)`` uint8 when packed else ``(T, n)`` int8, and ``scale`` ``(T,)`` fp32.
+
+    On Hopper at up to 8 tokens the kernels are launched with programmatic dependent launch and may read the
+    factors and ``clip`` (a layer's constants) while the kernel before them drains: those must not be written by
+    the kernel launched just before this op (``x`` and ``up`` may be).
     """
     _check(x, left, right, n1, bits, pack)
     _check_up(x, up)
@@ -497,6 +501,8 @@ def kron_quant_multi(
     Returns:
         ``codes`` ``(G, T, n/2)`` uint8 (packed) or ``(G, T, n)`` int8, and ``scale`` ``(G, T)`` fp32; slice ``g``
         equals ``kron_quant(x, left, right, clips[g], n1, bits, pack)``.
+
+    The launch note of :func:`kron_quant` holds for ``left``, ``right`` and ``clips``.
     """
     _check(x, left, right, n1, bits, pack)
     _check_clips(clips)

@@ -575,12 +575,14 @@ def _top_weight(t: Params, name: str, embed_bits: int | None, dtype: torch.dtype
 
 def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", *, dtype: torch.dtype | None = None,
                     verify: bool = True, expect: ModelArgs | None = None,
-                    compile_decode: bool | None = None) -> RealModel:
+                    compile_decode: bool | None = None, compile_prefill: bool | None = None) -> RealModel:
     """Load a checkpoint into a :class:`RealModel` (reference ops on CPU, Triton kernels on CUDA).
 
     Args:
         dtype: compute dtype; default fp32 on CPU, and on CUDA the checkpoint's dtype when it is 16-bit, else bf16.
         verify: check the shards' sizes and sha256 first.
+        compile_decode, compile_prefill: ``torch.compile`` the decode / prefill layer (None: on CUDA only; see
+            :class:`RealModel`).
 
     Raises:
         CheckpointError: see :func:`load_tensors`.
@@ -605,7 +607,8 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", *, dty
     lm_head = embed if meta["tied"] else _top_weight(t, "lm_head", meta["embed_bits"], dtype)
     top = {"embed": embed, "final_norm": t["top.final_norm"].to(dtype), "lm_head": lm_head,
            "rope.inv_freq": t["top.rope.inv_freq"]}
-    return RealModel(RealWeights(cfg=cfg, top=top, layers=tuple(layers)), compile_decode=compile_decode)
+    return RealModel(RealWeights(cfg=cfg, top=top, layers=tuple(layers)), compile_decode=compile_decode,
+                     compile_prefill=compile_prefill)
 
 
 def load_tokenizer(path: Path | str, *, verify: bool = True) -> object:
