@@ -22,9 +22,11 @@ from env import environment  # noqa: E402
 from flatquant.ops import reference as ref  # noqa: E402
 from flatquant.ops.matmul import MODE_W8A8, qmatmul_triton, w8a8_tma_triton  # noqa: E402
 
-SHAPES = [(8192, 4096, 14336), (8192, 4096, 4096), (2048, 4096, 4096), (2048, 14336, 4096)]  # (M, K, N)
+# (M, K, N); (2048, 4096, 1024) is a GQA k/v projection at batch-1 prefill: 64 programs of 256 x 128 on 132 SMs
+SHAPES = [(8192, 4096, 14336), (8192, 4096, 4096), (2048, 4096, 4096), (2048, 14336, 4096), (2048, 4096, 1024),
+          (2048, 4096, 14336)]
 TILES = [(128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4),
-         (256, 128, 128, 8, 4), (128, 256, 64, 8, 5)]
+         (128, 128, 128, 4, 4), (256, 128, 128, 8, 4), (128, 256, 64, 8, 5)]
 
 
 def main() -> int:

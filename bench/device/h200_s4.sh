@@ -8,6 +8,7 @@
 #   generate:  join the GGUF with the third part (.gguf3 carried), export the W4A4KV4 checkpoint and time
 #              `flatquant generate`'s engine against transformers' static-cache generate (bench_generate.py)
 #   final:     bench_e2e (real engine, bf16-static, our bf16, eager), the families' GPU test, the engine tests
+#   tma:       the TMA GEMM tile probe (is a 128 x 128 tile faster for the k/v projections at 2048 tokens?)
 #   verify:    the families' GPU test for every config, then the engine-level GPU tests (for the next session)
 #   e2e:       the fast-engine test, then bench_e2e with every baseline the time allows, in one command
 # Usage: bash bench/device/h200_s4.sh STAGE [STAGE ...]
@@ -60,6 +61,9 @@ final)
     | tee $OUT/pytest_families_cuda.log | grep -E "^E |passed|failed"
   timeout ${TEST_S:-110} $PYT --tb=short tests/models/test_real.py tests/ops/test_launch.py tests/ops/test_gemv.py 2>&1 \
     | grep -v DEBUG | tail -30 | tee $OUT/pytest_engine_cuda.log | grep -E "^E |passed|failed" ;;
+tma)
+  # the prefill GEMM's tiles on the H200, with the k/v shape (N = 1024) whose 256 x 128 tiles fill under half the GPU
+  timeout 200 python3 bench/probe_tma.py --out $OUT/probe_tma_h200.json 2>&1 | grep -v Warn | tail -40 ;;
 verify)
   # what this session's device time did not reach: the families' GPU test for every config (Qwen3 included; the
   # kernels without torch.compile) and the engine-level tests (fast engine in llama/qwen2/qwen3 styles,
