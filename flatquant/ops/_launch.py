@@ -132,14 +132,13 @@ decode step from 3.41 to 3.23 ms, but made batch-16 decode (4.76 -> 4.78-4.92 ms
 
 
 def launch_options(device: torch.device, rows: int, **options: Any) -> dict[str, Any]:
-    """Triton launch options for a kernel that calls :func:`pdl_wait` over ``rows`` token rows: none on CPU
-    (interpreter), else ``options`` plus ``launch_pdl`` where :func:`pdl_enabled` and ``rows <= PDL_MAX_ROWS``.
-    Pass the kernel ``PDL=bool(opts.get("launch_pdl"))``."""
+    """Keyword arguments for launching a kernel that takes a ``PDL`` constexpr (and calls :func:`pdl_wait`) over
+    ``rows`` token rows: ``PDL`` itself, plus on CUDA the launch ``options`` and ``launch_pdl`` where
+    :func:`pdl_enabled` and ``rows <= PDL_MAX_ROWS``; on CPU (the interpreter) ``PDL=False`` alone."""
     if device.type != "cuda":
-        return {}
-    if rows <= PDL_MAX_ROWS and pdl_enabled(device):
-        return {**options, "launch_pdl": True}
-    return dict(options)
+        return {"PDL": False}
+    pdl = rows <= PDL_MAX_ROWS and pdl_enabled(device)
+    return {**options, "PDL": pdl, **({"launch_pdl": True} if pdl else {})}
 
 
 @triton.jit

@@ -46,7 +46,6 @@ from ._launch import (
     nibble_hi,
     nibble_lo,
     on_cpu,
-    pdl_enabled,
     pdl_wait,
     sm_count,
 )
@@ -250,13 +249,14 @@ def default_split_k(n_tiles: int, k: int, block_k: int, sms: int) -> int:
     return min(split, max_split)
 
 
-def default_prefetch(device: torch.device) -> int:
-    """Weight K-tiles per program that the GEMV asks L2 for before it waits on the previous kernel: 2 with
-    programmatic dependent launch (else 0); ``FLATQUANT_GEMV_PREFETCH`` overrides it (read at each launch)."""
+def default_prefetch(pdl: bool) -> int:
+    """Weight K-tiles per program that the GEMV asks L2 for before it waits on the previous kernel, for a launch
+    with programmatic dependent launch (``pdl``): 2, which ``FLATQUANT_GEMV_PREFETCH`` overrides (read at each
+    launch); 0 without PDL, where no previous kernel is draining."""
+    if not pdl:
+        return 0
     env = os.environ.get("FLATQUANT_GEMV_PREFETCH")
-    if env is not None:
-        return int(env)
-    return 2 if pdl_enabled(device) else 0
+    return 2 if env is None else int(env)
 
 
 def default_block_n(mode: int, n: int, m_blocks: int, device: torch.device) -> int:
@@ -323,7 +323,7 @@ def qgemv_triton(
             applies the epilogue (no second kernel). The caller owns them; calls that share counters must not
             overlap (one stream, or one CUDA graph). Same result as without.
         prefetch: weight K-tiles per program requested into L2 before the kernel waits for the previous one
-            (programmatic dependent launch; default :func:`default_prefetch`; 0 under the interpreter).
+            (programmatic dependent launch; default :func:`default_prefetch`; always 0 under the interpreter).
 
     CPU tensors run through Triton's interpreter.
     """
@@ -370,8 +370,7 @@ def qgemv_triton(
                              f"{counters.dtype} on {counters.device} with {counters.numel()}")
     ws = out if split == 1 else torch.empty(split, m, n, dtype=torch.int32, device=dev)
     opts = launch_options(dev, m, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
-    pdl = bool(opts.get("launch_pdl"))
-    prefetch = 0 if cpu else (default_prefetch(dev) if prefetch is None else prefetch)
+    prefetch = default_prefetch(opts["PDL"]) if prefetch is None else (0 if cpu else prefetch)
     if prefetch < 0 or prefetch & (prefetch - 1):
         raise ValueError(f"prefetch must be 0 or a power of two, got {prefetch}")
     kernel = cpu_kernel(_qgemv_kernel) if cpu else _qgemv_kernel
@@ -380,8 +379,7 @@ def qgemv_triton(
         tiles_per_split * block_k // 2, split, a.stride(0), w.stride(0), out.stride(0), m * n, MODE=mode,
         HAS_BIAS=bias is not None, REDUCE=red,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HALF_TILE=ref.W4A8_BLOCK_K // 2, EVEN_K=k % block_k == 0,
-        SWAR=not cpu and swar, INTERPRET_BF16=interpret_bf16, PDL=pdl, PREFETCH=prefetch,
-        **opts)
+        SWAR=not cpu and swar, INTERPRET_BF16=interpret_bf16, PREFETCH=prefetch, **opts)
     if red == 1:
         rbm = min(next_pow2(m, floor=1), 16)
         rbn = min(256, max(32, 1024 // rbm))
@@ -389,7 +387,7 @@ def qgemv_triton(
         ropts = launch_options(dev, m, num_warps=4, enable_fp_fusion=False)
         reduce_kernel[(triton.cdiv(n, rbn), triton.cdiv(m, rbm))](
             ws, sa, sw, b, out, m, n, split, out.stride(0), m * n, HAS_BIAS=bias is not None, BLOCK_M=rbm, BLOCK_N=rbn,
-            INTERPRET_BF16=interpret_bf16, PDL=bool(ropts.get("launch_pdl")), **ropts)
+            INTERPRET_BF16=interpret_bf16, **ropts)
     return out
 
 

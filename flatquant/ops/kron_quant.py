@@ -396,7 +396,6 @@ def kron_quant_triton(
     # token), 4 warps with 4 programs per SM at many (K=14336, 32768 tokens: 2.21 vs 3.36 ms).
     warps = num_warps or (8 if t <= 64 else 4)
     extra = launch_options(x.device, t, num_warps=warps, num_stages=num_stages)
-    extra["PDL"] = bool(extra.get("launch_pdl"))
     lp, rp = left if left is not None else x, right if right is not None else x
     flags = {"HAS_LEFT": left is not None, "HAS_RIGHT": right is not None,
              "F32_DOT": cpu or x.dtype == torch.float32, "HAS_GLU": up is not None,

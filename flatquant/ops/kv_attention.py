@@ -362,7 +362,6 @@ def kv4_decode_attention_triton(
     f32_dot = cpu or q.dtype == torch.float32
     extra = launch_options(q.device, b, num_warps=num_warps or dflt.num_warps,
                            num_stages=dflt.num_stages if num_stages is None else num_stages)
-    pdl = bool(extra.get("launch_pdl"))
     kernel[(b, hkv, splits)](
         q, k_codes, scales[0], scales[1], v_codes, scales[2], scales[3],
         start.to(torch.int32).contiguous(), length.to(torch.int32).contiguous(), part, ml,
@@ -370,12 +369,12 @@ def kv4_decode_attention_triton(
         q.stride(0), q.stride(1), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
         scales[0].stride(0), scales[0].stride(1), out.stride(0), out.stride(1),
         REP_P=next_pow2(rep, floor=8 if swap else 16), DP=dp, BLOCK_T=block_t, F32_DOT=f32_dot, SPLIT=splits > 1,
-        EVEN_D=d == dp, SWAR=swar and not f32_dot, SWAP_AB=swap, PDL=pdl, **extra,
+        EVEN_D=d == dp, SWAR=swar and not f32_dot, SWAP_AB=swap, **extra,
     )
     if splits > 1:
         combine = cpu_kernel(_kv4_combine_kernel) if cpu else _kv4_combine_kernel
         combine[(b * hq,)](part, ml, out, d, splits, out.stride(0), out.stride(1), hq,
-                           DP=dp, SP=next_pow2(splits, floor=2), PDL=pdl, **launch_options(q.device, b, num_warps=4))
+                           DP=dp, SP=next_pow2(splits, floor=2), **launch_options(q.device, b, num_warps=4))
     return out
 
 

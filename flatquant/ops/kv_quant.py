@@ -260,7 +260,6 @@ def kv_quant_write_triton(
     cpu = on_cpu(k)
     kernel = cpu_kernel(_kv_quant_write_kernel) if cpu else _kv_quant_write_kernel
     extra = launch_options(k.device, b * t, num_warps=4, num_stages=1)
-    extra["PDL"] = bool(extra.get("launch_pdl"))
     kernel[(b * t, 2)](
         k, v, trans if trans is not None else k, k_clip.float().contiguous(), v_clip.float().contiguous(), idx,
         *caches,

@@ -345,9 +345,8 @@ def w8a8_tma_triton(
     def tuned_grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    opts = launch_options(a.device, m)
     _w8a8_tma_tuned[tuned_grid](a_desc, w_desc, sa, sw, b, out, m, n, k, out.stride(0), m_bucket(m),
-                                HAS_BIAS=bias is not None, PDL=bool(opts.get("launch_pdl")), **opts)
+                                HAS_BIAS=bias is not None, **launch_options(a.device, m))
     return out
 
 

@@ -67,9 +67,8 @@ def unpack_int4_triton(packed: Tensor, signed: bool = True) -> Tensor:  # (..., 
     n = packed.numel()
     if n:
         kernel = cpu_kernel(_unpack_int4_kernel) if on_cpu(packed) else _unpack_int4_kernel
-        opts = launch_options(packed.device, n // max(1, packed.shape[-1]))
-        kernel[(triton.cdiv(n, _BLOCK),)](packed, out, n, SIGNED=signed, BLOCK=_BLOCK, PDL=bool(opts.get("launch_pdl")),
-                                          **opts)
+        kernel[(triton.cdiv(n, _BLOCK),)](packed, out, n, SIGNED=signed, BLOCK=_BLOCK,
+                                          **launch_options(packed.device, n // max(1, packed.shape[-1])))
     return out
 
 

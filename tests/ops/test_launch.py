@@ -11,22 +11,23 @@ CUDA = torch.cuda.is_available()
 
 
 def test_pdl_is_off_on_cpu_and_when_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The interpreter never gets launch options; FLATQUANT_PDL=0 turns PDL and the GEMV's prefetch off (read at
-    each launch), and FLATQUANT_GEMV_PREFETCH overrides the prefetch depth."""
+    """The interpreter gets no launch options and PDL=False; FLATQUANT_PDL=0 turns PDL off (read at each launch);
+    the GEMV prefetches only for a PDL launch, 2 tiles unless FLATQUANT_GEMV_PREFETCH says otherwise."""
     cpu = torch.device("cpu")
-    assert not pdl_enabled(cpu) and launch_options(cpu, 1, num_warps=4) == {}
-    assert default_prefetch(cpu) == 0
+    assert not pdl_enabled(cpu) and launch_options(cpu, 1, num_warps=4) == {"PDL": False}
+    assert default_prefetch(False) == 0 and default_prefetch(True) == 2
     monkeypatch.setenv("FLATQUANT_GEMV_PREFETCH", "4")
-    assert default_prefetch(cpu) == 4
+    assert default_prefetch(False) == 0 and default_prefetch(True) == 4
     if CUDA:
         dev = torch.device("cuda")
         monkeypatch.setenv("FLATQUANT_PDL", "0")
-        assert not pdl_enabled(dev) and launch_options(dev, 1, num_warps=4) == {"num_warps": 4}
+        assert not pdl_enabled(dev) and launch_options(dev, 1, num_warps=4) == {"num_warps": 4, "PDL": False}
         monkeypatch.setenv("FLATQUANT_PDL", "1")
         if torch.cuda.get_device_capability()[0] >= 9:
-            assert pdl_enabled(dev) and launch_options(dev, 1, num_warps=4) == {"num_warps": 4, "launch_pdl": True}
+            assert pdl_enabled(dev)
+            assert launch_options(dev, 1, num_warps=4) == {"num_warps": 4, "PDL": True, "launch_pdl": True}
             # many token rows (prefill, batch-16 decode) launch without PDL: it was slower there on the H200
-            assert launch_options(dev, PDL_MAX_ROWS + 1, num_warps=4) == {"num_warps": 4}
+            assert launch_options(dev, PDL_MAX_ROWS + 1, num_warps=4) == {"num_warps": 4, "PDL": False}
 
 
 def _chain(x: torch.Tensor, layers: list[dict], steps: int) -> torch.Tensor:  # (T, K) bf16 -> (T, K) bf16
