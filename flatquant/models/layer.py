@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from ..core.clip import clip_factor
 from ..core.kron import head_mix, head_transform, kron_transform
+from ..core.norm import rms_norm
 from ..core.quant import fake_quant
 from ..core.recompute import recompute_in_backward
 from ..core.spec import QuantConfig, QuantSpec
@@ -60,14 +62,6 @@ def _rotate_half(x: Tensor) -> Tensor:
 def apply_rope(x: Tensor, rope: Rope) -> Tensor:  # x: (B, heads, T, d)
     """Rotate ``x`` by the rotary tables."""
     return x * rope.cos.to(x.dtype) + _rotate_half(x) * rope.sin.to(x.dtype)
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm computed in at least fp32, returned in the input dtype."""
-    ct = torch.promote_types(x.dtype, torch.float32)
-    xf = x.to(ct)
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.to(ct)).to(x.dtype)
 
 
 def qk_pre_rope(
@@ -144,16 +138,19 @@ def attention(
     return o.transpose(1, 2).reshape(b, t, args.q_dim)
 
 
+H = TypeVar("H")
+
+
 def decoder_layer(
     x: Tensor,  # (B, T, hidden)
     *,
     input_norm: Tensor,  # (hidden,)
     post_norm: Tensor,  # (hidden,)
-    eps: float,
-    attention: Callable[[Tensor], Tensor],  # (B, T, hidden) normalised -> (B, T, H*d)
-    o_proj: Callable[[Tensor], Tensor],  # (B, T, H*d) -> (B, T, hidden)
-    gate_up: Callable[[Tensor], tuple[Tensor, Tensor]],  # (B, T, hidden) normalised -> 2 x (B, T, intermediate)
-    down: Callable[[Tensor, Tensor], Tensor],  # gate, up: 2 x (B, T, intermediate) -> (B, T, hidden)
+    norm: Callable[[Tensor, Tensor], H],  # (B, T, hidden), weight -> normalised input
+    attention: Callable[[H], Tensor],  # normalised -> (B, T, H*d)
+    o_proj: Callable[[Tensor, Tensor], Tensor],  # (B, T, H*d), residual (B, T, hidden) -> (B, T, hidden)
+    gate_up: Callable[[H], tuple[Tensor, Tensor]],  # normalised -> 2 x (B, T, intermediate)
+    down: Callable[[Tensor, Tensor, Tensor], Tensor],  # gate, up, residual -> (B, T, hidden)
 ) -> Tensor:  # (B, T, hidden)
     """The decoder layer's skeleton, written once: pre-norm attention and pre-norm SwiGLU MLP with residuals.
 
@@ -165,21 +162,31 @@ def decoder_layer(
 
     Args:
         x: the layer input (residual stream).
-        input_norm, post_norm: RMSNorm weights before attention and before the MLP; ``eps`` their epsilon.
+        input_norm, post_norm: RMSNorm weights before attention and before the MLP.
+        norm: ``norm(x, weight)``, the RMSNorm (:func:`rms_norm_fn`). Its result goes only to ``attention`` and
+            ``gate_up``, so an engine may return a deferred norm that their transform kernel applies.
         attention: the attention output before ``o_proj`` of the normalised input.
-        o_proj: the output projection of the attention output.
+        o_proj: ``o_proj(o, x)``: the residual ``x`` plus the output projection of the attention output ``o``.
         gate_up: ``(gate, up)`` projections of the normalised MLP input.
-        down: the down projection of ``silu(gate) * up`` (:func:`swiglu`), given ``gate`` and ``up``: the engine
-            forms the product inside its transform kernel instead of writing it out.
+        down: ``down(gate, up, x)``: the residual ``x`` plus the down projection of ``silu(gate) * up``
+            (:func:`swiglu`). The engine forms the product inside its transform kernel and may add the residual
+            in its GEMM's epilogue.
 
     Returns:
         The layer output ``x + o_proj(attention(norm(x)))``, then ``+ down(silu(gate) * up)`` of its norm.
     """
-    h = rms_norm(x, input_norm, eps)
-    x = x + o_proj(attention(h))
-    h = rms_norm(x, post_norm, eps)
-    gate, up = gate_up(h)
-    return x + down(gate, up)
+    x = o_proj(attention(norm(x, input_norm)), x)
+    gate, up = gate_up(norm(x, post_norm))
+    return down(gate, up, x)
+
+
+def rms_norm_fn(eps: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """The skeleton's ``norm`` for RMSNorm with epsilon ``eps``: ``(x, weight) -> rms_norm(x, weight, eps)``."""
+    return functools.partial(_rms_norm_eps, eps=eps)
+
+
+def _rms_norm_eps(x: Tensor, weight: Tensor, *, eps: float) -> Tensor:
+    return rms_norm(x, weight, eps)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:  # 2 x (B, T, intermediate) -> (B, T, intermediate)
@@ -208,18 +215,18 @@ def layer_forward(
     def attend(h: Tensor) -> Tensor:  # (B, T, hidden) -> (B, T, H*d)
         return attention(p, _kron(p, "ln_trans", h), rope, args, qcfg, lin, recompute=recompute)
 
-    def o_proj(o: Tensor) -> Tensor:  # (B, T, H*d) -> (B, T, hidden)
-        return lin(p, "o_proj", head_mix(o, p["o_trans"]) if "o_trans" in p else o, qcfg.a)
+    def o_proj(o: Tensor, res: Tensor) -> Tensor:  # (B, T, H*d), (B, T, hidden) -> (B, T, hidden)
+        return res + lin(p, "o_proj", head_mix(o, p["o_trans"]) if "o_trans" in p else o, qcfg.a)
 
     def gate_up(h: Tensor) -> tuple[Tensor, Tensor]:  # (B, T, hidden) -> 2 x (B, T, intermediate)
         h = _kron(p, "up_gate_trans", h)
         up = lin(p, "up_proj", h, qcfg.a)
         return lin(p, "gate_proj", h, qcfg.a), up
 
-    def down(gate: Tensor, up: Tensor) -> Tensor:  # 2 x (B, T, intermediate) -> (B, T, hidden)
-        return lin(p, "down_proj", _kron(p, "down_trans", swiglu(gate, up)), qcfg.a)
+    def down(gate: Tensor, up: Tensor, res: Tensor) -> Tensor:  # 2 x (B, T, intermediate), residual -> (B, T, hidden)
+        return res + lin(p, "down_proj", _kron(p, "down_trans", swiglu(gate, up)), qcfg.a)
 
-    return decoder_layer(x, input_norm=p["input_norm"], post_norm=p["post_norm"], eps=args.rms_eps,
+    return decoder_layer(x, input_norm=p["input_norm"], post_norm=p["post_norm"], norm=rms_norm_fn(args.rms_eps),
                          attention=attend, o_proj=o_proj, gate_up=gate_up, down=down)
 
 

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core.norm import rms_norm
 from ..core.spec import QuantConfig
 from .args import ModelArgs
-from .layer import Params, Rope, layer_forward, make_rope, rms_norm
+from .layer import Params, Rope, layer_forward, make_rope
 
 
 @dataclass(frozen=True)

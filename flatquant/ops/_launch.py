@@ -181,9 +181,11 @@ def nibble_hi(b):
 
 @triton.jit
 def dequant_epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm,
-                     HAS_BIAS: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, INTERPRET_BF16: tl.constexpr, res_ptr, HAS_RES: tl.constexpr):
     """Integer-GEMM epilogue: ``(acc · s_a[m]) · s_w[n] (+ bias[n])`` in fp32, cast once to ``c``'s dtype and
-    stored with edge masks; ``acc`` is the ``(BLOCK_M, BLOCK_N)`` int32 tile at rows ``offs_m``, columns ``offs_n``."""
+    stored with edge masks; ``acc`` is the ``(BLOCK_M, BLOCK_N)`` int32 tile at rows ``offs_m``, columns ``offs_n``.
+    ``HAS_RES``: the residual at ``res_ptr`` (``c``'s dtype and strides) is added to the cast result in fp32 and the
+    sum cast again, as eager PyTorch adds two tensors of that dtype (a decode layer's residual stream)."""
     m_ok = offs_m < M
     n_ok = offs_n < N
     sa = tl.load(sa_ptr + offs_m, mask=m_ok, other=0.0)
@@ -193,5 +195,11 @@ def dequant_epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr,
         out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if INTERPRET_BF16:
         out = round_to_bf16_f32(out)
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    offs = offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_RES:
+        out = out.to(c_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + offs, mask=mask, other=0.0).to(
+            tl.float32)
+        if INTERPRET_BF16:
+            out = round_to_bf16_f32(out)
+    tl.store(c_ptr + offs, out.to(c_ptr.dtype.element_ty), mask=mask)

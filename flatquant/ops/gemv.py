@@ -88,9 +88,9 @@ def _prefetch_l2(ptrs):
 
 @triton.jit
 def _qgemv_kernel(
-    a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, p_ptr, cnt_ptr,
+    a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, p_ptr, cnt_ptr, res_ptr,
     M, N, K, KW, K_SPLIT, KB_SPLIT, SPLIT_K, stride_am, stride_wn, stride_cm, stride_ps,
-    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF_TILE: tl.constexpr,
     EVEN_K: tl.constexpr, SWAR: tl.constexpr, INTERPRET_BF16: tl.constexpr, PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = 0,
@@ -186,7 +186,7 @@ def _qgemv_kernel(
 
     if REDUCE == 0:
         dequant_epilogue(tl.trans(acc), offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm,
-                         HAS_BIAS, INTERPRET_BF16)
+                         HAS_BIAS, INTERPRET_BF16, res_ptr, HAS_RES)
     else:
         # Workspace (SPLIT_K, M, N) int32, written as accᵀ.
         ok = (offs_n[:, None] < N) & (offs_m[None, :] < M)
@@ -203,15 +203,15 @@ def _qgemv_kernel(
                 for s in range(0, SPLIT_K):
                     total += tl.load(p_ptr + s * stride_ps + tile, mask=ok, other=0, cache_modifier=".cg")
                 dequant_epilogue(tl.trans(total), offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm,
-                                 HAS_BIAS, INTERPRET_BF16)
+                                 HAS_BIAS, INTERPRET_BF16, res_ptr, HAS_RES)
                 tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")  # ready for the next call
 
 
 @triton.jit
 def _qgemv_reduce_kernel(
-    p_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, SPLIT_K, stride_cm, stride_ps,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET_BF16: tl.constexpr,
-    PDL: tl.constexpr = False,
+    p_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, res_ptr, M, N, SPLIT_K, stride_cm, stride_ps,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # Sums the SPLIT_K int32 partials of a (BLOCK_M, BLOCK_N) tile in a fixed order, then the fp32 epilogue.
     pdl_wait(PDL)
@@ -223,7 +223,8 @@ def _qgemv_reduce_kernel(
     for _ in range(0, SPLIT_K):
         acc += tl.load(ptrs, mask=ok, other=0)
         ptrs += stride_ps
-    dequant_epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS, INTERPRET_BF16)
+    dequant_epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS, INTERPRET_BF16,
+                     res_ptr, HAS_RES)
 
 
 def default_blocks(mode: int, device: torch.device) -> tuple[int, int]:
@@ -306,6 +307,7 @@ def qgemv_triton(
     swar: bool = True,
     counters: Tensor | None = None,
     prefetch: int | None = None,
+    residual: Tensor | None = None,  # (M, N) out_dtype
 ) -> Tensor:  # (M, N)
     """Split-K integer GEMM for few tokens; same operands and bit-identical results as ``qmatmul_triton``.
 
@@ -324,6 +326,8 @@ def qgemv_triton(
             overlap (one stream, or one CUDA graph). Same result as without.
         prefetch: weight K-tiles per program requested into L2 before the kernel waits for the previous one
             (programmatic dependent launch; default :func:`default_prefetch`; always 0 under the interpreter).
+        residual: added to the result in the epilogue (the sum rounded as ``out + residual`` in ``out_dtype``
+            rounds it): a decode layer's residual stream, without a kernel of its own.
 
     CPU tensors run through Triton's interpreter.
     """
@@ -334,10 +338,12 @@ def qgemv_triton(
         raise ValueError(f"activations must be (M, {a_cols}) for K={k} in this mode, got {tuple(a.shape)}")
     check_operands(a, a_scale, w, w_scale, k, w_cols)
     m, n = a.shape[0], w.shape[0]
+    _check_residual(residual, m, n, out_dtype)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return out
     dev = a.device
+    res = residual.contiguous() if residual is not None else out
     cpu = on_cpu(a)
     block_m = min(next_pow2(m), _MAX_BLOCK_M)
     m_blocks = triton.cdiv(m, block_m)
@@ -375,9 +381,9 @@ def qgemv_triton(
         raise ValueError(f"prefetch must be 0 or a power of two, got {prefetch}")
     kernel = cpu_kernel(_qgemv_kernel) if cpu else _qgemv_kernel
     kernel[(n_blocks, split, m_blocks)](
-        a, w, sa, sw, b, out, ws, counters if red == 2 else ws, m, n, k, w.shape[1], tiles_per_split * block_k,
+        a, w, sa, sw, b, out, ws, counters if red == 2 else ws, res, m, n, k, w.shape[1], tiles_per_split * block_k,
         tiles_per_split * block_k // 2, split, a.stride(0), w.stride(0), out.stride(0), m * n, MODE=mode,
-        HAS_BIAS=bias is not None, REDUCE=red,
+        HAS_BIAS=bias is not None, REDUCE=red, HAS_RES=residual is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HALF_TILE=ref.W4A8_BLOCK_K // 2, EVEN_K=k % block_k == 0,
         SWAR=not cpu and swar, INTERPRET_BF16=interpret_bf16, PREFETCH=prefetch, **opts)
     if red == 1:
@@ -386,15 +392,23 @@ def qgemv_triton(
         reduce_kernel = cpu_kernel(_qgemv_reduce_kernel) if cpu else _qgemv_reduce_kernel
         ropts = launch_options(dev, m, num_warps=4, enable_fp_fusion=False)
         reduce_kernel[(triton.cdiv(n, rbn), triton.cdiv(m, rbm))](
-            ws, sa, sw, b, out, m, n, split, out.stride(0), m * n, HAS_BIAS=bias is not None, BLOCK_M=rbm, BLOCK_N=rbn,
+            ws, sa, sw, b, out, res, m, n, split, out.stride(0), m * n, HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None, BLOCK_M=rbm, BLOCK_N=rbn,
             INTERPRET_BF16=interpret_bf16, **ropts)
     return out
 
 
+def _check_residual(residual: Tensor | None, m: int, n: int, out_dtype: torch.dtype) -> None:
+    if residual is not None and (tuple(residual.shape) != (m, n) or residual.dtype != out_dtype):
+        raise ValueError(f"residual must be ({m}, {n}) {out_dtype}, got {tuple(residual.shape)} {residual.dtype}")
+
+
 def w4a4_gemv_triton(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-                     out_dtype: torch.dtype, counters: Tensor) -> Tensor:  # (M, K/2) packed codes -> (M, N)
+                     out_dtype: torch.dtype, counters: Tensor,
+                     residual: Tensor | None = None) -> Tensor:  # (M, K/2) packed codes -> (M, N)
     """Triton launcher of :func:`w4a4_gemv` (interpreter on CPU tensors)."""
-    return qgemv_triton(a, a_scale, w, w_scale, bias, a.shape[1] * 2, MODE_W4A4, out_dtype, counters=counters)
+    return qgemv_triton(a, a_scale, w, w_scale, bias, a.shape[1] * 2, MODE_W4A4, out_dtype, counters=counters,
+                        residual=residual)
 
 
 def _w4a4_gemv_fake(a: Tensor, w: Tensor, out_dtype: torch.dtype, **_: object) -> Tensor:
@@ -403,7 +417,7 @@ def _w4a4_gemv_fake(a: Tensor, w: Tensor, out_dtype: torch.dtype, **_: object) -
 
 @register_op("flatquant::w4a4_gemv", cuda=w4a4_gemv_triton, fake=_w4a4_gemv_fake, mutates_args=("counters",))
 def w4a4_gemv(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
-              counters: Tensor) -> Tensor:
+              counters: Tensor, residual: Tensor | None = None) -> Tensor:
     """:func:`~flatquant.ops.w4a4_matmul` for few tokens (decode) through the split-K kernel with the caller's
     arrival counters, so the K split is reduced inside the kernel (see :func:`qgemv_triton`).
 
@@ -411,11 +425,14 @@ def w4a4_gemv(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tens
         a, a_scale, w, w_scale, bias, out_dtype: as ``w4a4_matmul``.
         counters: int32, at least ``counter_slots(N, device, M)`` slots, all 0; every call leaves them at 0. Owned
             by the caller (e.g. one set per linear of a model); calls sharing them must not overlap.
+        residual: optional ``(M, N)`` in ``out_dtype``, added in the epilogue (a decode layer's residual stream).
 
     Returns:
-        ``(M, N)`` in ``out_dtype``, bit-identical to ``w4a4_matmul``.
+        ``(M, N)`` in ``out_dtype``, bit-identical to ``w4a4_matmul`` (``+ residual`` in ``out_dtype``).
     """
     k = a.shape[1] * 2
     check_operands(a, a_scale, w, w_scale, k, k // 2)
-    return ref.int_matmul_ref(ref.unpack_int4_ref(a), ref.unpack_int4_ref(w), a_scale, w_scale, bias, out_dtype,
-                              a_bits=4, w_bits=4)
+    _check_residual(residual, a.shape[0], w.shape[0], out_dtype)
+    out = ref.int_matmul_ref(ref.unpack_int4_ref(a), ref.unpack_int4_ref(w), a_scale, w_scale, bias, out_dtype,
+                             a_bits=4, w_bits=4)
+    return out if residual is None else out + residual

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..core.norm import rms_norm
 from . import reference as ref
 from ._launch import cpu_kernel, launch_options, next_pow2, on_cpu, pdl_wait, round_to_bf16_f32, sm_count
 from ._register import register_op
@@ -51,6 +52,20 @@ def _load_token(x_ptr, u_ptr, t, stride_xt, n2, i, row_ok, N2P: tl.constexpr, HA
     j = tl.arange(0, N2P)
     return _load_act(x_ptr, u_ptr, t * stride_xt + i[:, None] * n2 + j[None, :], row_ok[:, None] & (j < n2)[None, :],
                      HAS_GLU, INTERPRET_BF16)
+
+
+@triton.jit
+def _rms_norm_tile(x, w, n, eps, INTERPRET_BF16: tl.constexpr):
+    """RMSNorm of a whole token's ``(N1P, N2P)`` tile ``x`` (padding 0) with the weight tile ``w`` (fp32), as
+    :func:`flatquant.core.norm.rms_norm` computes it: fp32 mean of squares over the ``n`` elements, ``x · (1 /
+    sqrt(mean + eps))`` (both correctly rounded) times the weight, cast once to x's dtype."""
+    xf = x.to(tl.float32)
+    ms = tl.sum(tl.sum(xf * xf, axis=1), axis=0) / n
+    r = tl.math.div_rn(1.0, tl.math.sqrt_rn(ms + eps))
+    y = (xf * r) * w
+    if INTERPRET_BF16:
+        y = round_to_bf16_f32(y)
+    return y.to(x.dtype)
 
 
 @triton.jit
@@ -146,12 +161,12 @@ def _load_clips(clip_ptr, G: tl.constexpr, GP: tl.constexpr):
 
 @triton.jit
 def _kron_quant_kernel(
-    x_ptr, u_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr, ws_ptr,
-    T, n1, n2, stride_xt, stride_qt, stride_qg, stride_sg,
+    x_ptr, u_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr, ws_ptr, nw_ptr,
+    T, n1, n2, stride_xt, stride_qt, stride_qg, stride_sg, eps,
     N1P: tl.constexpr, N2P: tl.constexpr, BJ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     QMAX: tl.constexpr, PACK: tl.constexpr, F32_DOT: tl.constexpr, HAS_GLU: tl.constexpr,
-    INTERPRET_BF16: tl.constexpr, PDL: tl.constexpr = False,
+    INTERPRET_BF16: tl.constexpr, HAS_NORM: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     # Program p handles tokens p, p + P, p + 2P, ... (P programs): the factors are loaded once per program, not
     # once per token. Per token: X (n1, n2) -> Y = Lᵀ (X R) -> LAC -> sym per-token codes (-> packed nibbles), for
@@ -159,9 +174,15 @@ def _kron_quant_kernel(
     # BJ < N2P (chunked): Y is built BJ columns at a time (smaller register tiles for large factors), each block
     # parked in fp32 in this program's slot of ws_ptr ((P, N1P, N2P), L2-resident) while the range is reduced,
     # then read back and quantized. BJ == N2P: the whole Y stays in registers.
+    # HAS_NORM (needs HAS_RIGHT, so that the whole token is loaded at once): X is the token's RMSNorm with the
+    # weight at nw_ptr (the layer's input / post-attention norm, never written out).
     i = tl.arange(0, N1P)
     row_ok = i < n1
     lt = _load_lt(l_ptr, n1, i, row_ok, x_ptr.dtype.element_ty, N1P, HAS_LEFT)
+    if HAS_NORM:
+        jn = tl.arange(0, N2P)
+        nw = tl.load(nw_ptr + i[:, None] * n2 + jn[None, :], mask=row_ok[:, None] & (jn < n2)[None, :],
+                     other=0.0).to(tl.float32)
     gg, clip_lo, clip_hi = _load_clips(clip_ptr, G, GP)
     NB: tl.constexpr = N2P // BJ
     jb = tl.arange(0, BJ)
@@ -171,6 +192,8 @@ def _kron_quant_kernel(
         t = tl.cast(tt, tl.int64)
         if HAS_RIGHT:
             x = _load_token(x_ptr, u_ptr, t, stride_xt, n2, i, row_ok, N2P, HAS_GLU, INTERPRET_BF16)
+            if HAS_NORM:
+                x = _rms_norm_tile(x, nw, n1 * n2, eps, INTERPRET_BF16)
         else:
             x = tl.zeros((N1P, N2P), dtype=x_ptr.dtype.element_ty)  # unused: _y_cols loads its columns
         if NB == 1:
@@ -296,6 +319,12 @@ def _check_up(x: Tensor, up: Tensor | None) -> None:
         raise ValueError(f"up must match the gate x ({tuple(x.shape)}, {x.dtype}), got {tuple(up.shape)}, {up.dtype}")
 
 
+def _check_norm(x: Tensor, norm: Tensor | None, up: Tensor | None) -> None:
+    if norm is not None and (norm.dim() != 1 or norm.shape[0] != x.shape[1] or up is not None):
+        raise ValueError(f"norm must be ({x.shape[1]},) and excludes up, got {tuple(norm.shape)} "
+                         f"(up given: {up is not None})")
+
+
 def _check_clips(clips: Tensor) -> None:
     if clips.dim() != 2 or clips.shape[1] != 2 or clips.shape[0] < 1:
         raise ValueError(f"clips must be (G, 2) with G >= 1, got {tuple(clips.shape)}")
@@ -341,6 +370,9 @@ def kron_quant_triton(
     num_stages: int = 1,
     variant: str | None = None,
     block_cols: int | None = None,
+    *,
+    norm: Tensor | None = None,  # (n1 * n2,)
+    eps: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Triton launcher of :func:`kron_quant` / :func:`kron_quant_multi` (interpreter on CPU tensors).
 
@@ -359,13 +391,15 @@ def kron_quant_triton(
     * ``"two_pass"``: many tokens, both factors: ``Z = X R`` for all token rows at once (one GEMM-like pass, rounded
       to x's dtype as the fused kernels round it), then the left product, clip and quantization on Z (``whole``).
 
-    ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``programs`` caps the grid of the looping
-    layouts (default 4 per SM on CUDA); ``block_cols`` (power of two >= 16; default 16 split, 32 chunked) is the
-    column block; ``num_warps`` (default 8 at up to 64 tokens, else 4)
+    ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``norm``, ``eps``: see :func:`kron_quant_multi`
+    (in the kernel for the whole and chunked layouts with a right factor, else a separate RMSNorm first).
+    ``programs`` caps the grid of the looping layouts (default 4 per SM on CUDA); ``block_cols`` (power of two
+    >= 16; default 16 split, 32 chunked) is the column block; ``num_warps`` (default 8 at up to 64 tokens, else 4)
     and ``num_stages`` are Triton launch options (CUDA only).
     """
     _check(x, left, right, n1, bits, pack)
     _check_up(x, up)
+    _check_norm(x, norm, up)
     if programs is not None and programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
     t, n = x.shape
@@ -404,6 +438,8 @@ def kron_quant_triton(
     quant = {"G": g, "GP": next_pow2(g, floor=2), "QMAX": 2 ** (bits - 1) - 1, "PACK": pack}
     if variant == "two_pass" and (left is None or right is None):
         variant = "whole"  # one product: nothing to split into passes
+    if norm is not None and (right is None or variant not in ("whole", "chunked")):
+        x, norm = rms_norm(x, norm, eps).contiguous(), None  # the kernel normalises only whole tokens it loads
     if variant == "two_pass":
         z = torch.empty_like(x)
         bm = 64 if cpu else 128
@@ -429,19 +465,20 @@ def kron_quant_triton(
     ws = torch.empty(grid, n1p, n2p, dtype=torch.float32, device=x.device) if bj < n2p else scale
     kernel = cpu_kernel(_kron_quant_kernel) if cpu else _kron_quant_kernel
     kernel[(grid,)](
-        x, up_p, lp, rp, clips, codes, scale, ws, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
-        N1P=n1p, N2P=n2p, BJ=bj, **flags, **quant, **extra,
+        x, up_p, lp, rp, clips, codes, scale, ws, norm.contiguous() if norm is not None else x, t, n1, n2,
+        x.stride(0), codes.stride(-2), stride_qg, stride_sg, float(eps),
+        N1P=n1p, N2P=n2p, BJ=bj, **flags, **quant, HAS_NORM=norm is not None, **extra,
     )
     return codes, scale
 
 
 def kron_quant_multi_triton(
     x: Tensor, left: Tensor | None, right: Tensor | None, clips: Tensor, n1: int, bits: int = 4, pack: bool = True,
-    **launch: Any,
+    norm: Tensor | None = None, eps: float = 0.0, **launch: Any,
 ) -> tuple[Tensor, Tensor]:
     """Triton launcher of :func:`kron_quant_multi`: :func:`kron_quant_triton` with ``(G, 2)`` clips only."""
     _check_clips(clips)
-    return kron_quant_triton(x, left, right, clips, n1, bits, pack, **launch)
+    return kron_quant_triton(x, left, right, clips, n1, bits, pack, norm=norm, eps=eps, **launch)
 
 
 def _kron_quant_fake(x: Tensor, pack: bool, **_: object) -> tuple[Tensor, Tensor]:
@@ -489,13 +526,17 @@ def _kron_quant_multi_fake(x: Tensor, clips: Tensor, pack: bool, **_: object) ->
 
 @register_op("flatquant::kron_quant_multi", cuda=kron_quant_multi_triton, fake=_kron_quant_multi_fake)
 def kron_quant_multi(
-    x: Tensor, left: Tensor | None, right: Tensor | None, clips: Tensor, n1: int, bits: int = 4, pack: bool = True
+    x: Tensor, left: Tensor | None, right: Tensor | None, clips: Tensor, n1: int, bits: int = 4, pack: bool = True,
+    norm: Tensor | None = None, eps: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """:func:`kron_quant` for G linears that read the same transformed activation with their own LAC pairs
     (q/k/v, gate/up): the transform runs once per token, the clip + quantize G times.
 
     Args:
         clips: ``(G, 2)`` fp32 LAC factors, one ``[lo, hi]`` row per linear; the rest as :func:`kron_quant`.
+        norm, eps: optional ``(n,)`` RMSNorm weight and epsilon: the op then transforms
+            :func:`~flatquant.core.norm.rms_norm` ``(x, norm, eps)`` (the layer's pre-attention / pre-MLP norm;
+            ``x`` is the residual stream), so the normalised input is never written out.
 
     Returns:
         ``codes`` ``(G, T, n/2)`` uint8 (packed) or ``(G, T, n)`` int8, and ``scale`` ``(G, T)`` fp32; slice ``g``
@@ -505,4 +546,7 @@ def kron_quant_multi(
     """
     _check(x, left, right, n1, bits, pack)
     _check_clips(clips)
+    _check_norm(x, norm, None)
+    if norm is not None:
+        x = rms_norm(x, norm, eps)
     return ref.kron_quant_multi_ref(x, left, right, clips, n1, bits, pack)

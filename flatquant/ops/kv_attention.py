@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from ._launch import cpu_kernel, launch_options, next_pow2, on_cpu, pdl_wait, sm_count
+from ._launch import cpu_kernel, launch_options, next_pow2, on_cpu, pdl_wait, round_to_bf16_f32, sm_count
 from ._register import register_op
 
 # Nibble -> 16-bit float with bit tricks (inline PTX, four code bytes per call). A code n in 0..15 ORed into the low
@@ -82,12 +82,49 @@ def _nibbles(codes, HIGH: tl.constexpr, SWAR: tl.constexpr, dt: tl.constexpr):
 
 
 @triton.jit
+def _transformed_q(q_ptr, qt_ptr, b, heads, r_ok, eh, d, stride_qb, stride_qh, DP: tl.constexpr, DH: tl.constexpr,
+                   SWAP_AB: tl.constexpr, F32_DOT: tl.constexpr, Q_ROUND_BF16: tl.constexpr):
+    """The even and odd head elements of ``q · M`` (``M`` the ``(d, d)`` matrix at ``qt_ptr``) for the query heads
+    ``heads``, each in q's dtype: ``(REP_P, DH)`` tiles, or ``(DH, REP_P)`` with ``SWAP_AB``."""
+    e = tl.arange(0, DP)
+    e_ok = e < d
+    m_mask = e_ok[:, None] & (eh < d // 2)[None, :]
+    m_even = tl.load(qt_ptr + e[:, None] * d + 2 * eh[None, :], mask=m_mask, other=0.0)  # (DP, DH)
+    m_odd = tl.load(qt_ptr + e[:, None] * d + 2 * eh[None, :] + 1, mask=m_mask, other=0.0)
+    qd = q_ptr.dtype.element_ty
+    prec: tl.constexpr = "ieee" if F32_DOT else None
+    if SWAP_AB:  # (DH, DP) x (DP, REP_P): the group's heads stay on the MMA's N side
+        qt = tl.load(q_ptr + b * stride_qb + heads[None, :] * stride_qh + e[:, None],
+                     mask=r_ok[None, :] & e_ok[:, None], other=0.0)
+        if F32_DOT:
+            ye = tl.dot(tl.trans(m_even).to(tl.float32), qt.to(tl.float32), input_precision=prec)
+            yo = tl.dot(tl.trans(m_odd).to(tl.float32), qt.to(tl.float32), input_precision=prec)
+        else:
+            ye = tl.dot(tl.trans(m_even).to(qd), qt)
+            yo = tl.dot(tl.trans(m_odd).to(qd), qt)
+    else:
+        qq = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + e[None, :],
+                     mask=r_ok[:, None] & e_ok[None, :], other=0.0)
+        if F32_DOT:
+            ye = tl.dot(qq.to(tl.float32), m_even.to(tl.float32), input_precision=prec)
+            yo = tl.dot(qq.to(tl.float32), m_odd.to(tl.float32), input_precision=prec)
+        else:
+            ye = tl.dot(qq, m_even.to(qd))
+            yo = tl.dot(qq, m_odd.to(qd))
+    if Q_ROUND_BF16:
+        ye = round_to_bf16_f32(ye)
+        yo = round_to_bf16_f32(yo)
+    return ye.to(qd), yo.to(qd)
+
+
+@triton.jit
 def _kv4_decode_attention_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, start_ptr, len_ptr, o_ptr,
-    ml_ptr, rep, d, sm_scale, chunk,
+    ml_ptr, qt_ptr, rep, d, sm_scale, chunk,
     stride_qb, stride_qh, stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_ob, stride_oh,
     REP_P: tl.constexpr, DP: tl.constexpr, BLOCK_T: tl.constexpr, F32_DOT: tl.constexpr, SPLIT: tl.constexpr,
-    EVEN_D: tl.constexpr, SWAR: tl.constexpr, SWAP_AB: tl.constexpr, PDL: tl.constexpr = False,
+    EVEN_D: tl.constexpr, SWAR: tl.constexpr, SWAP_AB: tl.constexpr, HAS_QT: tl.constexpr = False,
+    Q_ROUND_BF16: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     # One program = one (batch row, KV head, position chunk): its REP query heads against that head's packed K/V
     # in positions [split * chunk, (split + 1) * chunk), BLOCK_T cache positions at a time, with the running
@@ -103,6 +140,9 @@ def _kv4_decode_attention_kernel(
     # n = 8 instead of its m = 16 (half the tensor-core instructions and half the padded score elements).
     # The softmax sum and the zero correction are kept per position (l_t, corr_t: score-tile shaped, rescaled like
     # the accumulators) and reduced once after the loop: per step only the running max is reduced across warps.
+    # HAS_QT: the queries are first multiplied by the (d, d) matrix at qt_ptr (the K transform's inverse-transpose)
+    # and rounded to q's dtype, as the unfused engine's separate product rounds them (Q_ROUND_BF16: under the
+    # interpreter, whose fp32 -> bf16 cast truncates).
     pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
@@ -125,8 +165,14 @@ def _kv4_decode_attention_kernel(
     else:  # (REP_P, DH)
         q_off = b * stride_qb + heads[:, None] * stride_qh + 2 * eh[None, :]
         q_mask = r_ok[:, None] & eh_ok[None, :]
-    qe = (tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32) * sm_scale).to(dt)
-    qo = (tl.load(q_ptr + q_off + 1, mask=q_mask, other=0.0).to(tl.float32) * sm_scale).to(dt)
+    if HAS_QT:
+        qe, qo = _transformed_q(q_ptr, qt_ptr, b, heads, r_ok, eh, d, stride_qb, stride_qh, DP, DH, SWAP_AB,
+                                F32_DOT, Q_ROUND_BF16)
+    else:
+        qe = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)
+        qo = tl.load(q_ptr + q_off + 1, mask=q_mask, other=0.0)
+    qe = (qe.to(tl.float32) * sm_scale).to(dt)
+    qo = (qo.to(tl.float32) * sm_scale).to(dt)
     q_sum = tl.sum(qe.to(tl.float32), axis=q_axis) + tl.sum(qo.to(tl.float32), axis=q_axis)  # (REP_P,)
     t_lo = tl.maximum(tl.load(start_ptr + b), sp * chunk)
     t_hi = tl.minimum(tl.load(len_ptr + b), sp * chunk + chunk)
@@ -249,7 +295,10 @@ def _kv4_combine_kernel(
     tl.store(o_ptr + b * stride_ob + h * stride_oh + e, out.to(o_ptr.dtype.element_ty), mask=e < d)
 
 
-def _check(q: Tensor, k_codes: Tensor, k_scale: Tensor, v_codes: Tensor, start: Tensor, length: Tensor) -> None:
+def _check(q: Tensor, k_codes: Tensor, k_scale: Tensor, v_codes: Tensor, start: Tensor, length: Tensor,
+           q_trans: Tensor | None = None) -> None:
+    if q_trans is not None and tuple(q_trans.shape) != (q.shape[-1], q.shape[-1]):
+        raise ValueError(f"q_trans must be ({q.shape[-1]}, {q.shape[-1]}), got {tuple(q_trans.shape)}")
     if q.dim() != 3 or k_codes.dim() != 4:
         raise ValueError(f"q must be (B, Hq, d) and the cache (B, Hkv, S, d/2), got {tuple(q.shape)}, "
                          f"{tuple(k_codes.shape)}")
@@ -306,9 +355,9 @@ def default_launch(batch: int, kv_heads: int, rep: int, sms: int) -> DecodeLaunc
 
 def kv4_decode_attention_triton(
     q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor,
-    v_zero: Tensor, start: Tensor, length: Tensor, sm_scale: float, block_t: int | None = None,
-    splits: int | None = None, num_warps: int | None = None, num_stages: int | None = None, *,
-    swar: bool = True, swap: bool | None = None,
+    v_zero: Tensor, start: Tensor, length: Tensor, sm_scale: float, q_trans: Tensor | None = None,
+    block_t: int | None = None, splits: int | None = None, num_warps: int | None = None,
+    num_stages: int | None = None, *, swar: bool = True, swap: bool | None = None,
 ) -> Tensor:  # (B, Hq, d)
     """Triton launcher of :func:`kv4_decode_attention` (interpreter on CPU tensors).
 
@@ -325,8 +374,9 @@ def kv4_decode_attention_triton(
             unpack, which the interpreter and fp32 queries always use).
         swap: the swapped MMA layout (``SWAP_AB``: cache tiles on the M side, query heads on the N side); the same
             sums, its own accumulation order (not bit-identical to the unswapped layout).
+        q_trans: see :func:`kv4_decode_attention` (applied in the kernel).
     """
-    _check(q, k_codes, k_scale, v_codes, start, length)
+    _check(q, k_codes, k_scale, v_codes, start, length, q_trans)
     b, hq, d = q.shape
     hkv, s_cap = k_codes.shape[1], k_codes.shape[2]
     rep = hq // hkv
@@ -365,11 +415,12 @@ def kv4_decode_attention_triton(
     kernel[(b, hkv, splits)](
         q, k_codes, scales[0], scales[1], v_codes, scales[2], scales[3],
         start.to(torch.int32).contiguous(), length.to(torch.int32).contiguous(), part, ml,
-        rep, d, float(sm_scale), chunk,
+        q_trans.to(q.dtype).contiguous() if q_trans is not None else q, rep, d, float(sm_scale), chunk,
         q.stride(0), q.stride(1), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
         scales[0].stride(0), scales[0].stride(1), out.stride(0), out.stride(1),
         REP_P=next_pow2(rep, floor=8 if swap else 16), DP=dp, BLOCK_T=block_t, F32_DOT=f32_dot, SPLIT=splits > 1,
-        EVEN_D=d == dp, SWAR=swar and not f32_dot, SWAP_AB=swap, **extra,
+        EVEN_D=d == dp, SWAR=swar and not f32_dot, SWAP_AB=swap, HAS_QT=q_trans is not None,
+        Q_ROUND_BF16=cpu and q.dtype == torch.bfloat16, **extra,
     )
     if splits > 1:
         combine = cpu_kernel(_kv4_combine_kernel) if cpu else _kv4_combine_kernel
@@ -385,20 +436,25 @@ def _kv4_decode_attention_fake(q: Tensor, **_: object) -> Tensor:
 @register_op("flatquant::kv4_decode_attention", cuda=kv4_decode_attention_triton, fake=_kv4_decode_attention_fake)
 def kv4_decode_attention(
     q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor,
-    v_zero: Tensor, start: Tensor, length: Tensor, sm_scale: float,
+    v_zero: Tensor, start: Tensor, length: Tensor, sm_scale: float, q_trans: Tensor | None = None,
 ) -> Tensor:
     """One decode step of attention reading the packed 4-bit KV cache directly.
 
     Args:
-        q: ``(B, Hq, d)`` queries (RoPE and the K transform's inverse-transpose already applied).
+        q: ``(B, Hq, d)`` queries after RoPE (and after the K transform's inverse-transpose unless ``q_trans``
+            is given).
         k_codes / v_codes: ``(B, Hkv, S, d/2)`` uint8 packed unsigned nibbles (per KV head; GQA not expanded).
         k_scale, k_zero, v_scale, v_zero: ``(B, Hkv, S)`` fp32 per-(position, head) scale and zero point.
         start / length: ``(B,)`` int32; row ``b`` attends to positions ``start[b] <= t < length[b]``.
         sm_scale: softmax scale (usually ``d ** -0.5``).
+        q_trans: optional ``(d, d)``: the queries are ``q @ q_trans`` in q's dtype (the K transform's
+            inverse-transpose, when the caller has not applied it).
 
     Returns:
         ``(B, Hq, d)`` in ``q.dtype``.
     """
-    _check(q, k_codes, k_scale, v_codes, start, length)
+    _check(q, k_codes, k_scale, v_codes, start, length, q_trans)
+    if q_trans is not None:
+        q = q @ q_trans.to(q.dtype)
     return ref.kv4_decode_attention_ref(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, start, length,
                                         sm_scale)

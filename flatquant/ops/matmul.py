@@ -205,7 +205,8 @@ def _qmatmul_kernel(
             w_ptrs += BLOCK_K
 
     # fp32 epilogue: (acc · s_a[m]) · s_w[n] (+ bias), cast once to the output dtype.
-    dequant_epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS, INTERPRET_BF16)
+    dequant_epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS, INTERPRET_BF16,
+                     c_ptr, False)
 
 
 qmatmul_tuned = triton.autotune(
@@ -278,7 +279,8 @@ def _w8a8_tma_kernel(
         acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_n = off_n + tl.arange(0, BLOCK_N)
-    dequant_epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS, INTERPRET_BF16)
+    dequant_epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS, INTERPRET_BF16,
+                     c_ptr, False)
 
 
 # Tiles measured on the H100 (bench/results/probe_tma_h100.log): 256x128x128 with 4 stages was best or within 3%

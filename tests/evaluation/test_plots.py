@@ -11,8 +11,8 @@ from flatquant.calib.config import CalibConfig
 from flatquant.calib.loop import calibrate
 from flatquant.calib.methods import method_config
 from flatquant.core.kron import kron_transform
+from flatquant.core.norm import rms_norm
 from flatquant.evaluation import plots
-from flatquant.models.layer import rms_norm
 from flatquant.models.model import embed
 from flatquant.presets import bits_preset
 from tests.helpers import TINY, tiny_model, tokens

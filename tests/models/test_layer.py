@@ -19,12 +19,14 @@ import torch
 import flatquant.models.layer as layer_mod
 import flatquant.models.real.step as step_mod
 from flatquant.calib.methods import method_config
+from flatquant.core.norm import rms_norm
 from flatquant.core.spec import QuantConfig
 from flatquant.models.args import ModelArgs
 from flatquant.models.flat import fold_layer, init_flat_params
-from flatquant.models.layer import Params, decoder_layer, layer_forward, make_rope, qk_pre_rope
+from flatquant.models.layer import Params, decoder_layer, layer_forward, make_rope, qk_pre_rope, rms_norm_fn
 from flatquant.models.real import RealConfig, decode_layer, layer_from_tensors, layer_step, new_cache, rope_at
 from flatquant.models.real.checkpoint import export_layer
+from flatquant.models.real.step import Normed
 from flatquant.presets import bits_preset
 from tests.helpers import TINY, tiny_model
 
@@ -96,17 +98,22 @@ def test_fake_forward_and_real_engine_run_one_skeleton_and_agree(name: str, monk
     # part by part through the skeleton: the same norms, and each callable the same function of its input (the
     # engine's prefill attention covers the first t - 1 positions; causal, so the fake's first t - 1 rows)
     f, r = fake_calls[0], real_calls[0]
-    assert f["eps"] == r["eps"] == TINY.rms_eps
     assert torch.equal(f["input_norm"], r["input_norm"]) and torch.equal(f["post_norm"], r["post_norm"])
     g = torch.Generator().manual_seed(4)
     h = torch.randn(b, t, TINY.hidden, generator=g)
+    res = torch.randn(b, t, TINY.hidden, generator=g)
     o = torch.randn(b, t, TINY.q_dim, generator=g)
     gate, up = (torch.randn(b, t, TINY.intermediate, generator=g) for _ in range(2))
+    assert torch.equal(r["norm"](h, f["post_norm"]), f["norm"](h, f["post_norm"]))
+    assert torch.equal(f["norm"](h, f["post_norm"]), rms_norm(h, f["post_norm"], TINY.rms_eps))
+    # the decode step defers its norms into the fused transform kernels: the same normalised input
+    deferred = real_calls[1]["norm"](h, f["input_norm"])
+    assert isinstance(deferred, Normed) and torch.equal(deferred.value(), f["norm"](h, f["input_norm"]))
     torch.testing.assert_close(r["attention"](h[:, :-1]), f["attention"](h)[:, :-1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(r["o_proj"](o), f["o_proj"](o), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r["o_proj"](o, res), f["o_proj"](o, res), rtol=1e-5, atol=1e-5)
     for got, exp in zip(r["gate_up"](h), f["gate_up"](h), strict=True):
         torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(r["down"](gate, up), f["down"](gate, up), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r["down"](gate, up, res), f["down"](gate, up, res), rtol=1e-5, atol=1e-5)
 
 
 def test_decoder_layer_structure() -> None:
@@ -123,9 +130,10 @@ def test_decoder_layer_structure() -> None:
             return v @ w
         return f
 
-    out = decoder_layer(x, input_norm=n1, post_norm=n2, eps=1e-6, attention=lin("attention", wa),
-                        o_proj=lin("o_proj", wo), gate_up=lambda h: (lin("gate", wg)(h), lin("up", wu)(h)),
-                        down=lambda gate, up: lin("down", wd)(torch.nn.functional.silu(gate) * up))
+    out = decoder_layer(x, input_norm=n1, post_norm=n2, norm=rms_norm_fn(1e-6), attention=lin("attention", wa),
+                        o_proj=lambda o, res: res + lin("o_proj", wo)(o),
+                        gate_up=lambda h: (lin("gate", wg)(h), lin("up", wu)(h)),
+                        down=lambda gate, up, res: res + lin("down", wd)(torch.nn.functional.silu(gate) * up))
 
     def norm(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6) * w

@@ -294,21 +294,33 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
     steps = (t - 2, t - 1)
     wants = [want_engine(x[:, :t - 2], c_want)] + [want_engine(x[:, i:i + 1], c_want) for i in steps]  # unpatched
     reduced: list[int] = []
+    fused_in = {"residual": 0, "norm": 0, "q_trans": 0}  # decode fusions seen: GEMV epilogue, transform, attention
 
-    def gemv_split(a, a_scale, w, w_scale, bias, out_dtype, counters):  # a K split wherever K has 2 tiles of 64
+    def kron_multi(x, left, right, clips, n1, bits=4, pack=True, norm=None, eps=0.0):
+        fused_in["norm"] += norm is not None
+        return kron_quant_multi_triton(x, left, right, clips, n1, bits, pack, norm, eps)
+
+    def attention(*args):
+        fused_in["q_trans"] += len(args) > 10 and args[10] is not None
+        return kv4_decode_attention_triton(*args)
+
+    def gemv_split(a, a_scale, w, w_scale, bias, out_dtype, counters, residual=None):  # a K split: 2 tiles of 64
         k = a.shape[1] * 2
         if split_plan(k, 64, 2)[1] == 2:
             reduced.append(k)
+        fused_in["residual"] += residual is not None
         return qgemv_triton(a, a_scale, w, w_scale, bias, k, MODE_W4A4, out_dtype, split_k=2, block_k=64,
-                            counters=counters)
+                            counters=counters, residual=residual)
 
     for mod, name, fn in [
-        (lin_mod, "kron_quant", kron_quant_triton), (lin_mod, "kron_quant_multi", kron_quant_multi_triton),
+        (lin_mod, "kron_quant", kron_quant_triton), (lin_mod, "kron_quant_multi", kron_multi),
         (lin_mod, "w4a4_matmul", w4a4_triton), (lin_mod, "w4a4_gemv", gemv_split),
         (lin_mod, "w8a8_matmul", w8a8_triton), (lin_mod, "unpack_int4", unpack_int4_triton),
-        (kq_mod, "default_variant", lambda t, n1, n2: "split" if t <= 16 else "whole"),  # tiny dims: force it
+        # tiny dims: force the split layout at decode, except for the normed q/k/v and gate/up input (whole
+        # there, as at the model's size, so that the deferred norm runs in the kernel)
+        (kq_mod, "default_variant", lambda t, n1, n2: "split" if t <= 16 and n1 * n2 != args.hidden else "whole"),
         (cache_mod, "kv_quant_write", kv_quant_write_triton),
-        (step_mod, "kv4_decode_attention", kv4_decode_attention_triton),
+        (step_mod, "kv4_decode_attention", attention),
         (lin_mod, "unpacked_prefill", lambda x, cpu_codes: x.shape[0] >= UNPACK_MIN_M),
         (weights_mod, "gemv_counters",
          lambda n, dev: torch.zeros(counter_slots(n, dev, 16), dtype=torch.int32, device=dev)),
@@ -336,3 +348,7 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
         assert all(int(c.abs().sum()) == 0 for c in counters)
     assert {"_kron_cols_kernel", "_kron_quant_kernel"} <= set(launched)  # the split layout and the whole one
     assert 80 in reduced  # down_proj (K = intermediate = 80) reduced its K split in-kernel, with its counters
+    n_layers = len(fast.weights.layers)
+    # every decode step: both norms in the q/k/v and gate/up transform kernels (whole layout), both residual adds in
+    # the o/down GEMV epilogues, q's K^-T in the attention kernel
+    assert fused_in == {"residual": 4 * n_layers, "norm": 4 * n_layers, "q_trans": 2 * n_layers}, fused_in

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from flatquant.ops import reference as ref
-from flatquant.ops import w4a4_matmul, w4a8_matmul, w8a8_matmul
-from flatquant.ops.gemv import default_split_k, qgemv_triton, split_plan
+from flatquant.ops import w4a4_gemv, w4a4_matmul, w4a8_matmul, w8a8_matmul
+from flatquant.ops.gemv import counter_slots, default_split_k, qgemv_triton, split_plan
 from flatquant.ops.matmul import MODE_W4A4, MODE_W4A8, MODE_W8A8, qmatmul_triton
 
 from ._util import KERNEL_DEVICES
@@ -197,3 +197,32 @@ def test_counters_fuse_the_reduction(device: str, mode: int, m: int) -> None:
         assert counter_slots(4096, torch.device("cuda")) == 64
         assert counter_slots(28672, torch.device("cuda"), 2) == (224 if 448 >= 3 * sm_count(torch.device("cuda"))
                                                                  else 448)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", OUT_DTYPES)
+@pytest.mark.parametrize("split_k,with_counters", [(1, False), (3, False), (3, True)])
+def test_residual_in_the_epilogue(device: str, dtype: torch.dtype, split_k: int, with_counters: bool) -> None:
+    """``residual`` added in the epilogue (every reduction path) equals ``w4a4_gemv``'s reference, which is the
+    plain product plus the residual in the output dtype: the same bits as a separate add."""
+    m, (k, n, bn, bk) = 3, SHAPES[MODE_W4A4][0]
+    a, sa, w, sw, b = _operands(MODE_W4A4, m, n, k, seed=5, bias=True, dtype=dtype)
+    res = (torch.randn(m, n, generator=torch.Generator().manual_seed(6)) * 8).to(dtype)
+    counters = torch.zeros(counter_slots(n, torch.device("cpu"), m), dtype=torch.int32)
+    want = w4a4_gemv(a, sa, w, sw, b, dtype, counters, res)
+    assert torch.equal(want, w4a4_matmul(a, sa, w, sw, b, dtype) + res)
+    dev = [t.to(device) if t is not None else None for t in (a, sa, w, sw, b)]
+    cnt = counters.to(device) if with_counters else None
+    got = qgemv_triton(*dev, k, MODE_W4A4, dtype, split_k=split_k, block_n=bn, block_k=bk, counters=cnt,
+                       residual=res.to(device))
+    assert torch.equal(got.cpu(), want)
+    with pytest.raises(ValueError, match="residual must be"):
+        qgemv_triton(*dev, k, MODE_W4A4, dtype, residual=res[:, :-1].to(device))
+
+
+def test_residual_opcheck() -> None:
+    m, (k, n, _, _) = 2, SHAPES[MODE_W4A4][1]
+    a, sa, w, sw, b = _operands(MODE_W4A4, m, n, k, seed=1, bias=False, dtype=torch.bfloat16)
+    counters = torch.zeros(counter_slots(n, torch.device("cpu"), m), dtype=torch.int32)
+    res = torch.randn(m, n).bfloat16()
+    torch.library.opcheck(w4a4_gemv, (a, sa, w, sw, b, torch.bfloat16, counters, res))

@@ -5,11 +5,12 @@ import torch
 from hypothesis import given, settings
 
 from flatquant.core.kron import head_mix, head_transform, kron_transform
+from flatquant.core.norm import rms_norm
 from flatquant.core.quant import fake_quant, quantize
 from flatquant.core.spec import QuantSpec
 from flatquant.ops import kron_quant, kron_quant_multi
 from flatquant.ops import reference as ref
-from flatquant.ops.kron_quant import kron_quant_triton
+from flatquant.ops.kron_quant import kron_quant_multi_triton, kron_quant_triton
 
 from ._util import KERNEL_DEVICES, activations, assert_codes_match
 
@@ -313,3 +314,44 @@ def test_glu_opcheck() -> None:
     x, up = torch.randn(4, 24, dtype=torch.bfloat16), torch.randn(4, 24, dtype=torch.bfloat16)
     torch.library.opcheck(kron_quant, (x, None, torch.randn(6, 6, dtype=torch.bfloat16), torch.ones(2), 4, 4, True,
                                        up))
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("variant", ["whole", "chunked", "split", "two_pass"])
+@pytest.mark.parametrize("with_left", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_norm_input(device: str, variant: str, with_left: bool, dtype: torch.dtype) -> None:
+    """``norm`` given: the op transforms ``rms_norm(x, norm, eps)``. Its reference is exactly the plain op on the
+    normalised input; the kernels (in-kernel norm for whole / chunked, a separate norm otherwise) equal the plain
+    kernel fed the normalised input, codes ±1 at most at a few last-bit differences of the mean (summation order)."""
+    g = torch.Generator().manual_seed(11)
+    n1, n2, t, eps = 6, 40, 3, 1e-5
+    x = (torch.randn(t, n1 * n2, generator=g) * 4).to(dtype)
+    x[1, :7] *= 30  # outlier channels
+    w = (torch.rand(n1 * n2, generator=g) + 0.5).to(dtype)
+    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(dtype) if with_left else None
+    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(dtype)
+    clips = torch.tensor([[0.9, 0.95], [1.0, 0.8]])
+    normed = rms_norm(x, w, eps)
+    want = kron_quant_multi(x, left, right, clips, n1, 4, True, w, eps)
+    plain_ref = kron_quant_multi(normed, left, right, clips, n1, 4, True)
+    assert torch.equal(want[0], plain_ref[0]) and torch.equal(want[1], plain_ref[1])
+
+    def to(v):
+        return None if v is None else v.to(device)
+
+    got = kron_quant_multi_triton(x.to(device), to(left), to(right), clips.to(device), n1, 4, True, w.to(device),
+                                  eps, variant=variant, block_cols=16)
+    plain = kron_quant_multi_triton(normed.to(device), to(left), to(right), clips.to(device), n1, 4, True,
+                                    variant=variant, block_cols=16)
+    diff = (ref.unpack_int4_ref(got[0].cpu()).int() - ref.unpack_int4_ref(plain[0].cpu()).int()).abs()
+    assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= 2, int((diff > 0).sum())
+    torch.testing.assert_close(got[1].cpu(), plain[1].cpu(), rtol=1e-2, atol=0)
+    with pytest.raises(ValueError, match="norm must be"):
+        kron_quant_multi_triton(x, left, right, clips, n1, 4, True, w[:-2], eps)
+
+
+def test_norm_opcheck() -> None:
+    x = torch.randn(4, 24, dtype=torch.bfloat16)
+    torch.library.opcheck(kron_quant_multi, (x, None, torch.randn(6, 6, dtype=torch.bfloat16), torch.ones(2, 2), 4,
+                                             4, True, torch.rand(24, dtype=torch.bfloat16) + 0.5, 1e-6))

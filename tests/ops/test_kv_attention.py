@@ -174,3 +174,39 @@ def test_cuda_ptx_unpack_is_bit_identical(b: int, d: int, dtype: torch.dtype) ->
             ptx = kv4_decode_attention_triton(*args, d ** -0.5, swar=True, swap=swap, **kw)
             assert torch.equal(ptx, plain), (swap, kw)
             torch.testing.assert_close(ptx.cpu().float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_q_trans_in_the_kernel(device: str, swap: bool, splits: int, dtype: torch.dtype) -> None:
+    """``q_trans`` (the K transform's inverse-transpose, applied to the queries inside the kernel): the op's
+    reference is exactly the op on ``q @ q_trans`` in q's dtype, and the kernel equals the kernel fed that product
+    (bf16: to the last bit of the rounded queries, whose fp32 sums may differ in order)."""
+    b, hkv, rep, s, d = 2, 2, 3, 40, 16
+    kc, ks, kz, vc, vs, vz = _cache(b, hkv, s, d, seed=5)
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(b, hkv * rep, d, generator=g).to(dtype)
+    m = torch.randn(d, d, generator=g) / d ** 0.5
+    start, length = torch.tensor([0, 5], dtype=torch.int32), torch.tensor([40, 31], dtype=torch.int32)
+    cache = (kc, ks, kz, vc, vs, vz, start, length)
+    want = kv4_decode_attention(q, *cache, d ** -0.5, m)
+    assert torch.equal(want, kv4_decode_attention(q @ m.to(dtype), *cache, d ** -0.5))
+    dev = [t.to(device) for t in cache]
+    got = kv4_decode_attention_triton(q.to(device), *dev, d ** -0.5, m.to(device), splits=splits, swap=swap).cpu()
+    plain = kv4_decode_attention_triton((q @ m.to(dtype)).to(device), *dev, d ** -0.5, splits=splits,
+                                        swap=swap).cpu()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.float(), plain.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="q_trans must be"):
+        kv4_decode_attention(q, *cache, d ** -0.5, m[:-1])
+
+
+def test_q_trans_opcheck() -> None:
+    b, hq, hkv, s, d = 2, 4, 2, 7, 8
+    cache = _cache(b, hkv, s, d)
+    start, length = torch.tensor([0, 2], dtype=torch.int32), torch.tensor([7, 5], dtype=torch.int32)
+    torch.library.opcheck(kv4_decode_attention, (torch.randn(b, hq, d), *cache, start, length, d ** -0.5,
+                                                 torch.randn(d, d)))

@@ -61,21 +61,23 @@ class FusedQLinear:
     right: Tensor | None = None  # (n2, n2)
     n1: int = 1
 
-    def __call__(self, x: Tensor, cpu_codes: Tensor | None = None,
-                 counters: Tensor | None = None) -> list[Tensor]:  # (B, T, K) -> G x (B, T, N_g)
-        """The outputs of the G linears (``cpu_codes`` / ``counters``: see :func:`gemm4`)."""
+    def __call__(self, x: Tensor, cpu_codes: Tensor | None = None, counters: Tensor | None = None,
+                 norm: Tensor | None = None, eps: float = 0.0) -> list[Tensor]:  # (B, T, K) -> G x (B, T, N_g)
+        """The outputs of the G linears (``cpu_codes`` / ``counters``: see :func:`gemm4`) on ``x``, or with ``norm``
+        on ``rms_norm(x, norm, eps)``, formed in the transform kernel."""
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         m, g = x2.shape[0], len(self.sizes)
         bounds = (0, *itertools.accumulate(self.sizes))
         if unpacked_prefill(x2, cpu_codes):
-            codes8, scale = kron_quant_multi(x2, self.left, self.right, self.clips, self.n1, 4, False)
+            codes8, scale = kron_quant_multi(x2, self.left, self.right, self.clips, self.n1, 4, False, norm, eps)
             w8 = unpack_int4(self.weight)  # once for the G linears
             return [w8a8_matmul(codes8[i], scale[i], w8[lo:hi], self.w_scale[lo:hi],
                                 None if self.bias is None else self.bias[lo:hi], x.dtype).reshape(*lead, hi - lo)
                     for i, (lo, hi) in enumerate(itertools.pairwise(bounds))]
         # with cpu_codes the CPU product takes int8 codes: no pack here and unpack in gemm4
-        codes, scale = kron_quant_multi(x2, self.left, self.right, self.clips, self.n1, 4, cpu_codes is None)
+        codes, scale = kron_quant_multi(x2, self.left, self.right, self.clips, self.n1, 4, cpu_codes is None, norm,
+                                        eps)
         if m * g <= GEMV_MAX_M:
             out = gemm4(codes.reshape(g * m, -1), scale.reshape(g * m), self.weight, self.w_scale, self.bias,
                         x.dtype, cpu_codes, counters).view(g, m, -1)
@@ -98,18 +100,22 @@ def unpacked_prefill(x: Tensor, cpu_codes: Tensor | None) -> bool:  # x: (M, K)
 
 
 def gemm4(codes: Tensor, scale: Tensor, weight: Tensor, w_scale: Tensor, bias: Tensor | None, dtype: torch.dtype,
-          cpu_codes: Tensor | None = None, counters: Tensor | None = None) -> Tensor:  # (M, K/2) codes -> (M, N)
+          cpu_codes: Tensor | None = None, counters: Tensor | None = None,
+          residual: Tensor | None = None) -> Tensor:  # (M, K/2) codes -> (M, N)
     """W4A4 GEMM: ``flatquant::w4a4_matmul``; at up to ``GEMV_MAX_M`` rows with ``counters`` (the linear's own GEMV
     arrival counters, :func:`gemv_counters`) ``flatquant::w4a4_gemv``, which reduces its K split in-kernel; on CPU
     with ``cpu_codes`` ((N, K) int8 weight codes unpacked once at load) an exact int8 product
     (:func:`~flatquant.ops.reference.int8_mm_cpu`) and the same fp32 epilogue, without unpacking the weight on every
-    call; ``codes`` may then be the unpacked ``(M, K)`` int8 codes. All give the reference's result."""
+    call; ``codes`` may then be the unpacked ``(M, K)`` int8 codes. All give the reference's result. ``residual``
+    ``(M, N)`` is added to the result (in the GEMV's epilogue, else as a separate add; the same bits)."""
     if cpu_codes is None:
         if counters is not None and codes.shape[0] <= GEMV_MAX_M:
-            return w4a4_gemv(codes, scale, weight, w_scale, bias, dtype, counters)
-        return w4a4_matmul(codes, scale, weight, w_scale, bias, dtype)
-    acc = ref.int8_mm_cpu(codes if codes.dtype == torch.int8 else ref.unpack_int4_ref(codes), cpu_codes)
-    return ref.dequant_epilogue_ref(acc, scale, w_scale, bias, dtype)
+            return w4a4_gemv(codes, scale, weight, w_scale, bias, dtype, counters, residual)
+        out = w4a4_matmul(codes, scale, weight, w_scale, bias, dtype)
+    else:
+        acc = ref.int8_mm_cpu(codes if codes.dtype == torch.int8 else ref.unpack_int4_ref(codes), cpu_codes)
+        out = ref.dequant_epilogue_ref(acc, scale, w_scale, bias, dtype)
+    return out if residual is None else out + residual
 
 
 def gemv_counters(out_features: int, device: torch.device) -> Tensor | None:
@@ -139,24 +145,28 @@ def fuse_linears(lins: list[QLinearParams]) -> FusedQLinear | None:
 Linear = QLinearParams | FakeLinear
 
 
-def real_linear(x: Tensor, p: QLinearParams, cpu_codes: Tensor | None = None,
-                counters: Tensor | None = None, up: Tensor | None = None) -> Tensor:  # (..., K) -> (..., N)
+def real_linear(x: Tensor, p: QLinearParams, cpu_codes: Tensor | None = None, counters: Tensor | None = None,
+                up: Tensor | None = None, residual: Tensor | None = None) -> Tensor:  # (..., K) -> (..., N)
     """:func:`flatquant.ops.qlinear` (``real``), also for an odd right factor (the activation codes are then
     packed by ``pack_int4`` after the fused transform + quantize instead of inside it); ``cpu_codes`` /
     ``counters``: see :func:`gemm4`; ``up``: ``x`` is the SwiGLU gate and the linear reads ``silu(x) * up``
-    (formed inside the transform kernel, :func:`flatquant.ops.kron_quant`)."""
+    (formed inside the transform kernel, :func:`flatquant.ops.kron_quant`); ``residual`` ``(..., N)``: the result
+    is ``residual +`` the linear (in the GEMV's epilogue at decode)."""
     if p.a_bits != 4:
-        return qlinear(x if up is None else swiglu(x, up), p, "real")
+        y = qlinear(x if up is None else swiglu(x, up), p, "real")
+        return y if residual is None else residual + y
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     up2 = None if up is None else up.reshape(-1, k)
     if unpacked_prefill(x2, cpu_codes):
         codes8, scale = kron_quant(x2, p.left, p.right, p.clip, p.n1, 4, False, up2)
         out = w8a8_matmul(codes8, scale, unpack_int4(p.weight), p.w_scale, p.bias, x.dtype)
-        return out.reshape(*x.shape[:-1], p.out_features)
+        out = out.reshape(*x.shape[:-1], p.out_features)
+        return out if residual is None else residual + out
     pack = (k // p.n1) % 2 == 0 and cpu_codes is None  # the CPU product with cpu_codes takes int8 codes
     codes, scale = kron_quant(x2, p.left, p.right, p.clip, p.n1, 4, pack, up2)
     if not pack and cpu_codes is None:
         codes = pack_int4(codes)
-    out = gemm4(codes, scale, p.weight, p.w_scale, p.bias, x.dtype, cpu_codes, counters)
+    res2 = None if residual is None else residual.reshape(-1, p.out_features)
+    out = gemm4(codes, scale, p.weight, p.w_scale, p.bias, x.dtype, cpu_codes, counters, res2)
     return out.reshape(*x.shape[:-1], p.out_features)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..layer import rms_norm
+from ...core.norm import rms_norm
 from .cache import KVCache, new_cache
 from .graphs import CUDAGraphDecoder, CUDAGraphPrefill
 from .sampling import check_sampling, sample

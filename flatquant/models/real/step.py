@@ -5,15 +5,17 @@ write, SDPA or the KV4 decode kernel)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ...core.kron import head_transform
+from ...core.norm import rms_norm
 from ...core.quant import fake_quant
 from ...ops.kv_attention import kv4_decode_attention
-from ..layer import Rope, apply_rope, decoder_layer, qk_pre_rope, swiglu
+from ..layer import Rope, apply_rope, decoder_layer, qk_pre_rope, rms_norm_fn, swiglu
 from ..sites import FUSED_GROUPS
 from .cache import LayerKV, read_kv, write_kv, write_kv_packed
 from .config import RealConfig
@@ -21,19 +23,41 @@ from .linear import FakeLinear, real_linear
 from .weights import RealLayer
 
 
-def _linear(layer: RealLayer, name: str, x: Tensor, up: Tensor | None = None) -> Tensor:  # (B, T, K) -> (B, T, N)
-    """Linear ``name`` of the layer on ``x``; with ``up``, on ``swiglu(x, up)`` (formed in the transform kernel)."""
+@dataclass(frozen=True)
+class Normed:
+    """A decode step's RMSNorm of ``x`` (B, T, hidden) with ``weight``, not yet applied: the fused q/k/v and
+    gate/up transform kernel applies it as it loads the token (``flatquant::kron_quant_multi``'s ``norm``), so the
+    normalised input is never written out; any other consumer calls :meth:`value`."""
+
+    x: Tensor
+    weight: Tensor
+    eps: float
+
+    def value(self) -> Tensor:  # (B, T, hidden)
+        """The normalised input."""
+        return rms_norm(self.x, self.weight, self.eps)
+
+
+def _linear(layer: RealLayer, name: str, x: Tensor, up: Tensor | None = None,
+            residual: Tensor | None = None) -> Tensor:  # (B, T, K) -> (B, T, N)
+    """Linear ``name`` of the layer on ``x``; with ``up``, on ``swiglu(x, up)`` (formed in the transform kernel);
+    with ``residual`` (B, T, N), ``residual +`` it (in the GEMV's epilogue at decode)."""
     lin = layer.linears[name]
     if isinstance(lin, FakeLinear):
-        return lin(x if up is None else swiglu(x, up))
-    return real_linear(x, lin, layer.cpu_codes.get(name), layer.gemv_counters.get(name), up)
+        y = lin(x if up is None else swiglu(x, up))
+        return y if residual is None else residual + y
+    return real_linear(x, lin, layer.cpu_codes.get(name), layer.gemv_counters.get(name), up, residual)
 
 
-def _project(layer: RealLayer, group: str, h: Tensor) -> list[Tensor]:  # (B, T, K) -> G x (B, T, N_g)
-    """The linears of a :data:`FUSED_GROUPS` group on ``h``: fused when the layer holds them fused."""
+def _project(layer: RealLayer, group: str, h: Tensor | Normed) -> list[Tensor]:  # (B, T, K) -> G x (B, T, N_g)
+    """The linears of a :data:`FUSED_GROUPS` group on ``h``: fused when the layer holds them fused (a deferred
+    norm then runs in their transform kernel)."""
     fused = layer.fused.get(group)
     if fused is not None:
+        if isinstance(h, Normed):
+            return fused(h.x, layer.cpu_codes.get(group), layer.gemv_counters.get(group), h.weight, h.eps)
         return fused(h, layer.cpu_codes.get(group), layer.gemv_counters.get(group))
+    h = h.value() if isinstance(h, Normed) else h
     return [_linear(layer, n, h) for n in FUSED_GROUPS[group]]
 
 
@@ -47,7 +71,7 @@ def rope_at(inv_freq: Tensor, positions: Tensor, scaling: float) -> Rope:
 
 def attention_step(
     layer: RealLayer,
-    h: Tensor,  # (B, T, hidden) normalised input
+    h: Tensor | Normed,  # (B, T, hidden) normalised input
     rope: Rope,  # (B, T, 1, d)
     kv: LayerKV,
     cfg: RealConfig,
@@ -63,8 +87,8 @@ def attention_step(
 ) -> Tensor:  # (B, T, H*d)
     """Q/K/V projections, RoPE, cache write, attention over the cache (positions ``< length``)."""
     a, qc = cfg.args, cfg.qcfg
-    b, t, _ = h.shape
     q, k, v = _project(layer, "qkv", h)
+    b, t, _ = q.shape
     # RoPE and q's K^{-T} run on the (B, T, heads, d) layout the projections produce: one GEMM over all rows
     # for the transform (a (B, heads, T, d) view made cuBLAS run one small batched GEMM per row).
     q, k = q.reshape(b, t, a.n_heads, a.head_dim), k.reshape(b, t, a.n_kv_heads, a.head_dim)
@@ -72,7 +96,10 @@ def attention_step(
     q = apply_rope(q, rope)
     k = apply_rope(k, rope).transpose(1, 2)
     v = v.reshape(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
-    if layer.k_trans_inv_t is not None:
+    kernel_attention = decode and k_packed and v_packed
+    # q's K^{-T}: inside the decode attention kernel when nothing needs the transformed q before it
+    q_trans = layer.k_trans_inv_t if kernel_attention and not qc.q.enabled else None
+    if layer.k_trans_inv_t is not None and q_trans is None:
         q = head_transform(q, layer.k_trans_inv_t)
     q = q.transpose(1, 2)
     if qc.q.enabled:
@@ -84,9 +111,9 @@ def attention_step(
         write_kv(k, layer.k_trans, layer.k_clip, qc.k, k_packed, kv.k, kv.k_scale, kv.k_zero, idx)
         write_kv(v, None, layer.v_clip, qc.v, v_packed, kv.v, kv.v_scale, kv.v_zero, idx)
     scale = 1.0 / math.sqrt(a.head_dim)
-    if decode and k_packed and v_packed:
+    if kernel_attention:
         o = kv4_decode_attention(q[:, :, 0], kv.k, kv.k_scale, kv.k_zero, kv.v, kv.v_scale, kv.v_zero, start,
-                                 length, scale)
+                                 length, scale, q_trans)
         return o.reshape(b, 1, a.q_dim)
     kk = read_kv(kv.k, kv.k_scale, kv.k_zero, k_packed, n_valid, q.dtype)
     vv = read_kv(kv.v, kv.v_scale, kv.v_zero, v_packed, n_valid, q.dtype)
@@ -97,7 +124,7 @@ def attention_step(
     if causal_from_zero:
         o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
     else:
-        j = torch.arange(kk.shape[2], device=h.device)
+        j = torch.arange(kk.shape[2], device=q.device)
         allowed = (j[None, None, :] >= start[:, None, None]) & (j[None, None, :] <= idx[None, :, None])
         o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed[:, None], enable_gqa=gqa)
     return o.transpose(1, 2).reshape(b, t, a.q_dim)
@@ -110,19 +137,22 @@ def layer_step(
     """One decoder layer (:func:`~flatquant.models.layer.decoder_layer`, the fake forward's skeleton) on new tokens
     ``x (B, T, hidden)``, with the engine's linears (fused where the layer holds them fused) and
     :func:`attention_step`, which writes their K/V into ``kv`` at ``idx``; attention covers cache positions
-    ``< n_valid``."""
+    ``< n_valid``. At decode the two norms are deferred into the fused q/k/v and gate/up transform kernels
+    (:class:`Normed`) and the residual adds run in the o/down GEMVs' epilogues."""
 
-    def attend(h: Tensor) -> Tensor:  # (B, T, hidden) -> (B, T, H*d)
+    def attend(h: Tensor | Normed) -> Tensor:  # (B, T, hidden) -> (B, T, H*d)
         return attention_step(layer, h, rope, kv, cfg, idx, start, length, n_valid=n_valid, decode=decode,
                               causal_from_zero=causal_from_zero, k_packed=k_packed, v_packed=v_packed)
 
-    def gate_up(h: Tensor) -> tuple[Tensor, Tensor]:  # (B, T, hidden) -> 2 x (B, T, intermediate)
+    def gate_up(h: Tensor | Normed) -> tuple[Tensor, Tensor]:  # (B, T, hidden) -> 2 x (B, T, intermediate)
         gate, up = _project(layer, "up_gate", h)
         return gate, up
 
-    return decoder_layer(x, input_norm=layer.input_norm, post_norm=layer.post_norm, eps=cfg.args.rms_eps,
-                         attention=attend, o_proj=lambda o: _linear(layer, "o_proj", o), gate_up=gate_up,
-                         down=lambda gate, up: _linear(layer, "down_proj", gate, up))
+    eps = cfg.args.rms_eps
+    norm = (lambda v, w: Normed(v, w, eps)) if decode else rms_norm_fn(eps)
+    return decoder_layer(x, input_norm=layer.input_norm, post_norm=layer.post_norm, norm=norm,
+                         attention=attend, o_proj=lambda o, res: _linear(layer, "o_proj", o, residual=res),
+                         gate_up=gate_up, down=lambda gate, up, res: _linear(layer, "down_proj", gate, up, res))
 
 
 def decode_layer(layer: RealLayer, x: Tensor, rope: Rope, kv: LayerKV, cfg: RealConfig, idx: Tensor,
