@@ -5,6 +5,7 @@
 #            q's K^-T in the attention kernel), then the decode A/B in one call: bench/engine_probe.py on the
 #            previous commit's package (ab_base/, carried untracked) and on this one, alternated, then the
 #            fast-engine GPU tests (fused engine vs the unfused one in llama / qwen2 / qwen3 styles)
+#   attrib:  the decode A/B per fusion (FLATQUANT_DECODE_FUSIONS), one process each
 #   e2e:     bench_e2e with the real engine and transformers' static-cache generate (the baseline to beat)
 # Usage: bash bench/device/h200_s5.sh STAGE [STAGE ...]
 set -uo pipefail
@@ -26,6 +27,11 @@ fusions)
   [ -n "${AB_TWICE:-}" ] && { probe $PWD/ab_base base2; probe $PWD new2; }
   PYTHONPATH=$PWD timeout ${ENG_S:-200} $PYT --tb=short tests/models/test_real.py -k "fast_engine or cuda" 2>&1 \
     | grep -v DEBUG | tail -20 | tee $OUT/pytest_engine_cuda.log | grep -E "^E |passed|failed" ;;
+attrib)
+  # each decode fusion on its own (separate processes: the setting is read when the decode step compiles)
+  for f in ${FUSIONS:-none norm,residual q_trans}; do
+    FLATQUANT_DECODE_FUSIONS=$f probe $PWD f_${f//,/_}
+  done ;;
 e2e)
   PYTHONPATH=$PWD timeout ${E2E_S:-420} python3 bench/bench_e2e.py --quick --decode 256 \
     --engines ${ENGINES:-real-w4a4kv4,hf-bf16-static} --budget-s ${E2E_BUDGET:-380} --out $OUT/e2e_h200_s5.json \

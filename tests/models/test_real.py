@@ -208,6 +208,28 @@ def test_fused_engine_equals_unfused(heads: int, kv_heads: int, family: str) -> 
         assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
 
 
+def test_decode_fusions_keep_the_bits(monkeypatch) -> None:
+    """Every decode fusion setting (norm in the transform op, residual in the GEMV epilogue, q's K^-T in the
+    attention op) gives the logits of no fusion bit for bit on the reference ops; a bad setting is refused."""
+    from flatquant.models.real import step as step_mod
+
+    args = _gqa_args(8, 2, "qwen3")
+    x = tokens(2, 12, vocab=64, seed=5)
+    start = torch.tensor([0, 3], dtype=torch.int32)
+    outs = {}
+    for setting in ("none", "norm", "residual", "q_trans", "norm,residual,q_trans"):
+        monkeypatch.setenv("FLATQUANT_DECODE_FUSIONS", setting)
+        m = _engine(args, True)
+        cache = m.new_cache(2, 16, start)
+        outs[setting] = torch.cat([m(x[:, :9], cache)] + [m(x[:, i:i + 1], cache) for i in range(9, 12)], 1)
+    assert all(torch.equal(o, outs["none"]) for o in outs.values())
+    monkeypatch.setenv("FLATQUANT_DECODE_FUSIONS", "norm,rope")
+    with pytest.raises(ValueError, match="FLATQUANT_DECODE_FUSIONS"):
+        step_mod.decode_fusions()
+    monkeypatch.delenv("FLATQUANT_DECODE_FUSIONS")
+    assert step_mod.decode_fusions() == set(step_mod.DEFAULT_DECODE_FUSIONS)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("heads,kv_heads,family", GQA_CASES)
@@ -285,6 +307,7 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
     from flatquant.ops.pack import unpack_int4_triton
 
     kq_mod = importlib.import_module("flatquant.ops.kron_quant")  # the module (flatquant.ops.kron_quant is the op)
+    monkeypatch.setenv("FLATQUANT_DECODE_FUSIONS", ",".join(step_mod.DECODE_FUSIONS))  # q_trans too (opt-in)
     args = _gqa_args(heads, kv_heads, family)
     want_engine = _engine(args, False, cpu_codes=False)
     t = 134 // batch  # batch x (t - 2) prefill rows >= UNPACK_MIN_M
@@ -350,5 +373,5 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
     assert 80 in reduced  # down_proj (K = intermediate = 80) reduced its K split in-kernel, with its counters
     n_layers = len(fast.weights.layers)
     # every decode step: both norms in the q/k/v and gate/up transform kernels (whole layout), both residual adds in
-    # the o/down GEMV epilogues, q's K^-T in the attention kernel
+    # the o/down GEMV epilogues, q's K^-T in the attention kernel (every fusion switched on above)
     assert fused_in == {"residual": 4 * n_layers, "norm": 4 * n_layers, "q_trans": 2 * n_layers}, fused_in

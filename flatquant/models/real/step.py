@@ -5,6 +5,7 @@ write, SDPA or the KV4 decode kernel)."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,29 @@ from .cache import LayerKV, read_kv, write_kv, write_kv_packed
 from .config import RealConfig
 from .linear import FakeLinear, real_linear
 from .weights import RealLayer
+
+DECODE_FUSIONS = ("norm", "residual", "q_trans")
+"""The decode-step fusions: RMSNorm in the q/k/v and gate/up transform kernel (``norm``), the residual adds in the
+o/down GEMV epilogues (``residual``), q's K^-T in the attention kernel (``q_trans``)."""
+
+DEFAULT_DECODE_FUSIONS = ("norm", "residual")
+"""Measured on the H200 (LLaMA-3-8B shape, ``bench/results/engine_fusions_h200.json``, one process per setting in
+one call): none 3.161 / 4.771 ms per decode step at batch 1 / 16, norm + residual 2.985 / 4.630, q_trans alone
+3.645 / 6.016 (slower: every attention program now loads the (d, d) matrix and runs two extra products before its
+first cache tile), so q_trans is off by default."""
+
+
+def decode_fusions() -> frozenset[str]:
+    """The decode-step fusions in use (:data:`DECODE_FUSIONS`): :data:`DEFAULT_DECODE_FUSIONS`, unless
+    ``FLATQUANT_DECODE_FUSIONS`` (comma-separated, ``none`` for none) names others, for side-by-side measurements.
+    Read when a decode step is traced (set it before a model compiles its decode step)."""
+    env = os.environ.get("FLATQUANT_DECODE_FUSIONS")
+    if env is None:
+        return frozenset(DEFAULT_DECODE_FUSIONS)
+    chosen = frozenset(f.strip() for f in env.split(",") if f.strip() and f.strip() != "none")
+    if not chosen <= set(DECODE_FUSIONS):
+        raise ValueError(f"FLATQUANT_DECODE_FUSIONS must name some of {DECODE_FUSIONS} or 'none', got {env!r}")
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -98,7 +122,8 @@ def attention_step(
     v = v.reshape(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
     kernel_attention = decode and k_packed and v_packed
     # q's K^{-T}: inside the decode attention kernel when nothing needs the transformed q before it
-    q_trans = layer.k_trans_inv_t if kernel_attention and not qc.q.enabled else None
+    q_trans = (layer.k_trans_inv_t if kernel_attention and not qc.q.enabled and "q_trans" in decode_fusions()
+               else None)
     if layer.k_trans_inv_t is not None and q_trans is None:
         q = head_transform(q, layer.k_trans_inv_t)
     q = q.transpose(1, 2)
@@ -137,8 +162,8 @@ def layer_step(
     """One decoder layer (:func:`~flatquant.models.layer.decoder_layer`, the fake forward's skeleton) on new tokens
     ``x (B, T, hidden)``, with the engine's linears (fused where the layer holds them fused) and
     :func:`attention_step`, which writes their K/V into ``kv`` at ``idx``; attention covers cache positions
-    ``< n_valid``. At decode the two norms are deferred into the fused q/k/v and gate/up transform kernels
-    (:class:`Normed`) and the residual adds run in the o/down GEMVs' epilogues."""
+    ``< n_valid``. At decode (:func:`decode_fusions`) the two norms are deferred into the fused q/k/v and gate/up
+    transform kernels (:class:`Normed`) and the residual adds run in the o/down GEMVs' epilogues."""
 
     def attend(h: Tensor | Normed) -> Tensor:  # (B, T, hidden) -> (B, T, H*d)
         return attention_step(layer, h, rope, kv, cfg, idx, start, length, n_valid=n_valid, decode=decode,
@@ -148,11 +173,22 @@ def layer_step(
         gate, up = _project(layer, "up_gate", h)
         return gate, up
 
+    fusions = decode_fusions() if decode else frozenset()
     eps = cfg.args.rms_eps
-    norm = (lambda v, w: Normed(v, w, eps)) if decode else rms_norm_fn(eps)
-    return decoder_layer(x, input_norm=layer.input_norm, post_norm=layer.post_norm, norm=norm,
-                         attention=attend, o_proj=lambda o, res: _linear(layer, "o_proj", o, residual=res),
-                         gate_up=gate_up, down=lambda gate, up, res: _linear(layer, "down_proj", gate, up, res))
+    norm = (lambda v, w: Normed(v, w, eps)) if "norm" in fusions else rms_norm_fn(eps)
+
+    def o_proj(o: Tensor, res: Tensor) -> Tensor:  # (B, T, H*d), residual (B, T, hidden) -> (B, T, hidden)
+        if "residual" in fusions:
+            return _linear(layer, "o_proj", o, residual=res)
+        return res + _linear(layer, "o_proj", o)
+
+    def down(gate: Tensor, up: Tensor, res: Tensor) -> Tensor:  # 2 x (B, T, intermediate), residual -> hidden
+        if "residual" in fusions:
+            return _linear(layer, "down_proj", gate, up, res)
+        return res + _linear(layer, "down_proj", gate, up)
+
+    return decoder_layer(x, input_norm=layer.input_norm, post_norm=layer.post_norm, norm=norm, attention=attend,
+                         o_proj=o_proj, gate_up=gate_up, down=down)
 
 
 def decode_layer(layer: RealLayer, x: Tensor, rope: Rope, kv: LayerKV, cfg: RealConfig, idx: Tensor,
