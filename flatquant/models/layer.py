@@ -173,7 +173,8 @@ def decoder_layer(
             in its GEMM's epilogue.
 
     Returns:
-        The layer output ``x + o_proj(attention(norm(x)))``, then ``+ down(silu(gate) * up)`` of its norm.
+        The layer output: ``x1 = o_proj(attention(norm(x, input_norm)), x)`` (the residual plus the attention
+        branch), then ``down(gate, up, x1)`` with ``gate, up = gate_up(norm(x1, post_norm))``.
     """
     x = o_proj(attention(norm(x, input_norm)), x)
     gate, up = gate_up(norm(x, post_norm))

@@ -56,9 +56,11 @@ def _load_token(x_ptr, u_ptr, t, stride_xt, n2, i, row_ok, N2P: tl.constexpr, HA
 
 @triton.jit
 def _rms_norm_tile(x, w, n, eps, INTERPRET_BF16: tl.constexpr):
-    """RMSNorm of a whole token's ``(N1P, N2P)`` tile ``x`` (padding 0) with the weight tile ``w`` (fp32), as
-    :func:`flatquant.core.norm.rms_norm` computes it: fp32 mean of squares over the ``n`` elements, ``x · (1 /
-    sqrt(mean + eps))`` (both correctly rounded) times the weight, cast once to x's dtype."""
+    """RMSNorm of a whole token's ``(N1P, N2P)`` tile ``x`` (padding 0) with the weight tile ``w`` (fp32), the
+    operations of :func:`flatquant.core.norm.rms_norm`: fp32 mean of squares over the ``n`` elements, ``x · (1 /
+    sqrt(mean + eps))`` (square root and division correctly rounded) times the weight, cast once to x's dtype.
+    Equal to it up to the summation order of the mean (and, on CUDA, torch's approximate rsqrt): a normalised value
+    may differ in its last bit, so a code may move by one at a rounding tie."""
     xf = x.to(tl.float32)
     ms = tl.sum(tl.sum(xf * xf, axis=1), axis=0) / n
     r = tl.math.div_rn(1.0, tl.math.sqrt_rn(ms + eps))
@@ -249,21 +251,28 @@ def _kron_right_kernel(
 
 @triton.jit
 def _kron_cols_kernel(
-    x_ptr, u_ptr, l_ptr, r_ptr, ws_ptr, mm_ptr, n1, n2, stride_xt,
+    x_ptr, u_ptr, l_ptr, r_ptr, ws_ptr, mm_ptr, nw_ptr, n1, n2, stride_xt, eps,
     N1P: tl.constexpr, N2P: tl.constexpr, BJ: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, F32_DOT: tl.constexpr, HAS_GLU: tl.constexpr,
-    INTERPRET_BF16: tl.constexpr, PDL: tl.constexpr = False,
+    INTERPRET_BF16: tl.constexpr, HAS_NORM: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     # Split transform (few tokens): program (t, c) computes column block c of token t's Y into ws_ptr
     # ((T, N1P, N2P) fp32) and its max / min into mm_ptr ((T, NB, 2) fp32); _kron_finish_kernel quantizes.
+    # HAS_NORM (with HAS_RIGHT): every program normalises the whole token it loads (the same bits in each).
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     i = tl.arange(0, N1P)
     row_ok = i < n1
     lt = _load_lt(l_ptr, n1, i, row_ok, x_ptr.dtype.element_ty, N1P, HAS_LEFT)
+    if HAS_NORM:
+        jn = tl.arange(0, N2P)
+        nw = tl.load(nw_ptr + i[:, None] * n2 + jn[None, :], mask=row_ok[:, None] & (jn < n2)[None, :],
+                     other=0.0).to(tl.float32)
     pdl_wait(PDL)
     if HAS_RIGHT:
         x = _load_token(x_ptr, u_ptr, t, stride_xt, n2, i, row_ok, N2P, HAS_GLU, INTERPRET_BF16)
+        if HAS_NORM:
+            x = _rms_norm_tile(x, nw, n1 * n2, eps, INTERPRET_BF16)
     else:
         x = tl.zeros((N1P, N2P), dtype=x_ptr.dtype.element_ty)  # unused
     y = _y_cols(x, x_ptr, u_ptr, lt, r_ptr, t, stride_xt, n1, n2, c * BJ, i, row_ok, N2P, BJ, HAS_LEFT, HAS_RIGHT,
@@ -392,7 +401,7 @@ def kron_quant_triton(
       to x's dtype as the fused kernels round it), then the left product, clip and quantization on Z (``whole``).
 
     ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``norm``, ``eps``: see :func:`kron_quant_multi`
-    (in the kernel for the whole and chunked layouts with a right factor, else a separate RMSNorm first).
+    (in the kernel for the whole, chunked and split layouts with a right factor, else a separate RMSNorm first).
     ``programs`` caps the grid of the looping layouts (default 4 per SM on CUDA); ``block_cols`` (power of two
     >= 16; default 16 split, 32 chunked) is the column block; ``num_warps`` (default 8 at up to 64 tokens, else 4)
     and ``num_stages`` are Triton launch options (CUDA only).
@@ -438,8 +447,8 @@ def kron_quant_triton(
     quant = {"G": g, "GP": next_pow2(g, floor=2), "QMAX": 2 ** (bits - 1) - 1, "PACK": pack}
     if variant == "two_pass" and (left is None or right is None):
         variant = "whole"  # one product: nothing to split into passes
-    if norm is not None and (right is None or variant not in ("whole", "chunked")):
-        x, norm = rms_norm(x, norm, eps).contiguous(), None  # the kernel normalises only whole tokens it loads
+    if norm is not None and (right is None or variant == "two_pass"):
+        x, norm = rms_norm(x, norm, eps).contiguous(), None  # the kernels normalise only whole tokens they load
     if variant == "two_pass":
         z = torch.empty_like(x)
         bm = 64 if cpu else 128
@@ -455,7 +464,8 @@ def kron_quant_triton(
         ws = torch.empty(t, n1p, n2p, dtype=torch.float32, device=x.device)
         mm = torch.empty(t, nb, 2, dtype=torch.float32, device=x.device)
         cols = cpu_kernel(_kron_cols_kernel) if cpu else _kron_cols_kernel
-        cols[(t, nb)](x, up_p, lp, rp, ws, mm, n1, n2, x.stride(0), N1P=n1p, N2P=n2p, BJ=bj, **flags, **extra)
+        cols[(t, nb)](x, up_p, lp, rp, ws, mm, norm.contiguous() if norm is not None else x, n1, n2, x.stride(0),
+                      float(eps), N1P=n1p, N2P=n2p, BJ=bj, **flags, HAS_NORM=norm is not None, **extra)
         finish = cpu_kernel(_kron_finish_kernel) if cpu else _kron_finish_kernel
         finish[(t, nb)](ws, mm, clips, codes, scale, n1, n2, codes.stride(-2), stride_qg, stride_sg, N1P=n1p,
                         N2P=n2p, BJ=bj, **quant, **extra)
