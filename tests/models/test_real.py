@@ -231,6 +231,38 @@ def test_decode_fusions_keep_the_bits(monkeypatch) -> None:
     assert step_mod.decode_fusions() == set(step_mod.DEFAULT_DECODE_FUSIONS)
 
 
+def test_residual_epilogue_keeps_the_engine_bits(monkeypatch) -> None:
+    """A fp16 engine whose decode GEMVs run the Triton kernel (interpreter; K split reduced in-kernel with
+    counters): the o/down residual added in the GEMV epilogue gives the logits of the separate add bit for bit.
+    (fp16: the interpreter rounds bf16 results before the add in any case, so only fp16 shows a missing rounding;
+    adding in fp32 without it fails here.)"""
+    from flatquant.models.real import linear as lin_mod
+    from flatquant.models.real import weights as weights_mod
+    from flatquant.ops.gemv import counter_slots, qgemv_triton
+    from flatquant.ops.matmul import MODE_W4A4
+
+    residuals: list[bool] = []
+
+    def gemv(a, a_scale, w, w_scale, bias, out_dtype, counters, residual=None):
+        residuals.append(residual is not None)
+        return qgemv_triton(a, a_scale, w, w_scale, bias, a.shape[1] * 2, MODE_W4A4, out_dtype, split_k=2,
+                            block_k=64, counters=counters, residual=residual)
+
+    monkeypatch.setattr(lin_mod, "w4a4_gemv", gemv)
+    monkeypatch.setattr(weights_mod, "gemv_counters",
+                        lambda n, dev: torch.zeros(counter_slots(n, dev, 16), dtype=torch.int32, device=dev))
+    args = _gqa_args(6, 2, "qwen2")
+    x = tokens(4, 24, vocab=64, seed=6)
+    outs = {}
+    for setting in ("none", "residual"):
+        monkeypatch.setenv("FLATQUANT_DECODE_FUSIONS", setting)
+        m = _engine(args, True, dtype=torch.float16, cpu_codes=False)
+        cache = m.new_cache(4, 24)
+        outs[setting] = torch.cat([m(x[:, :4], cache)] + [m(x[:, i:i + 1], cache) for i in range(4, 24)], 1)
+    assert sum(residuals) == 20 * 2 * args.n_layers  # 20 decode steps, o and down per layer, in the second run
+    assert outs["none"].dtype == torch.float16 and torch.equal(outs["residual"], outs["none"])
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("heads,kv_heads,family", GQA_CASES)
