@@ -183,11 +183,7 @@ def decoder_layer(
 
 def rms_norm_fn(eps: float) -> Callable[[Tensor, Tensor], Tensor]:
     """The skeleton's ``norm`` for RMSNorm with epsilon ``eps``: ``(x, weight) -> rms_norm(x, weight, eps)``."""
-    return functools.partial(_rms_norm_eps, eps=eps)
-
-
-def _rms_norm_eps(x: Tensor, weight: Tensor, *, eps: float) -> Tensor:
-    return rms_norm(x, weight, eps)
+    return functools.partial(rms_norm, eps=eps)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:  # 2 x (B, T, intermediate) -> (B, T, intermediate)

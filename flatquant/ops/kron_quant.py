@@ -71,6 +71,14 @@ def _rms_norm_tile(x, w, n, eps, INTERPRET_BF16: tl.constexpr):
 
 
 @triton.jit
+def _load_norm_weight(nw_ptr, n2, i, row_ok, N2P: tl.constexpr):
+    """The RMSNorm weight as the token's ``(N1P, N2P)`` fp32 tile (padding 0)."""
+    j = tl.arange(0, N2P)
+    return tl.load(nw_ptr + i[:, None] * n2 + j[None, :], mask=row_ok[:, None] & (j < n2)[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _y_cols(
     x, x_ptr, u_ptr, lt, r_ptr, t, stride_xt, n1, n2, j0, i, row_ok,
     N2P: tl.constexpr, BJ: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, F32_DOT: tl.constexpr,
@@ -182,9 +190,7 @@ def _kron_quant_kernel(
     row_ok = i < n1
     lt = _load_lt(l_ptr, n1, i, row_ok, x_ptr.dtype.element_ty, N1P, HAS_LEFT)
     if HAS_NORM:
-        jn = tl.arange(0, N2P)
-        nw = tl.load(nw_ptr + i[:, None] * n2 + jn[None, :], mask=row_ok[:, None] & (jn < n2)[None, :],
-                     other=0.0).to(tl.float32)
+        nw = _load_norm_weight(nw_ptr, n2, i, row_ok, N2P)
     gg, clip_lo, clip_hi = _load_clips(clip_ptr, G, GP)
     NB: tl.constexpr = N2P // BJ
     jb = tl.arange(0, BJ)
@@ -265,9 +271,7 @@ def _kron_cols_kernel(
     row_ok = i < n1
     lt = _load_lt(l_ptr, n1, i, row_ok, x_ptr.dtype.element_ty, N1P, HAS_LEFT)
     if HAS_NORM:
-        jn = tl.arange(0, N2P)
-        nw = tl.load(nw_ptr + i[:, None] * n2 + jn[None, :], mask=row_ok[:, None] & (jn < n2)[None, :],
-                     other=0.0).to(tl.float32)
+        nw = _load_norm_weight(nw_ptr, n2, i, row_ok, N2P)
     pdl_wait(PDL)
     if HAS_RIGHT:
         x = _load_token(x_ptr, u_ptr, t, stride_xt, n2, i, row_ok, N2P, HAS_GLU, INTERPRET_BF16)
@@ -449,6 +453,7 @@ def kron_quant_triton(
         variant = "whole"  # one product: nothing to split into passes
     if norm is not None and (right is None or variant == "two_pass"):
         x, norm = rms_norm(x, norm, eps).contiguous(), None  # the kernels normalise only whole tokens they load
+    nw = norm.contiguous() if norm is not None else x
     if variant == "two_pass":
         z = torch.empty_like(x)
         bm = 64 if cpu else 128
@@ -464,8 +469,8 @@ def kron_quant_triton(
         ws = torch.empty(t, n1p, n2p, dtype=torch.float32, device=x.device)
         mm = torch.empty(t, nb, 2, dtype=torch.float32, device=x.device)
         cols = cpu_kernel(_kron_cols_kernel) if cpu else _kron_cols_kernel
-        cols[(t, nb)](x, up_p, lp, rp, ws, mm, norm.contiguous() if norm is not None else x, n1, n2, x.stride(0),
-                      float(eps), N1P=n1p, N2P=n2p, BJ=bj, **flags, HAS_NORM=norm is not None, **extra)
+        cols[(t, nb)](x, up_p, lp, rp, ws, mm, nw, n1, n2, x.stride(0), float(eps), N1P=n1p, N2P=n2p, BJ=bj,
+                      **flags, HAS_NORM=norm is not None, **extra)
         finish = cpu_kernel(_kron_finish_kernel) if cpu else _kron_finish_kernel
         finish[(t, nb)](ws, mm, clips, codes, scale, n1, n2, codes.stride(-2), stride_qg, stride_sg, N1P=n1p,
                         N2P=n2p, BJ=bj, **quant, **extra)
@@ -475,8 +480,8 @@ def kron_quant_triton(
     ws = torch.empty(grid, n1p, n2p, dtype=torch.float32, device=x.device) if bj < n2p else scale
     kernel = cpu_kernel(_kron_quant_kernel) if cpu else _kron_quant_kernel
     kernel[(grid,)](
-        x, up_p, lp, rp, clips, codes, scale, ws, norm.contiguous() if norm is not None else x, t, n1, n2,
-        x.stride(0), codes.stride(-2), stride_qg, stride_sg, float(eps),
+        x, up_p, lp, rp, clips, codes, scale, ws, nw, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg,
+        stride_sg, float(eps),
         N1P=n1p, N2P=n2p, BJ=bj, **flags, **quant, HAS_NORM=norm is not None, **extra,
     )
     return codes, scale

@@ -93,24 +93,20 @@ def _transformed_q(q_ptr, qt_ptr, b, heads, r_ok, eh, d, stride_qb, stride_qh, D
     m_odd = tl.load(qt_ptr + e[:, None] * d + 2 * eh[None, :] + 1, mask=m_mask, other=0.0)
     qd = q_ptr.dtype.element_ty
     prec: tl.constexpr = "ieee" if F32_DOT else None
+    if F32_DOT:  # the dots' operand type
+        ct = tl.float32
+    else:
+        ct = qd
     if SWAP_AB:  # (DH, DP) x (DP, REP_P): the group's heads stay on the MMA's N side
         qt = tl.load(q_ptr + b * stride_qb + heads[None, :] * stride_qh + e[:, None],
-                     mask=r_ok[None, :] & e_ok[:, None], other=0.0)
-        if F32_DOT:
-            ye = tl.dot(tl.trans(m_even).to(tl.float32), qt.to(tl.float32), input_precision=prec)
-            yo = tl.dot(tl.trans(m_odd).to(tl.float32), qt.to(tl.float32), input_precision=prec)
-        else:
-            ye = tl.dot(tl.trans(m_even).to(qd), qt)
-            yo = tl.dot(tl.trans(m_odd).to(qd), qt)
+                     mask=r_ok[None, :] & e_ok[:, None], other=0.0).to(ct)
+        ye = tl.dot(tl.trans(m_even).to(ct), qt, input_precision=prec)
+        yo = tl.dot(tl.trans(m_odd).to(ct), qt, input_precision=prec)
     else:
         qq = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + e[None, :],
-                     mask=r_ok[:, None] & e_ok[None, :], other=0.0)
-        if F32_DOT:
-            ye = tl.dot(qq.to(tl.float32), m_even.to(tl.float32), input_precision=prec)
-            yo = tl.dot(qq.to(tl.float32), m_odd.to(tl.float32), input_precision=prec)
-        else:
-            ye = tl.dot(qq, m_even.to(qd))
-            yo = tl.dot(qq, m_odd.to(qd))
+                     mask=r_ok[:, None] & e_ok[None, :], other=0.0).to(ct)
+        ye = tl.dot(qq, m_even.to(ct), input_precision=prec)
+        yo = tl.dot(qq, m_odd.to(ct), input_precision=prec)
     if Q_ROUND_BF16:
         ye = round_to_bf16_f32(ye)
         yo = round_to_bf16_f32(yo)
