@@ -32,13 +32,17 @@ def pair(tmp_path_factory):
     return reparameterize(w, flats, Q, T), load_checkpoint(out)
 
 
+def _prefill_then_decode(model, x: torch.Tensor, cache, n_prefill: int) -> torch.Tensor:  # (B, T) -> (B, T, V)
+    """Logits of ``x``: a prefill of its first ``n_prefill`` tokens, then one decode step per remaining token."""
+    steps = [model(x[:, :n_prefill], cache)] + [model(x[:, i:i + 1], cache) for i in range(n_prefill, x.shape[1])]
+    return torch.cat(steps, 1)
+
+
 def test_prefill_and_decode_equal_fake_full_sequence(pair) -> None:
     fake, real = pair
     x = tokens(3, 20, seed=11)
     want = forward(fake, x, Q)
-    cache = real.new_cache(3, 20)
-    steps = [real(x[:, :9], cache)] + [real(x[:, i:i + 1], cache) for i in range(9, 20)]
-    torch.testing.assert_close(torch.cat(steps, 1), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_prefill_then_decode(real, x, real.new_cache(3, 20), 9), want, rtol=1e-5, atol=1e-5)
 
 
 def test_kv4_error_is_present_in_prefill(pair) -> None:
@@ -200,11 +204,7 @@ def test_fused_engine_equals_unfused(heads: int, kv_heads: int, family: str) -> 
     for b in (1, 3):
         x = tokens(b, 12, vocab=64, seed=b)
         start = torch.tensor([0, 3, 5][:b], dtype=torch.int32) if b > 1 else None
-        out = []
-        for m in (fused, plain, packed):
-            cache = m.new_cache(b, 16, start)
-            steps = [m(x[:, :9], cache)] + [m(x[:, i:i + 1], cache) for i in range(9, 12)]
-            out.append(torch.cat(steps, 1))
+        out = [_prefill_then_decode(m, x, m.new_cache(b, 16, start), 9) for m in (fused, plain, packed)]
         assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
 
 
@@ -221,8 +221,7 @@ def test_decode_fusions_keep_the_bits(monkeypatch) -> None:
     for setting in ("none", "norm", "residual", "q_trans", "norm,residual,q_trans"):
         monkeypatch.setenv("FLATQUANT_DECODE_FUSIONS", setting)
         m = _engine(args, True)
-        cache = m.new_cache(2, 16, start)
-        outs[setting] = torch.cat([m(x[:, :9], cache)] + [m(x[:, i:i + 1], cache) for i in range(9, 12)], 1)
+        outs[setting] = _prefill_then_decode(m, x, m.new_cache(2, 16, start), 9)
     assert all(torch.equal(o, outs["none"]) for o in outs.values())
     monkeypatch.setenv("FLATQUANT_DECODE_FUSIONS", "norm,rope")
     with pytest.raises(ValueError, match="FLATQUANT_DECODE_FUSIONS"):
@@ -257,8 +256,7 @@ def test_residual_epilogue_keeps_the_engine_bits(monkeypatch) -> None:
     for setting in ("none", "residual"):
         monkeypatch.setenv("FLATQUANT_DECODE_FUSIONS", setting)
         m = _engine(args, True, dtype=torch.float16, cpu_codes=False)
-        cache = m.new_cache(4, 24)
-        outs[setting] = torch.cat([m(x[:, :4], cache)] + [m(x[:, i:i + 1], cache) for i in range(4, 24)], 1)
+        outs[setting] = _prefill_then_decode(m, x, m.new_cache(4, 24), 4)
     assert sum(residuals) == 20 * 2 * args.n_layers  # 20 decode steps, o and down per layer, in the second run
     assert outs["none"].dtype == torch.float16 and torch.equal(outs["residual"], outs["none"])
 
