@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from ._launch import cpu_kernel, dequant_epilogue, launch_options, nibble_hi, nibble_lo, on_cpu, pdl_wait
+from ._launch import cpu_kernel, dequant_epilogue, launch_options, nibble_hi, nibble_lo, on_cpu, pdl_wait, sm_count
 from ._modes import MODE_W4A4 as MODE_W4A4
 from ._modes import MODE_W4A8 as MODE_W4A8
 from ._modes import MODE_W8A8 as MODE_W8A8
@@ -264,28 +264,40 @@ def qmatmul_triton(
 def _w8a8_tma_kernel(
     a_desc, w_desc, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_cm, M_BUCKET,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, STAGES: tl.constexpr, INTERPRET_BF16: tl.constexpr = False, PDL: tl.constexpr = False,
+    GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr = False, FLATTEN: tl.constexpr = False,
+    INTERPRET_BF16: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     # W8A8 with both int8 tiles fed by TMA (host descriptors; edges are zero-filled by the copy engine): the
-    # prefill path. Same grouped order and fp32 epilogue as _qmatmul_kernel.
+    # prefill path. Same grouped order and fp32 epilogue as _qmatmul_kernel. Program p computes output tiles p,
+    # p + P, ... (P programs): one tile each when the grid covers them all; PERSISTENT (the launcher's grid is one
+    # program per SM) otherwise, where FLATTEN lets the software pipeline run on into the next tile's loads while
+    # this tile's epilogue runs. The K loop is pipelined over the launch's num_stages.
     pdl_wait(PDL)
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
-        a = a_desc.load([off_m, k * BLOCK_K])
-        w = w_desc.load([off_n, k * BLOCK_K])
-        acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
-    offs_m = off_m + tl.arange(0, BLOCK_M)
-    offs_n = off_n + tl.arange(0, BLOCK_N)
-    dequant_epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS, INTERPRET_BF16,
-                     c_ptr, False)
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k in range(tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([off_m, k * BLOCK_K])
+            w = w_desc.load([off_n, k * BLOCK_K])
+            acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        dequant_epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS,
+                         INTERPRET_BF16, c_ptr, False)
 
 
 # Tiles measured on the H100 (bench/results/probe_tma_h100.log): 256x128x128 with 4 stages was best or within 3%
-# on every prefill shape; 128x256 wins some.
-_TMA_TILES = [(256, 128, 128, 8, 4), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3)]
+# on every prefill shape; 128x256 wins some. On the H200 (probe_tma_h200.json, the engine's fused projections at
+# 2048 and 32768 tokens) the persistent schedules win 1-5% on most shapes (32768 x 4096 x 4096: 922 vs 970 us) and
+# one tile per program stays best on others (2048 x 14336 x 4096: 182.6 us), so the autotuner picks among both.
+# Entries: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, persistent, flatten).
+TmaTile = tuple[int, int, int, int, int, bool, bool]
+_TMA_TILES: list[TmaTile] = [(256, 128, 128, 8, 4, False, False), (128, 256, 128, 8, 4, False, False),
+                             (256, 128, 128, 8, 3, False, False), (256, 128, 128, 8, 4, True, True),
+                             (128, 256, 128, 8, 3, True, True), (128, 256, 128, 8, 3, True, False)]
 
 
 def _set_tma_blocks(nargs: dict) -> None:
@@ -294,12 +306,19 @@ def _set_tma_blocks(nargs: dict) -> None:
     nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-_w8a8_tma_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "STAGES": st}, num_warps=w,
-                           pre_hook=_set_tma_blocks)
-             for bm, bn, bk, w, st in _TMA_TILES],
-    key=["M_BUCKET", "N", "K"],
-)(_w8a8_tma_kernel)
+def _tma_config(tile: TmaTile) -> triton.Config:
+    bm, bn, bk, warps, stages, persistent, flatten = tile
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PERSISTENT": persistent,
+                          "FLATTEN": flatten}, num_warps=warps, num_stages=stages, pre_hook=_set_tma_blocks)
+
+
+_w8a8_tma_tuned = triton.autotune(configs=[_tma_config(t) for t in _TMA_TILES], key=["M_BUCKET", "N", "K"])(
+    _w8a8_tma_kernel)
+
+
+def _tma_grid(m: int, n: int, bm: int, bn: int, persistent: bool, device: torch.device) -> tuple[int]:
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    return (min(tiles, sm_count(device)) if persistent else tiles,)
 
 
 def tma_usable(a: Tensor, w: Tensor) -> bool:
@@ -318,10 +337,10 @@ def w8a8_tma_triton(
     w_scale: Tensor,  # (N,) fp32
     bias: Tensor | None,  # (N,)
     out_dtype: torch.dtype,
-    config: tuple[int, int, int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
 ) -> Tensor:  # (M, N)
-    """The TMA-fed W8A8 GEMM (autotuned on CUDA; ``config`` = (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) fixes
-    the tile, and CPU tensors run it through the interpreter)."""
+    """The TMA-fed W8A8 GEMM (autotuned on CUDA; ``config`` = (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[,
+    persistent, flatten]) fixes the tile and the schedule, and CPU tensors run it through the interpreter)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     m, k = a.shape
@@ -333,19 +352,21 @@ def w8a8_tma_triton(
     b = bias.contiguous() if bias is not None else sa
     cpu = on_cpu(a)
     if cpu or config is not None:
-        bm, bn, bk, warps, stages = config or (32, 32, 64, 4, 2)
+        tile = tuple(config or (32, 32, 64, 4, 2))
+        bm, bn, bk, warps, stages, persistent, flatten = (tile + (False, False))[:7] if len(tile) == 5 else tile
         descs = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]))
-        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
         kernel = cpu_kernel(_w8a8_tma_kernel) if cpu else _w8a8_tma_kernel
-        kernel[grid](*descs, sa, sw, b, out, m, n, k, out.stride(0), m_bucket(m), HAS_BIAS=bias is not None,
-                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, STAGES=stages,
-                     INTERPRET_BF16=cpu and out_dtype == torch.bfloat16, **({} if cpu else {"num_warps": warps}))
+        kernel[_tma_grid(m, n, bm, bn, bool(persistent), a.device)](
+            *descs, sa, sw, b, out, m, n, k, out.stride(0), m_bucket(m), HAS_BIAS=bias is not None,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PERSISTENT=bool(persistent), FLATTEN=bool(flatten),
+            INTERPRET_BF16=cpu and out_dtype == torch.bfloat16,
+            **({} if cpu else {"num_warps": warps, "num_stages": stages}))
         return out
     bm, bn, bk = _TMA_TILES[0][:3]  # block shapes are reset per tile by the autotuner's pre-hook
     a_desc, w_desc = TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk])
 
     def tuned_grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return _tma_grid(m, n, meta["BLOCK_M"], meta["BLOCK_N"], meta["PERSISTENT"], a.device)
 
     _w8a8_tma_tuned[tuned_grid](a_desc, w_desc, sa, sw, b, out, m, n, k, out.stride(0), m_bucket(m),
                                 HAS_BIAS=bias is not None, **launch_options(a.device, m))

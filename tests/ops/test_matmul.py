@@ -87,12 +87,16 @@ def test_triton_matches_reference(device: str, swap_ab: bool, m: int, n: int, k:
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("m,k,n", [(1, 64, 5), (40, 256, 72), (130, 320, 33)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_tma_w8a8_matches_reference(device: str, m: int, k: int, n: int, dtype: torch.dtype) -> None:
-    """The TMA-fed W8A8 kernel (edges zero-filled by the descriptors) equals the reference, with and without bias."""
+@pytest.mark.parametrize("schedule", [(False, False), (True, False), (True, True)],
+                         ids=["tile_per_program", "persistent", "persistent_flat"])
+def test_tma_w8a8_matches_reference(device: str, m: int, k: int, n: int, dtype: torch.dtype,
+                                    schedule: tuple[bool, bool]) -> None:
+    """The TMA-fed W8A8 kernel (edges zero-filled by the descriptors) equals the reference, with and without bias,
+    with one output tile per program and persistent (programs looping over the tiles; flattened pipeline)."""
     o = _operands(m, n, k, m * n, True, dtype)
     d = {key: (v.to(device) if isinstance(v, torch.Tensor) else v) for key, v in o.items()}
     assert tma_usable(d["a8"], d["w8"])
-    cfg = (32, 32, 64, 4, 2) if device == "cpu" else (64, 64, 64, 4, 2)
+    cfg = ((32, 32, 64, 4, 2) if device == "cpu" else (64, 64, 64, 4, 2)) + schedule
     got = w8a8_tma_triton(d["a8"], d["sa"], d["w8"], d["sw"], None, dtype, config=cfg).cpu()
     assert torch.equal(got, ref.int_matmul_ref(o["a8"], o["w8"], o["sa"], o["sw"], None, dtype))
     b = o["bias"].to(dtype)
