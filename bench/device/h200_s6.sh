@@ -3,6 +3,7 @@
 # $OUT.
 #   gemm:  the prefill int8 GEMM schedules (one tile per program vs persistent, flattened or not) on the engine's
 #          fused projection shapes (bench/probe_tma.py --shapes engine), after the TMA kernel's GPU tests
+#   overlap: the prefill's weight unpack on a second stream behind the GEMMs (bench/probe_overlap.py)
 #   kron:  kron_quant layouts at many tokens (bench/probe_kron.py; SITES / TOKENS env)
 #   e2e:   bench_e2e with the real engine and transformers' static-cache generate (the baseline to beat)
 #   tests: the fast-engine GPU tests (fused engine vs the unfused one in llama / qwen2 / qwen3 styles)
@@ -18,6 +19,9 @@ gemm)
     | tail -8 | tee $OUT/pytest_tma_cuda.log | grep -E "^E |passed|failed"
   PYTHONPATH=$PWD timeout ${GEMM_S:-300} python3 bench/probe_tma.py --shapes engine --out $OUT/probe_tma_h200.json \
     2>&1 | grep -v -i warn | tee $OUT/probe_tma_h200.log | tail -120 ;;
+overlap)
+  PYTHONPATH=$PWD timeout ${OVL_S:-200} python3 bench/probe_overlap.py --out $OUT/probe_overlap_h200.json 2>&1 \
+    | grep -v -i warn | tail -20 ;;
 kron)
   PYTHONPATH=$PWD timeout ${KRON_S:-200} python3 bench/probe_kron.py --sites ${SITES:-down14336glu,kron14336,kron4096} \
     --tokens ${TOKENS:-2048 32768} --out $OUT/probe_kron_h200_s6.json 2>&1 | grep -v -i warn \

@@ -3,6 +3,7 @@ and the operand checks. Both kernels' modules import this one, so neither import
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import reference as ref
@@ -25,3 +26,9 @@ def check_operands(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, k: in
         raise ValueError(f"weight has {w.shape[1]} columns, expected {kw} for K={k}")
     if a_scale.shape != (a.shape[0],) or w_scale.shape != (w.shape[0],):
         raise ValueError("a_scale must be (M,) and w_scale (N,)")
+
+
+def check_residual(residual: Tensor | None, m: int, n: int, out_dtype: torch.dtype) -> None:
+    """Raise ValueError unless ``residual`` is None or ``(m, n)`` in ``out_dtype`` (an epilogue's residual add)."""
+    if residual is not None and (tuple(residual.shape) != (m, n) or residual.dtype != out_dtype):
+        raise ValueError(f"residual must be ({m}, {n}) {out_dtype}, got {tuple(residual.shape)} {residual.dtype}")

@@ -49,7 +49,7 @@ from ._launch import (
     pdl_wait,
     sm_count,
 )
-from ._modes import MODE_W4A4, MODE_W4A8, MODE_W8A8, check_operands, halves_cols
+from ._modes import MODE_W4A4, MODE_W4A8, MODE_W8A8, check_operands, check_residual, halves_cols
 from ._register import register_op
 
 _MAX_BLOCK_M = 64
@@ -338,7 +338,7 @@ def qgemv_triton(
         raise ValueError(f"activations must be (M, {a_cols}) for K={k} in this mode, got {tuple(a.shape)}")
     check_operands(a, a_scale, w, w_scale, k, w_cols)
     m, n = a.shape[0], w.shape[0]
-    _check_residual(residual, m, n, out_dtype)
+    check_residual(residual, m, n, out_dtype)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return out
@@ -398,11 +398,6 @@ def qgemv_triton(
     return out
 
 
-def _check_residual(residual: Tensor | None, m: int, n: int, out_dtype: torch.dtype) -> None:
-    if residual is not None and (tuple(residual.shape) != (m, n) or residual.dtype != out_dtype):
-        raise ValueError(f"residual must be ({m}, {n}) {out_dtype}, got {tuple(residual.shape)} {residual.dtype}")
-
-
 def w4a4_gemv_triton(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
                      out_dtype: torch.dtype, counters: Tensor,
                      residual: Tensor | None = None) -> Tensor:  # (M, K/2) packed codes -> (M, N)
@@ -432,7 +427,7 @@ def w4a4_gemv(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tens
     """
     k = a.shape[1] * 2
     check_operands(a, a_scale, w, w_scale, k, k // 2)
-    _check_residual(residual, a.shape[0], w.shape[0], out_dtype)
+    check_residual(residual, a.shape[0], w.shape[0], out_dtype)
     out = ref.int_matmul_ref(ref.unpack_int4_ref(a), ref.unpack_int4_ref(w), a_scale, w_scale, bias, out_dtype,
                              a_bits=4, w_bits=4)
     return out if residual is None else out + residual

@@ -37,7 +37,7 @@ from ._launch import cpu_kernel, dequant_epilogue, launch_options, nibble_hi, ni
 from ._modes import MODE_W4A4 as MODE_W4A4
 from ._modes import MODE_W4A8 as MODE_W4A8
 from ._modes import MODE_W8A8 as MODE_W8A8
-from ._modes import check_operands, halves_cols
+from ._modes import check_operands, check_residual, halves_cols
 from ._register import register_op
 from .gemv import qgemv_triton
 from .pack import unpack_int4_triton
@@ -262,8 +262,8 @@ def qmatmul_triton(
 
 @triton.jit
 def _w8a8_tma_kernel(
-    a_desc, w_desc, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_cm, M_BUCKET,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_desc, w_desc, sa_ptr, sw_ptr, bias_ptr, c_ptr, res_ptr, M, N, K, stride_cm, M_BUCKET,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr = False, FLATTEN: tl.constexpr = False,
     INTERPRET_BF16: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
@@ -271,7 +271,8 @@ def _w8a8_tma_kernel(
     # prefill path. Same grouped order and fp32 epilogue as _qmatmul_kernel. Program p computes output tiles p,
     # p + P, ... (P programs): one tile each when the grid covers them all; PERSISTENT (the launcher's grid is one
     # program per SM) otherwise, where FLATTEN lets the software pipeline run on into the next tile's loads while
-    # this tile's epilogue runs. The K loop is pipelined over the launch's num_stages.
+    # this tile's epilogue runs. The K loop is pipelined over the launch's num_stages. HAS_RES: the epilogue adds
+    # the residual at res_ptr (c's dtype and strides; a prefill layer's residual stream).
     pdl_wait(PDL)
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
@@ -286,7 +287,7 @@ def _w8a8_tma_kernel(
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
         dequant_epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sw_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS,
-                         INTERPRET_BF16, c_ptr, False)
+                         INTERPRET_BF16, res_ptr, HAS_RES)
 
 
 # Tiles measured on the H100 (bench/results/probe_tma_h100.log): 256x128x128 with 4 stages was best or within 3%
@@ -338,9 +339,11 @@ def w8a8_tma_triton(
     bias: Tensor | None,  # (N,)
     out_dtype: torch.dtype,
     config: tuple[int, ...] | None = None,
+    residual: Tensor | None = None,  # (M, N) out_dtype
 ) -> Tensor:  # (M, N)
     """The TMA-fed W8A8 GEMM (autotuned on CUDA; ``config`` = (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[,
-    persistent, flatten]) fixes the tile and the schedule, and CPU tensors run it through the interpreter)."""
+    persistent, flatten]) fixes the tile and the schedule, and CPU tensors run it through the interpreter).
+    ``residual`` is added in the epilogue, rounded as ``out + residual`` in ``out_dtype`` rounds it."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     m, k = a.shape
@@ -350,6 +353,8 @@ def w8a8_tma_triton(
         return out
     sa, sw = a_scale.float().contiguous(), w_scale.float().contiguous()
     b = bias.contiguous() if bias is not None else sa
+    check_residual(residual, m, n, out_dtype)
+    res = residual.contiguous() if residual is not None else out
     cpu = on_cpu(a)
     if cpu or config is not None:
         tile = tuple(config or (32, 32, 64, 4, 2))
@@ -357,9 +362,9 @@ def w8a8_tma_triton(
         descs = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]))
         kernel = cpu_kernel(_w8a8_tma_kernel) if cpu else _w8a8_tma_kernel
         kernel[_tma_grid(m, n, bm, bn, bool(persistent), a.device)](
-            *descs, sa, sw, b, out, m, n, k, out.stride(0), m_bucket(m), HAS_BIAS=bias is not None,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PERSISTENT=bool(persistent), FLATTEN=bool(flatten),
-            INTERPRET_BF16=cpu and out_dtype == torch.bfloat16,
+            *descs, sa, sw, b, out, res, m, n, k, out.stride(0), m_bucket(m), HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+            PERSISTENT=bool(persistent), FLATTEN=bool(flatten), INTERPRET_BF16=cpu and out_dtype == torch.bfloat16,
             **({} if cpu else {"num_warps": warps, "num_stages": stages}))
         return out
     bm, bn, bk = _TMA_TILES[0][:3]  # block shapes are reset per tile by the autotuner's pre-hook
@@ -368,8 +373,9 @@ def w8a8_tma_triton(
     def tuned_grid(meta: dict) -> tuple[int]:
         return _tma_grid(m, n, meta["BLOCK_M"], meta["BLOCK_N"], meta["PERSISTENT"], a.device)
 
-    _w8a8_tma_tuned[tuned_grid](a_desc, w_desc, sa, sw, b, out, m, n, k, out.stride(0), m_bucket(m),
-                                HAS_BIAS=bias is not None, **launch_options(a.device, m))
+    _w8a8_tma_tuned[tuned_grid](a_desc, w_desc, sa, sw, b, out, res, m, n, k, out.stride(0), m_bucket(m),
+                                HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+                                **launch_options(a.device, m))
     return out
 
 
@@ -380,12 +386,15 @@ def int8_gemm_triton(
     w_scale: Tensor,  # (N,) fp32
     bias: Tensor | None,  # (N,)
     out_dtype: torch.dtype,
+    residual: Tensor | None = None,  # (M, N) out_dtype
 ) -> Tensor:  # (M, N)
-    """W8A8 on CUDA: the TMA kernel where TMA's alignment rules hold, else the pointer kernel."""
+    """W8A8 on CUDA: the TMA kernel where TMA's alignment rules hold (``residual`` added in its epilogue), else
+    the pointer kernel (then ``+ residual``: the same bits)."""
     a, w = a.contiguous(), w.contiguous()
     if not on_cpu(a) and tma_usable(a, w):
-        return w8a8_tma_triton(a, a_scale, w, w_scale, bias, out_dtype)
-    return qmatmul_triton(a, a_scale, w, w_scale, bias, a.shape[1], MODE_W8A8, out_dtype)
+        return w8a8_tma_triton(a, a_scale, w, w_scale, bias, out_dtype, residual=residual)
+    out = qmatmul_triton(a, a_scale, w, w_scale, bias, a.shape[1], MODE_W8A8, out_dtype)
+    return out if residual is None else out + residual
 
 
 def _w4_triton(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
@@ -449,13 +458,16 @@ def w8a8_triton(
     w_scale: Tensor,  # (N,) fp32
     bias: Tensor | None,  # (N,)
     out_dtype: torch.dtype,
+    residual: Tensor | None = None,  # (M, N) out_dtype
 ) -> Tensor:  # (M, N)
     """W8A8 on Triton: :func:`int8_gemm_triton` from ``UNPACK_MIN_M`` tokens, the pointer kernel below."""
     k = a.shape[1]
     check_operands(a, a_scale, w, w_scale, k, k)
+    check_residual(residual, a.shape[0], w.shape[0], out_dtype)
     if a.shape[0] >= UNPACK_MIN_M:
-        return int8_gemm_triton(a, a_scale, w, w_scale, bias, out_dtype)
-    return qmatmul_triton(a, a_scale, w, w_scale, bias, k, MODE_W8A8, out_dtype)
+        return int8_gemm_triton(a, a_scale, w, w_scale, bias, out_dtype, residual)
+    out = qmatmul_triton(a, a_scale, w, w_scale, bias, k, MODE_W8A8, out_dtype)
+    return out if residual is None else out + residual
 
 
 def _matmul_fake(a: Tensor, w: Tensor, out_dtype: torch.dtype, **_: object) -> Tensor:
@@ -492,8 +504,12 @@ def w4a8_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Te
 
 @register_op("flatquant::w8a8_matmul", cuda=w8a8_triton, fake=_matmul_fake)
 def w8a8_matmul(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-                out_dtype: torch.dtype) -> Tensor:
-    """int8 activations ``(M, K)`` × int8 weights ``(N, K)``, exact int32 accumulation, fp32 epilogue."""
+                out_dtype: torch.dtype, residual: Tensor | None = None) -> Tensor:
+    """int8 activations ``(M, K)`` × int8 weights ``(N, K)``, exact int32 accumulation, fp32 epilogue;
+    ``residual`` (optional ``(M, N)`` in ``out_dtype``, a prefill layer's residual stream) is added to the result,
+    in the GEMM's epilogue on CUDA from ``UNPACK_MIN_M`` tokens (the bits of ``out + residual``)."""
     k = a.shape[1]
     check_operands(a, a_scale, w, w_scale, k, k)
-    return ref.int_matmul_ref(a, w, a_scale, w_scale, bias, out_dtype)
+    check_residual(residual, a.shape[0], w.shape[0], out_dtype)
+    out = ref.int_matmul_ref(a, w, a_scale, w_scale, bias, out_dtype)
+    return out if residual is None else out + residual

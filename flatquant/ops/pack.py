@@ -60,10 +60,19 @@ def pack_int4_triton(codes: Tensor) -> Tensor:  # (..., n) int8 -> (..., n/2) ui
     return out
 
 
-def unpack_int4_triton(packed: Tensor, signed: bool = True) -> Tensor:  # (..., n/2) uint8 -> (..., n) int8
-    """Triton launcher of :func:`unpack_int4` (interpreter on CPU tensors)."""
+def unpack_int4_triton(
+    packed: Tensor,  # (..., n/2) uint8
+    signed: bool = True,
+    out: Tensor | None = None,  # (..., n) int8, contiguous
+) -> Tensor:  # (..., n) int8
+    """Triton launcher of :func:`unpack_int4` (interpreter on CPU tensors); ``out``: a buffer to write into."""
     packed = packed.contiguous()
-    out = torch.empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=torch.int8, device=packed.device)
+    shape = (*packed.shape[:-1], packed.shape[-1] * 2)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.int8, device=packed.device)
+    elif tuple(out.shape) != shape or out.dtype != torch.int8 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous int8 tensor of shape {shape}, got {tuple(out.shape)} "
+                         f"{out.dtype}")
     n = packed.numel()
     if n:
         kernel = cpu_kernel(_unpack_int4_kernel) if on_cpu(packed) else _unpack_int4_kernel

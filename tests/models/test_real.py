@@ -208,26 +208,32 @@ def test_fused_engine_equals_unfused(heads: int, kv_heads: int, family: str) -> 
         assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
 
 
-def test_decode_fusions_keep_the_bits(monkeypatch) -> None:
-    """The engine's plumbing of every decode fusion setting (the deferred norm handed to the transform op, the
-    residual to the GEMV, q's K^-T to the attention op): on the reference ops each gives the logits of no fusion bit
-    for bit (the kernels' own equality is tested per op in tests/ops); a bad setting is refused."""
+def test_fusions_keep_the_bits(monkeypatch) -> None:
+    """The engine's plumbing of every decode and prefill fusion setting (the deferred norm handed to the transform
+    op, the residual to the GEMV / GEMM, q's K^-T to the attention op): on the reference ops each gives the logits
+    of no fusion bit for bit (the kernels' own equality is tested per op in tests/ops); a bad setting is refused."""
     from flatquant.models.real import step as step_mod
 
     args = _gqa_args(8, 2, "qwen3")
     x = tokens(2, 12, vocab=64, seed=5)
     start = torch.tensor([0, 3], dtype=torch.int32)
     outs = {}
-    for setting in ("none", "norm", "residual", "q_trans", "norm,residual,q_trans"):
-        monkeypatch.setenv("FLATQUANT_DECODE_FUSIONS", setting)
+    settings = [(d, "none") for d in ("none", "norm", "residual", "q_trans", "norm,residual,q_trans")]
+    settings += [("none", p) for p in ("norm", "residual", "norm,residual")]
+    for decode, prefill in settings:
+        monkeypatch.setenv("FLATQUANT_DECODE_FUSIONS", decode)
+        monkeypatch.setenv("FLATQUANT_PREFILL_FUSIONS", prefill)
         m = _engine(args, True)
-        outs[setting] = _prefill_then_decode(m, x, m.new_cache(2, 16, start), 9)
-    assert all(torch.equal(o, outs["none"]) for o in outs.values())
-    monkeypatch.setenv("FLATQUANT_DECODE_FUSIONS", "norm,rope")
-    with pytest.raises(ValueError, match="FLATQUANT_DECODE_FUSIONS"):
-        step_mod.decode_fusions()
-    monkeypatch.delenv("FLATQUANT_DECODE_FUSIONS")
+        outs[decode, prefill] = _prefill_then_decode(m, x, m.new_cache(2, 16, start), 9)
+    assert all(torch.equal(o, outs["none", "none"]) for o in outs.values())
+    for name, bad, fn in (("FLATQUANT_DECODE_FUSIONS", "norm,rope", step_mod.decode_fusions),
+                          ("FLATQUANT_PREFILL_FUSIONS", "q_trans", step_mod.prefill_fusions)):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=name):
+            fn()
+        monkeypatch.delenv(name)
     assert step_mod.decode_fusions() == set(step_mod.DEFAULT_DECODE_FUSIONS)
+    assert step_mod.prefill_fusions() == set(step_mod.DEFAULT_PREFILL_FUSIONS)
 
 
 def test_residual_epilogue_keeps_the_engine_bits(monkeypatch) -> None:
@@ -253,6 +259,7 @@ def test_residual_epilogue_keeps_the_engine_bits(monkeypatch) -> None:
     args = _gqa_args(6, 2, "qwen2")
     x = tokens(4, 24, vocab=64, seed=6)
     outs = {}
+    monkeypatch.setenv("FLATQUANT_PREFILL_FUSIONS", "none")  # count the decode steps' epilogue adds only
     for setting in ("none", "residual"):
         monkeypatch.setenv("FLATQUANT_DECODE_FUSIONS", setting)
         m = _engine(args, True, dtype=torch.float16, cpu_codes=False)
@@ -348,11 +355,16 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
     steps = (t - 2, t - 1)
     wants = [want_engine(x[:, :t - 2], c_want)] + [want_engine(x[:, i:i + 1], c_want) for i in steps]  # unpatched
     reduced: list[int] = []
-    fused_in = {"residual": 0, "norm": 0, "q_trans": 0}  # decode fusions seen: GEMV epilogue, transform, attention
+    # fusions seen: decode GEMV epilogue, transform (prefill and decode), attention, prefill W8A8 epilogue
+    fused_in = {"residual": 0, "norm": 0, "q_trans": 0, "prefill_residual": 0}
 
     def kron_multi(x, left, right, clips, n1, bits=4, pack=True, norm=None, eps=0.0):
         fused_in["norm"] += norm is not None
         return kron_quant_multi_triton(x, left, right, clips, n1, bits, pack, norm, eps)
+
+    def w8a8(a, a_scale, w, w_scale, bias, out_dtype, residual=None):
+        fused_in["prefill_residual"] += residual is not None
+        return w8a8_triton(a, a_scale, w, w_scale, bias, out_dtype, residual)
 
     def attention(*args):
         fused_in["q_trans"] += len(args) > 10 and args[10] is not None
@@ -369,7 +381,7 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
     for mod, name, fn in [
         (lin_mod, "kron_quant", kron_quant_triton), (lin_mod, "kron_quant_multi", kron_multi),
         (lin_mod, "w4a4_matmul", w4a4_triton), (lin_mod, "w4a4_gemv", gemv_split),
-        (lin_mod, "w8a8_matmul", w8a8_triton), (lin_mod, "unpack_int4", unpack_int4_triton),
+        (lin_mod, "w8a8_matmul", w8a8), (lin_mod, "unpack_int4", unpack_int4_triton),
         # tiny dims: force the split layout at decode (the deferred norm runs in it; the whole layout's norm is
         # covered by tests/ops/test_kron_quant.py)
         (kq_mod, "default_variant", lambda t, n1, n2: "split" if t <= 16 else "whole"),
@@ -404,5 +416,7 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
     assert 80 in reduced  # down_proj (K = intermediate = 80) reduced its K split in-kernel, with its counters
     n_layers = len(fast.weights.layers)
     # every decode step: both norms in the q/k/v and gate/up transform kernels (split layout), both residual adds in
-    # the o/down GEMV epilogues, q's K^-T in the attention kernel (every fusion switched on above)
-    assert fused_in == {"residual": 4 * n_layers, "norm": 4 * n_layers, "q_trans": 2 * n_layers}, fused_in
+    # the o/down GEMV epilogues, q's K^-T in the attention kernel (every fusion switched on above); the prefill:
+    # both norms in the transform kernels (whole layout), both residual adds in the W8A8 GEMM's epilogue
+    assert fused_in == {"residual": 4 * n_layers, "norm": 6 * n_layers, "q_trans": 2 * n_layers,
+                        "prefill_residual": 2 * n_layers}, fused_in

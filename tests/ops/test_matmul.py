@@ -44,6 +44,8 @@ def test_opcheck() -> None:
     torch.library.opcheck(w4a4_matmul, (ref.pack_int4_ref(o["a4"]), o["sa"], w4, o["sw"], None, torch.float16))
     torch.library.opcheck(w4a8_matmul, (o["a8"], o["sa"], int4_halves_layout(w4), o["sw"], b, torch.bfloat16))
     torch.library.opcheck(w8a8_matmul, (o["a8"], o["sa"], o["w8"], o["sw"], None, torch.float32))
+    res = torch.randn(5, 7).to(torch.bfloat16)
+    torch.library.opcheck(w8a8_matmul, (o["a8"], o["sa"], o["w8"], o["sw"], b, torch.bfloat16, res))
 
 
 def test_reference_is_exact_integer_gemm() -> None:
@@ -193,3 +195,28 @@ def test_int8_mm_cpu_is_exact(m: int, k: int, n: int) -> None:
     sa, sw, bias = torch.rand(m, generator=g), torch.rand(n, generator=g), torch.randn(n, generator=g)
     want = ref.int_matmul_ref(a, w, sa, sw, bias, torch.bfloat16, a_bits=4, w_bits=4)
     assert torch.equal(ref.dequant_epilogue_ref(acc, sa, sw, bias, torch.bfloat16), want)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("schedule", [(False, False), (True, True)], ids=["tile_per_program", "persistent_flat"])
+def test_tma_residual_in_the_epilogue(device: str, dtype: torch.dtype, schedule: tuple[bool, bool]) -> None:
+    """``residual`` added in the TMA kernel's epilogue gives the bits of the product plus the residual as a separate
+    add in the output dtype (the op's reference), with and without bias; a wrong shape is refused."""
+    m, n, k = 70, 40, 128
+    o = _operands(m, n, k, 11, True, dtype)
+    res = (torch.randn(m, n, generator=torch.Generator().manual_seed(3)) * 4).to(dtype)
+    bias = o["bias"].to(dtype)
+    cfg = ((32, 32, 64, 4, 2) if device == "cpu" else (64, 64, 64, 4, 2)) + schedule
+    dev = [v.to(device) for v in (o["a8"], o["sa"], o["w8"], o["sw"])]
+    for b in (None, bias):
+        got = w8a8_tma_triton(*dev, None if b is None else b.to(device), dtype, config=cfg, residual=res.to(device))
+        want = w8a8_matmul(o["a8"], o["sa"], o["w8"], o["sw"], b, dtype, res)
+        plain = w8a8_matmul(o["a8"], o["sa"], o["w8"], o["sw"], b, dtype)
+        assert not torch.equal(want, plain)
+        if b is None:
+            assert torch.equal(got.cpu(), want)
+        else:  # fp32 epilogue: equal up to a possible FMA contraction of the bias add (one output ulp)
+            assert torch.allclose(got.cpu().float(), want.float(), rtol=2**-7, atol=1e-6)
+    with pytest.raises(ValueError, match="residual must be"):
+        w8a8_tma_triton(*dev, None, dtype, config=cfg, residual=res[:, :-1].to(device))

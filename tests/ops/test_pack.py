@@ -53,6 +53,11 @@ def test_triton_matches_reference(device: str, signed: bool) -> None:
     packed = pack_int4_triton(codes.to(device)).cpu()
     assert torch.equal(packed, ref.pack_int4_ref(codes))
     assert torch.equal(unpack_int4_triton(packed.to(device), signed).cpu(), codes)
+    buf = torch.full(codes.shape, 99, dtype=torch.int8, device=device)
+    assert unpack_int4_triton(packed.to(device), signed, out=buf) is buf
+    assert torch.equal(buf.cpu(), codes)
+    with pytest.raises(ValueError, match="out must be"):
+        unpack_int4_triton(packed.to(device), signed, out=buf[:, :-2])
 
 
 @pytest.mark.parametrize("signed", [True, False])

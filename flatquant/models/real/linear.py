@@ -151,22 +151,21 @@ def real_linear(x: Tensor, p: QLinearParams, cpu_codes: Tensor | None = None, co
     packed by ``pack_int4`` after the fused transform + quantize instead of inside it); ``cpu_codes`` /
     ``counters``: see :func:`gemm4`; ``up``: ``x`` is the SwiGLU gate and the linear reads ``silu(x) * up``
     (formed inside the transform kernel, :func:`flatquant.ops.kron_quant`); ``residual`` ``(..., N)``: the result
-    is ``residual +`` the linear (in the GEMV's epilogue at decode)."""
+    is ``residual +`` the linear (in the GEMM's epilogue: the GEMV's at decode, the W8A8 kernel's at prefill)."""
     if p.a_bits != 4:
         y = qlinear(x if up is None else swiglu(x, up), p, "real")
         return y if residual is None else residual + y
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     up2 = None if up is None else up.reshape(-1, k)
+    res2 = None if residual is None else residual.reshape(-1, p.out_features)
     if unpacked_prefill(x2, cpu_codes):
         codes8, scale = kron_quant(x2, p.left, p.right, p.clip, p.n1, 4, False, up2)
-        out = w8a8_matmul(codes8, scale, unpack_int4(p.weight), p.w_scale, p.bias, x.dtype)
-        out = out.reshape(*x.shape[:-1], p.out_features)
-        return out if residual is None else residual + out
+        out = w8a8_matmul(codes8, scale, unpack_int4(p.weight), p.w_scale, p.bias, x.dtype, res2)
+        return out.reshape(*x.shape[:-1], p.out_features)
     pack = (k // p.n1) % 2 == 0 and cpu_codes is None  # the CPU product with cpu_codes takes int8 codes
     codes, scale = kron_quant(x2, p.left, p.right, p.clip, p.n1, 4, pack, up2)
     if not pack and cpu_codes is None:
         codes = pack_int4(codes)
-    res2 = None if residual is None else residual.reshape(-1, p.out_features)
     out = gemm4(codes, scale, p.weight, p.w_scale, p.bias, x.dtype, cpu_codes, counters, res2)
     return out.reshape(*x.shape[:-1], p.out_features)

@@ -33,23 +33,39 @@ one call): none 3.161 / 4.771 ms per decode step at batch 1 / 16, norm + residua
 3.645 / 6.016 (slower: every attention program now loads the (d, d) matrix and runs two extra products before its
 first cache tile), so q_trans is off by default."""
 
+PREFILL_FUSIONS = ("norm", "residual")
+"""The prefill fusions: the same RMSNorm in the transform kernel, and the residual adds in the o/down GEMM
+epilogues (the W8A8 kernel's from ``UNPACK_MIN_M`` tokens)."""
+
+DEFAULT_PREFILL_FUSIONS = ("norm", "residual")
+
+
+def _fusions(env_name: str, allowed: tuple[str, ...], default: tuple[str, ...]) -> frozenset[str]:
+    env = os.environ.get(env_name)
+    if env is None:
+        return frozenset(default)
+    chosen = frozenset(f.strip() for f in env.split(",") if f.strip() and f.strip() != "none")
+    if not chosen <= set(allowed):
+        raise ValueError(f"{env_name} must name some of {allowed} or 'none', got {env!r}")
+    return chosen
+
 
 def decode_fusions() -> frozenset[str]:
     """The decode-step fusions in use (:data:`DECODE_FUSIONS`): :data:`DEFAULT_DECODE_FUSIONS`, unless
     ``FLATQUANT_DECODE_FUSIONS`` (comma-separated, ``none`` for none) names others, for side-by-side measurements.
     Read when a decode step is traced (set it before a model compiles its decode step)."""
-    env = os.environ.get("FLATQUANT_DECODE_FUSIONS")
-    if env is None:
-        return frozenset(DEFAULT_DECODE_FUSIONS)
-    chosen = frozenset(f.strip() for f in env.split(",") if f.strip() and f.strip() != "none")
-    if not chosen <= set(DECODE_FUSIONS):
-        raise ValueError(f"FLATQUANT_DECODE_FUSIONS must name some of {DECODE_FUSIONS} or 'none', got {env!r}")
-    return chosen
+    return _fusions("FLATQUANT_DECODE_FUSIONS", DECODE_FUSIONS, DEFAULT_DECODE_FUSIONS)
+
+
+def prefill_fusions() -> frozenset[str]:
+    """The prefill fusions in use (:data:`PREFILL_FUSIONS`): :data:`DEFAULT_PREFILL_FUSIONS`, unless
+    ``FLATQUANT_PREFILL_FUSIONS`` names others (as :func:`decode_fusions`; read when a prefill layer is traced)."""
+    return _fusions("FLATQUANT_PREFILL_FUSIONS", PREFILL_FUSIONS, DEFAULT_PREFILL_FUSIONS)
 
 
 @dataclass(frozen=True)
 class Normed:
-    """A decode step's RMSNorm of ``x`` (B, T, hidden) with ``weight``, not yet applied: the fused q/k/v and
+    """A layer's RMSNorm of ``x`` (B, T, hidden) with ``weight``, not yet applied: the fused q/k/v and
     gate/up transform kernel applies it as it loads the token (``flatquant::kron_quant_multi``'s ``norm``), so the
     normalised input is never written out; any other consumer calls :meth:`value`."""
 
@@ -162,8 +178,9 @@ def layer_step(
     """One decoder layer (:func:`~flatquant.models.layer.decoder_layer`, the fake forward's skeleton) on new tokens
     ``x (B, T, hidden)``, with the engine's linears (fused where the layer holds them fused) and
     :func:`attention_step`, which writes their K/V into ``kv`` at ``idx``; attention covers cache positions
-    ``< n_valid``. At decode (:func:`decode_fusions`) the two norms are deferred into the fused q/k/v and gate/up
-    transform kernels (:class:`Normed`) and the residual adds run in the o/down GEMVs' epilogues."""
+    ``< n_valid``. With the fusions (:func:`decode_fusions`, :func:`prefill_fusions`) the two norms are deferred
+    into the fused q/k/v and gate/up transform kernels (:class:`Normed`) and the residual adds run in the o/down
+    GEMMs' epilogues."""
 
     def attend(h: Tensor | Normed) -> Tensor:  # (B, T, hidden) -> (B, T, H*d)
         return attention_step(layer, h, rope, kv, cfg, idx, start, length, n_valid=n_valid, decode=decode,
@@ -173,7 +190,7 @@ def layer_step(
         gate, up = _project(layer, "up_gate", h)
         return gate, up
 
-    fusions = decode_fusions() if decode else frozenset()
+    fusions = decode_fusions() if decode else prefill_fusions()
     eps = cfg.args.rms_eps
     norm = (lambda v, w: Normed(v, w, eps)) if "norm" in fusions else rms_norm_fn(eps)
 
