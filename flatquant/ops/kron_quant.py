@@ -229,6 +229,50 @@ def _kron_quant_kernel(
 
 
 @triton.jit
+def _kron_quant_pipe_kernel(
+    x_ptr, u_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr, nw_ptr,
+    T, n1, n2, stride_xt, stride_qt, stride_qg, stride_sg, eps,
+    N1P: tl.constexpr, N2P: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    QMAX: tl.constexpr, PACK: tl.constexpr, F32_DOT: tl.constexpr, HAS_GLU: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr, HAS_NORM: tl.constexpr = False, PDL: tl.constexpr = False,
+):
+    # The whole layout with both factors, software-pipelined for many tokens: both factors are loaded once per
+    # program (the compiler keeps them in shared memory as MMA operands), and the loads of the program's next
+    # token are issued before the current token's products, clip and quantization, so that its HBM latency
+    # overlaps them instead of starting each token's chain. The same tile math as _kron_quant_kernel (whole).
+    i = tl.arange(0, N1P)
+    row_ok = i < n1
+    lt = _load_lt(l_ptr, n1, i, row_ok, x_ptr.dtype.element_ty, N1P, True)
+    j = tl.arange(0, N2P)
+    r = tl.load(r_ptr + j[:, None] * n2 + j[None, :], mask=(j < n2)[:, None] & (j < n2)[None, :], other=0.0)
+    if HAS_NORM:
+        nw = _load_norm_weight(nw_ptr, n2, i, row_ok, N2P)
+    gg, clip_lo, clip_hi = _load_clips(clip_ptr, G, GP)
+    pdl_wait(PDL)
+    step = tl.num_programs(0)
+    x = _load_token(x_ptr, u_ptr, tl.program_id(0).to(tl.int64), stride_xt, n2, i, row_ok, N2P, HAS_GLU,
+                    INTERPRET_BF16)
+    for tt in range(tl.program_id(0), T, step):
+        t = tl.cast(tt, tl.int64)
+        nxt = tl.minimum(t + step, T - 1)  # past the end: a harmless reload of the last token (no token mask)
+        x_next = _load_token(x_ptr, u_ptr, nxt, stride_xt, n2, i, row_ok, N2P, HAS_GLU, INTERPRET_BF16)
+        if HAS_NORM:
+            x = _rms_norm_tile(x, nw, n1 * n2, eps, INTERPRET_BF16)
+        if F32_DOT:
+            z = tl.dot(x.to(tl.float32), r.to(tl.float32), input_precision="ieee")
+            if INTERPRET_BF16:
+                z = round_to_bf16_f32(z)
+            y = tl.dot(lt.to(tl.float32), z.to(x_ptr.dtype.element_ty).to(tl.float32), input_precision="ieee")
+        else:
+            y = tl.dot(lt, tl.dot(x, r).to(x_ptr.dtype.element_ty))
+        y_hi = tl.maximum(tl.max(tl.max(y, axis=1), axis=0), 0.0)
+        y_lo = tl.minimum(tl.min(tl.min(y, axis=1), axis=0), 0.0)
+        _quant_cols(y, y_hi, y_lo, clip_lo, clip_hi, gg, q_ptr, s_ptr, t, n2, 0, i, row_ok, stride_qt, stride_qg,
+                    stride_sg, True, N1P, N2P, G, QMAX, PACK)
+        x = x_next
+
+
+@triton.jit
 def _kron_right_kernel(
     x_ptr, u_ptr, r_ptr, z_ptr, ROWS, n2,
     BM: tl.constexpr, N2P: tl.constexpr, F32_DOT: tl.constexpr, HAS_GLU: tl.constexpr,
@@ -350,7 +394,7 @@ def grid_programs(device: torch.device) -> int:
     return 4 * sm_count(device)
 
 
-VARIANTS = ("whole", "chunked", "split", "two_pass")
+VARIANTS = ("whole", "chunked", "split", "two_pass", "pipelined")
 SPLIT_MAX_T = 16  # tokens up to which large transforms are split across programs (decode)
 SPLIT_MIN_ELEMS = 64 * 128  # padded n1 x n2 from which the split pays for its second launch
 
@@ -403,6 +447,8 @@ def kron_quant_triton(
       of one per token), a second kernel reduces the block ranges and writes the codes;
     * ``"two_pass"``: many tokens, both factors: ``Z = X R`` for all token rows at once (one GEMM-like pass, rounded
       to x's dtype as the fused kernels round it), then the left product, clip and quantization on Z (``whole``).
+    * ``"pipelined"``: many tokens, both factors: ``whole`` with both factors loaded once per program and the next
+      token's loads issued before the current token is transformed and quantized (other factor sets: ``whole``).
 
     ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``norm``, ``eps``: see :func:`kron_quant_multi`
     (in the kernel for the whole, chunked and split layouts with a right factor, else a separate RMSNorm first).
@@ -449,8 +495,8 @@ def kron_quant_triton(
              "INTERPRET_BF16": cpu and x.dtype == torch.bfloat16}
     up_p = up.contiguous() if up is not None else x
     quant = {"G": g, "GP": next_pow2(g, floor=2), "QMAX": 2 ** (bits - 1) - 1, "PACK": pack}
-    if variant == "two_pass" and (left is None or right is None):
-        variant = "whole"  # one product: nothing to split into passes
+    if variant in ("two_pass", "pipelined") and (left is None or right is None):
+        variant = "whole"  # one product: nothing to split into passes / the pipelined kernel needs both factors
     if norm is not None and (right is None or variant == "two_pass"):
         x, norm = rms_norm(x, norm, eps).contiguous(), None  # the kernels normalise only whole tokens they load
     nw = norm.contiguous() if norm is not None else x
@@ -476,6 +522,14 @@ def kron_quant_triton(
                         N2P=n2p, BJ=bj, **quant, **extra)
         return codes, scale
     grid = min(t, programs or grid_programs(x.device))
+    if variant == "pipelined":
+        pipe = cpu_kernel(_kron_quant_pipe_kernel) if cpu else _kron_quant_pipe_kernel
+        pipe[(grid,)](
+            x, up_p, lp, rp, clips, codes, scale, nw, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
+            float(eps), N1P=n1p, N2P=n2p, F32_DOT=flags["F32_DOT"], HAS_GLU=flags["HAS_GLU"],
+            INTERPRET_BF16=flags["INTERPRET_BF16"], **quant, HAS_NORM=norm is not None, **extra,
+        )
+        return codes, scale
     bj = n2p if variant == "whole" else min(block_cols or 32, n2p)
     ws = torch.empty(grid, n1p, n2p, dtype=torch.float32, device=x.device) if bj < n2p else scale
     kernel = cpu_kernel(_kron_quant_kernel) if cpu else _kron_quant_kernel
