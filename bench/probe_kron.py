@@ -3,7 +3,9 @@ transform), ``chunked`` (column blocks parked in an L2-resident workspace) and `
 on separate programs + a finishing kernel), with block widths and warp counts, against the HBM floor (read x,
 write the codes). Every layout's codes are compared with ``whole``'s.
 
-Usage (GPU): ``python bench/probe_kron.py --out bench/results/probe_kron_h200.json`` (about 3 minutes).
+Usage (GPU): ``python bench/probe_kron.py --out bench/results/probe_kron_h200.json`` (about 3 minutes);
+``--sites`` and ``--variants`` (comma-separated) restrict the sites and layouts, e.g. for the prefill layouts
+``--sites down14336glu,kron14336 --tokens 2048 32768 --variants whole,pipelined,pipelined_fastq``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def configs(m: int) -> list[dict]:
     out += [{"variant": "chunked", "block_cols": b, "num_warps": w} for b in (32, 64) for w in (4, 8)]
     if m > 16:
         out += [{"variant": "two_pass", "num_warps": w} for w in (4, 8)]
+    if m > 64:
+        out += [{"variant": v, "num_warps": w} for v in ("pipelined", "pipelined_fastq") for w in (4, 8)]
     if m <= 64:
         out += [{"variant": "split", "block_cols": b, "num_warps": w} for b in (16, 32, 64) for w in (4, 8)]
     return out
@@ -42,12 +46,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/results/probe_kron.json"))
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 2048, 32768])
+    ap.add_argument("--sites", default=",".join(name for name, *_ in SITES),
+                    help="comma-separated site names to probe (default: all)")
+    ap.add_argument("--variants", default=None, help="comma-separated layouts to time (default: all of configs())")
     a = ap.parse_args()
+    sites = a.sites.split(",")
+    unknown = set(sites) - {name for name, *_ in SITES}
+    if unknown:
+        ap.error(f"unknown sites {sorted(unknown)}")
+    variants = None if a.variants is None else set(a.variants.split(","))
     dev = torch.device("cuda")
     bw = copy_bandwidth()
     rows = []
     print(f"# copy bandwidth {bw * 1e-9:.0f} GB/s")
     for name, k, left_only, glu in SITES:
+        if name not in sites:
+            continue
         if left_only:
             n1, n2 = 32, k // 32
         else:
@@ -66,14 +80,18 @@ def main() -> int:
             t_def = graph_time(lambda: kron_quant_triton(x, left, right, clip, n1, up=up))
             res = []
             for cfg in configs(m):
+                if variants is not None and cfg["variant"] not in variants:
+                    continue
                 out = kron_quant_triton(x, left, right, clip, n1, up=up, **cfg)
                 equal = bool(torch.equal(out[0], base[0]) and torch.equal(out[1], base[1]))
                 us = graph_time(lambda cfg=cfg: kron_quant_triton(x, left, right, clip, n1, up=up, **cfg))
                 res.append({**cfg, "us": us, "equal": equal})
+            if not res:
+                continue
             best = min(res, key=lambda r: r["us"])
             rows.append({"site": name, "k": k, "n1": n1, "n2": n2, "m": m, "floor_us": floor, "default": dflt,
                          "default_us": t_def, "best": best, "all": res})
-            whole = min(r["us"] for r in res if r["variant"] == "whole")
+            whole = min((r["us"] for r in res if r["variant"] == "whole"), default=float("nan"))
             print(f"{name:>14} m={m:>6} | default {dflt:>7} {t_def:9.1f} us | whole {whole:9.1f} | best "
                   f"{best['variant']}/{best.get('block_cols', '-')}/{best['num_warps']}w {best['us']:9.1f} | "
                   f"floor {floor:7.1f} ({floor / best['us']:.2f}) | all equal "

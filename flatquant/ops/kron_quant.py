@@ -122,20 +122,24 @@ def _y_cols(
 def _quant_cols(
     y, y_hi, y_lo, clip_lo, clip_hi, gg, q_ptr, s_ptr, t, n2, j0, i, row_ok, stride_qt, stride_qg, stride_sg,
     store_scale, N1P: tl.constexpr, BJ: tl.constexpr, G: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
+    FAST_Q: tl.constexpr = False, INTERPRET: tl.constexpr = False,
 ):
     """LAC + symmetric codes of columns ``[j0, j0 + BJ)`` of ``y`` for each of the G clip pairs, given the token's
     range ``[y_lo, y_hi]`` (which includes 0): ``s = max(-lo, hi) / QMAX`` with ``lo, hi`` the clipped range.
     Code set g goes to ``q_ptr + g * stride_qg`` (packed: two codes per byte, element 2k in the low nibble), its
-    scale to ``s_ptr + g * stride_sg`` if ``store_scale``."""
+    scale to ``s_ptr + g * stride_sg`` if ``store_scale``. FAST_Q: the same codes through :func:`_codes_fast`."""
     for g in tl.static_range(G):
         hi = y_hi * tl.sum(tl.where(gg == g, clip_hi, 0.0), axis=0)  # exact: one term is not zero
         lo = y_lo * tl.sum(tl.where(gg == g, clip_lo, 0.0), axis=0)
         amax = tl.maximum(-lo, hi)
         scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full((), QMAX, tl.float32)), 1.0)
-        v = tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
-        v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
-        # Round half to even: (v + 1.5·2²³) − 1.5·2²³ in fp32 (exact for the clamped |v| <= QMAX + 1).
-        q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
+        if FAST_Q:
+            q = _codes_fast(y, scale, QMAX, INTERPRET)
+        else:
+            v = tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
+            v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
+            # Round half to even: (v + 1.5·2²³) − 1.5·2²³ in fp32 (exact for the clamped |v| <= QMAX + 1).
+            q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
         tl.store(s_ptr + g * stride_sg + t, scale, mask=store_scale)
         q_base = q_ptr + g * stride_qg + t * stride_qt
         if PACK:
@@ -226,6 +230,80 @@ def _kron_quant_kernel(
                 _quant_cols(y, y_hi, y_lo, clip_lo, clip_hi, gg, q_ptr, s_ptr, t, n2, c * BJ, i, row_ok,
                             stride_qt, stride_qg, stride_sg, c == 0, N1P, BJ, G, QMAX, PACK)
             tl.debug_barrier()  # the next token overwrites the slot
+
+
+@triton.jit
+def _codes_fast(y, scale, QMAX: tl.constexpr, INTERPRET: tl.constexpr):
+    """``rne(clamp(y / scale))`` as int32 with the quotient correctly rounded (what ``div_rn`` gives), without a
+    per-element division: with ``r = RN(1 / scale)`` and ``q0 = RN(y · r)`` (within one ulp of the quotient), the
+    remainder ``y − q0 · scale`` is exact in one FMA and ``RN(q0 + remainder · r)`` is the correctly rounded quotient
+    (Markstein's theorem; it needs the remainder and q0 in the normal range, hence the scale range test: outside it
+    ``div_rn``). INTERPRET: older interpreters round an FMA twice, so it is emulated in fp64 (the remainder is exact
+    there; the sum rounds twice only if it lands exactly on an fp32 midpoint) and the integer rounding uses the
+    1.5·2²³ trick instead of ``cvt.rni`` (round half to even either way)."""
+    if (scale > 7.9e-31) & (scale < 1.2e30):  # 2^-100 < scale < 2^100
+        r = tl.math.div_rn(1.0, scale)
+        q0 = y * r
+        if INTERPRET:
+            q0d = q0.to(tl.float64)
+            e = (y.to(tl.float64) - q0d * scale.to(tl.float64)).to(tl.float32)
+            v = (q0d + e.to(tl.float64) * r.to(tl.float64)).to(tl.float32)
+        else:
+            v = tl.fma(tl.fma(-q0, scale, y), r, q0)
+    else:
+        v = tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
+    v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
+    if INTERPRET:
+        q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
+    else:
+        q = tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
+    return q
+
+
+@triton.jit
+def _kron_quant_pipe_kernel(
+    x_ptr, u_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr, nw_ptr,
+    T, n1, n2, stride_xt, stride_qt, stride_qg, stride_sg, eps,
+    N1P: tl.constexpr, N2P: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    QMAX: tl.constexpr, PACK: tl.constexpr, F32_DOT: tl.constexpr, HAS_GLU: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr, HAS_NORM: tl.constexpr = False, PDL: tl.constexpr = False,
+    FAST_Q: tl.constexpr = False, INTERPRET: tl.constexpr = False,
+):
+    # The whole layout with both factors, software-pipelined for many tokens: both factors are loaded once per
+    # program (the compiler keeps them in shared memory as MMA operands), and the loads of the program's next
+    # token are issued before the current token's products, clip and quantization, so that its HBM latency
+    # overlaps them instead of starting each token's chain. The same tile math as _kron_quant_kernel (whole).
+    # FAST_Q: the codes without a per-element division (_codes_fast, the same codes); INTERPRET: the interpreter.
+    i = tl.arange(0, N1P)
+    row_ok = i < n1
+    lt = _load_lt(l_ptr, n1, i, row_ok, x_ptr.dtype.element_ty, N1P, True)
+    j = tl.arange(0, N2P)
+    r = tl.load(r_ptr + j[:, None] * n2 + j[None, :], mask=(j < n2)[:, None] & (j < n2)[None, :], other=0.0)
+    if HAS_NORM:
+        nw = _load_norm_weight(nw_ptr, n2, i, row_ok, N2P)
+    gg, clip_lo, clip_hi = _load_clips(clip_ptr, G, GP)
+    pdl_wait(PDL)
+    step = tl.num_programs(0)
+    x = _load_token(x_ptr, u_ptr, tl.program_id(0).to(tl.int64), stride_xt, n2, i, row_ok, N2P, HAS_GLU,
+                    INTERPRET_BF16)
+    for tt in range(tl.program_id(0), T, step):
+        t = tl.cast(tt, tl.int64)
+        nxt = tl.minimum(t + step, T - 1)  # past the end: a harmless reload of the last token (no token mask)
+        x_next = _load_token(x_ptr, u_ptr, nxt, stride_xt, n2, i, row_ok, N2P, HAS_GLU, INTERPRET_BF16)
+        if HAS_NORM:
+            x = _rms_norm_tile(x, nw, n1 * n2, eps, INTERPRET_BF16)
+        if F32_DOT:
+            z = tl.dot(x.to(tl.float32), r.to(tl.float32), input_precision="ieee")
+            if INTERPRET_BF16:
+                z = round_to_bf16_f32(z)
+            y = tl.dot(lt.to(tl.float32), z.to(x_ptr.dtype.element_ty).to(tl.float32), input_precision="ieee")
+        else:
+            y = tl.dot(lt, tl.dot(x, r).to(x_ptr.dtype.element_ty))
+        y_hi = tl.maximum(tl.max(tl.max(y, axis=1), axis=0), 0.0)
+        y_lo = tl.minimum(tl.min(tl.min(y, axis=1), axis=0), 0.0)
+        _quant_cols(y, y_hi, y_lo, clip_lo, clip_hi, gg, q_ptr, s_ptr, t, n2, 0, i, row_ok, stride_qt, stride_qg,
+                    stride_sg, True, N1P, N2P, G, QMAX, PACK, FAST_Q, INTERPRET)
+        x = x_next
 
 
 @triton.jit
@@ -350,7 +428,8 @@ def grid_programs(device: torch.device) -> int:
     return 4 * sm_count(device)
 
 
-VARIANTS = ("whole", "chunked", "split", "two_pass")
+VARIANTS = ("whole", "chunked", "split", "two_pass", "pipelined", "pipelined_fastq")
+PIPELINED = ("pipelined", "pipelined_fastq")
 SPLIT_MAX_T = 16  # tokens up to which large transforms are split across programs (decode)
 SPLIT_MIN_ELEMS = 64 * 128  # padded n1 x n2 from which the split pays for its second launch
 
@@ -403,6 +482,10 @@ def kron_quant_triton(
       of one per token), a second kernel reduces the block ranges and writes the codes;
     * ``"two_pass"``: many tokens, both factors: ``Z = X R`` for all token rows at once (one GEMM-like pass, rounded
       to x's dtype as the fused kernels round it), then the left product, clip and quantization on Z (``whole``).
+    * ``"pipelined"``: many tokens, both factors: ``whole`` with both factors loaded once per program and the next
+      token's loads issued before the current token is transformed and quantized (other factor sets: ``whole``);
+    * ``"pipelined_fastq"``: ``pipelined`` with the codes computed without a per-element division (a reciprocal
+      and an exact FMA correction, see ``_codes_fast``) and rounded by one conversion instruction.
 
     ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``norm``, ``eps``: see :func:`kron_quant_multi`
     (in the kernel for the whole, chunked and split layouts with a right factor, else a separate RMSNorm first).
@@ -449,8 +532,8 @@ def kron_quant_triton(
              "INTERPRET_BF16": cpu and x.dtype == torch.bfloat16}
     up_p = up.contiguous() if up is not None else x
     quant = {"G": g, "GP": next_pow2(g, floor=2), "QMAX": 2 ** (bits - 1) - 1, "PACK": pack}
-    if variant == "two_pass" and (left is None or right is None):
-        variant = "whole"  # one product: nothing to split into passes
+    if (variant == "two_pass" or variant in PIPELINED) and (left is None or right is None):
+        variant = "whole"  # one product: nothing to split into passes / the pipelined kernel needs both factors
     if norm is not None and (right is None or variant == "two_pass"):
         x, norm = rms_norm(x, norm, eps).contiguous(), None  # the kernels normalise only whole tokens they load
     nw = norm.contiguous() if norm is not None else x
@@ -476,6 +559,15 @@ def kron_quant_triton(
                         N2P=n2p, BJ=bj, **quant, **extra)
         return codes, scale
     grid = min(t, programs or grid_programs(x.device))
+    if variant in PIPELINED:
+        pipe = cpu_kernel(_kron_quant_pipe_kernel) if cpu else _kron_quant_pipe_kernel
+        pipe[(grid,)](
+            x, up_p, lp, rp, clips, codes, scale, nw, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
+            float(eps), N1P=n1p, N2P=n2p, F32_DOT=flags["F32_DOT"], HAS_GLU=flags["HAS_GLU"],
+            INTERPRET_BF16=flags["INTERPRET_BF16"], **quant, HAS_NORM=norm is not None,
+            FAST_Q=variant == "pipelined_fastq", INTERPRET=cpu, **extra,
+        )
+        return codes, scale
     bj = n2p if variant == "whole" else min(block_cols or 32, n2p)
     ws = torch.empty(grid, n1p, n2p, dtype=torch.float32, device=x.device) if bj < n2p else scale
     kernel = cpu_kernel(_kron_quant_kernel) if cpu else _kron_quant_kernel

@@ -218,7 +218,8 @@ def test_layouts_give_the_same_codes(device: str, case: tuple, pack: bool) -> No
     want, want_scale = (ref.kron_quant_multi_ref if groups > 1 else ref.kron_quant_ref)(
         x, left, right, *((clip,) if groups > 1 else (clip[0], clip[1])), n1, 4, pack)
     assert torch.allclose(whole[1].cpu(), want_scale, rtol=1e-5, atol=0)
-    for variant, cols in (("chunked", 16), ("split", 16), ("split", 32), ("two_pass", None), (None, None)):
+    for variant, cols in (("chunked", 16), ("split", 16), ("split", 32), ("two_pass", None), ("pipelined", None),
+                          ("pipelined_fastq", None), (None, None)):
         got = kron_quant_triton(*args, variant=variant, block_cols=cols)
         if device == "cpu":  # exact fp32 products: every layout gives the same bits
             assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1]), (variant, cols)
@@ -257,11 +258,38 @@ def test_cuda_layouts_model_dims(k: int, left_only: bool, t: int) -> None:
     right = None if left_only else torch.linalg.qr(torch.randn(n2, n2, device="cuda", generator=g))[0].to(
         torch.bfloat16)
     clips = torch.tensor([[0.9, 0.95], [0.8, 1.0]], device="cuda")
-    layouts = [("whole", None), ("chunked", 16), ("chunked", 32), ("chunked", 64), ("two_pass", None), (None, None)]
+    layouts = [("whole", None), ("chunked", 16), ("chunked", 32), ("chunked", 64), ("two_pass", None),
+               ("pipelined", None), ("pipelined_fastq", None), (None, None)]
     layouts += [("split", 16), ("split", 32), ("split", 64)] if t <= 16 else []
     for variant, cols in layouts:
         got = kron_quant_triton(x, left, right, clips, n1, variant=variant, block_cols=cols)
         _assert_matches_reference(x, left, right, n1, clips, got)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("clip_pair", [(1.0, 1.0), (0.9, 0.95)])
+def test_fast_codes_at_rounding_ties(device: str, clip_pair: tuple[float, float]) -> None:
+    """The pipelined layouts' division-free codes (reciprocal + FMA correction, ``pipelined_fastq``) equal the
+    division's at exact rounding ties and one bf16 step either side of them: identity factors make Y = X, and a
+    token range of 3.5 with unclipped LAC makes the scale exactly 0.5, so x = (k + 0.5) · 0.5 are ties."""
+    n1, n2 = 4, 16
+    eye1, eye2 = torch.eye(n1, dtype=torch.bfloat16), torch.eye(n2, dtype=torch.bfloat16)
+    ties = (torch.arange(-7, 7, dtype=torch.float32) + 0.5) * 0.5  # |tie| <= 3.25: the range stays 3.5
+    vals = torch.cat([ties, torch.nextafter(ties.bfloat16(), torch.tensor(9.0, dtype=torch.bfloat16)).float(),
+                      torch.nextafter(ties.bfloat16(), torch.tensor(-9.0, dtype=torch.bfloat16)).float()])
+    g = torch.Generator().manual_seed(3)
+    x = vals[torch.randint(vals.numel(), (5, n1 * n2), generator=g)]
+    x[:, 0], x[:, 1] = 3.5, -3.0  # the range: scale = max(3.5 · hi, 3.0 · lo) / 7
+    x[4] = torch.randn(n1 * n2, generator=g) * 1e-3  # an ordinary token
+    x = x.to(torch.bfloat16)
+    clip = torch.tensor(clip_pair)
+    args = (x.to(device), eye1.to(device), eye2.to(device), clip.to(device), n1, 4, False)
+    whole = kron_quant_triton(*args, variant="whole")
+    want, want_scale = ref.kron_quant_ref(x, eye1, eye2, clip[0], clip[1], n1, 4, False)
+    assert torch.equal(whole[0].cpu(), want) and torch.equal(whole[1].cpu(), want_scale)
+    for variant in ("pipelined", "pipelined_fastq"):
+        got = kron_quant_triton(*args, variant=variant)
+        assert torch.equal(got[0].cpu(), want) and torch.equal(got[1].cpu(), want_scale), variant
 
 
 def test_layout_choice_and_validation() -> None:
@@ -278,7 +306,7 @@ def test_layout_choice_and_validation() -> None:
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("variant", ["whole", "chunked", "split", "two_pass"])
+@pytest.mark.parametrize("variant", ["whole", "chunked", "split", "two_pass", "pipelined_fastq"])
 @pytest.mark.parametrize("with_left,with_right", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_glu_input(device: str, variant: str, with_left: bool, with_right: bool, dtype: torch.dtype) -> None:
@@ -317,7 +345,7 @@ def test_glu_opcheck() -> None:
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("variant", ["whole", "chunked", "split", "two_pass"])
+@pytest.mark.parametrize("variant", ["whole", "chunked", "split", "two_pass", "pipelined_fastq"])
 @pytest.mark.parametrize("with_left", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_norm_input(device: str, variant: str, with_left: bool, dtype: torch.dtype) -> None:
