@@ -33,9 +33,11 @@ prefill)
     FLATQUANT_PREFILL_FUSIONS=$f probe prefill_${f//,/_}
   done ;;
 kron)
+  PYTHONPATH=$PWD timeout ${KOPS_S:-120} $PYT --tb=short tests/ops/test_kron_quant.py -k "pipelined or layouts or tie" 2>&1 \
+    | grep -v DEBUG | tail -8 | tee $OUT/pytest_kron_cuda.log | grep -E "^E |passed|failed"
   PYTHONPATH=$PWD timeout ${KRON_S:-200} python3 bench/probe_kron.py --sites ${SITES:-down14336glu,kron14336,kron4096} \
-    --tokens ${TOKENS:-2048 32768} --out $OUT/probe_kron_h200_s6.json 2>&1 | grep -v -i warn \
-    | tee $OUT/probe_kron_h200_s6.log | tail -60 ;;
+    --tokens ${TOKENS:-2048 32768} --variants ${VARIANTS:-whole,pipelined,pipelined_fastq} \
+    --out $OUT/probe_kron_h200_s6.json 2>&1 | grep -v -i warn | tee $OUT/probe_kron_h200_s6.log | tail -60 ;;
 e2e)
   PYTHONPATH=$PWD timeout ${E2E_S:-420} python3 bench/bench_e2e.py --quick --decode 256 \
     --engines ${ENGINES:-real-w4a4kv4,hf-bf16-static} --budget-s ${E2E_BUDGET:-380} --out $OUT/e2e_h200_s6.json \

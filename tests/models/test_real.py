@@ -346,6 +346,7 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
 
     kq_mod = importlib.import_module("flatquant.ops.kron_quant")  # the module (flatquant.ops.kron_quant is the op)
     monkeypatch.setenv("FLATQUANT_DECODE_FUSIONS", ",".join(step_mod.DECODE_FUSIONS))  # q_trans too (opt-in)
+    monkeypatch.setenv("FLATQUANT_PREFILL_FUSIONS", ",".join(step_mod.PREFILL_FUSIONS))  # opt-in at prefill
     args = _gqa_args(heads, kv_heads, family)
     want_engine = _engine(args, False, cpu_codes=False)
     t = 134 // batch  # batch x (t - 2) prefill rows >= UNPACK_MIN_M

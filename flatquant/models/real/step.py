@@ -37,7 +37,11 @@ PREFILL_FUSIONS = ("norm", "residual")
 """The prefill fusions: the same RMSNorm in the transform kernel, and the residual adds in the o/down GEMM
 epilogues (the W8A8 kernel's from ``UNPACK_MIN_M`` tokens)."""
 
-DEFAULT_PREFILL_FUSIONS = ("norm", "residual")
+DEFAULT_PREFILL_FUSIONS: tuple[str, ...] = ()
+"""Measured on the H200 (``bench/results/engine_prefill_fusions_h200.json``, one process per setting, alternated
+twice in one call): 2048-token prefill 42.0 / 42.1 ms without, 42.5 / 42.4 with norm + residual (batch 16: 597.2 /
+595.6 against 598.7 / 597.4): the kernels they remove are a small share of a prefill and the norm lengthens the
+transform kernel's per-token chain, so both stay off at prefill."""
 
 
 def _fusions(env_name: str, allowed: tuple[str, ...], default: tuple[str, ...]) -> frozenset[str]:
