@@ -432,19 +432,24 @@ VARIANTS = ("whole", "chunked", "split", "two_pass", "pipelined", "pipelined_fas
 PIPELINED = ("pipelined", "pipelined_fastq")
 SPLIT_MAX_T = 16  # tokens up to which large transforms are split across programs (decode)
 SPLIT_MIN_ELEMS = 64 * 128  # padded n1 x n2 from which the split pays for its second launch
+PIPELINE_MIN_T = 128  # tokens from which the pipelined, division-free layout is the default (prefill)
 
 
 def default_variant(t: int, n1: int, n2: int) -> str:
     """The kernel layout :func:`kron_quant_triton` uses by default for ``t`` tokens of ``n1 x n2`` (see there).
 
-    Measured on the H200 (``bench/probe_kron.py``, bench/results/probe_kron_h200.json): at 1 and 16 tokens the
-    split layout takes 5.4 / 6.1 us for the 14336 transform against 14.2 / 14.6 for whole (11008: 5.9 vs 15.1); at
-    K = 4096 and for the o_proj head mix whole is best. At 2048 and 32768 tokens no layout beats whole by more
-    than 12% (chunked, 64-column blocks, at 14336 without the SwiGLU input), and with down_proj's SwiGLU input
-    whole is best (207 us at 2048 tokens; chunked 213, two_pass 215); so whole.
+    Measured on the H200 (``bench/probe_kron.py``): at 1 and 16 tokens the split layout takes 5.4 / 6.1 us for the
+    14336 transform against 14.2 / 14.6 for whole (11008: 5.9 vs 15.1); at K = 4096 and for the o_proj head mix
+    whole is best (bench/results/probe_kron_h200.json). From ``PIPELINE_MIN_T`` tokens with both factors,
+    pipelined_fastq (bench/results/probe_kron_h200_s6.json; the same codes as whole at every size): at 2048 /
+    32768 tokens 66.9 / 883 us against whole's 152.8 / 2384 for the 14336 transform, 144.9 / 1971 against
+    207.3 / 3273 with down_proj's SwiGLU input, 13.2 / 170 against 17.7 / 252 at K = 4096. (Between 17 and
+    ``PIPELINE_MIN_T`` tokens it was not measured: whole.)
     """
     if t <= SPLIT_MAX_T and next_pow2(n1) * next_pow2(n2) >= SPLIT_MIN_ELEMS:
         return "split"
+    if t >= PIPELINE_MIN_T and n1 > 1 and n2 > 1:
+        return "pipelined_fastq"
     return "whole"
 
 
@@ -523,8 +528,9 @@ def kron_quant_triton(
     # results on the H200 (Triton 3.6, see kv_attention.py), so on CUDA the sides are at least 32.
     n1p, n2p = next_pow2(n1, floor=16 if cpu else 32), next_pow2(n2, floor=16 if cpu else 32)
     # H200 (bench/results/probe_decode_h200.json): 8 warps at a few tokens (K=14336: 18.4 vs 20.6 us at one
-    # token), 4 warps with 4 programs per SM at many (K=14336, 32768 tokens: 2.21 vs 3.36 ms).
-    warps = num_warps or (8 if t <= 64 else 4)
+    # token), 4 warps with 4 programs per SM at many (K=14336, 32768 tokens: 2.21 vs 3.36 ms); the pipelined
+    # layouts (probe_kron_h200_s6.json): 4 warps, but 8 with the SwiGLU input (2048 tokens: 144.9 vs 164.7 us).
+    warps = num_warps or (8 if t <= 64 or (up is not None and variant in PIPELINED) else 4)
     extra = launch_options(x.device, t, num_warps=warps, num_stages=num_stages)
     lp, rp = left if left is not None else x, right if right is not None else x
     flags = {"HAS_LEFT": left is not None, "HAS_RIGHT": right is not None,

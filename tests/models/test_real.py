@@ -385,7 +385,8 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
         (lin_mod, "w8a8_matmul", w8a8), (lin_mod, "unpack_int4", unpack_int4_triton),
         # tiny dims: force the split layout at decode (the deferred norm runs in it; the whole layout's norm is
         # covered by tests/ops/test_kron_quant.py)
-        (kq_mod, "default_variant", lambda t, n1, n2: "split" if t <= 16 else "whole"),
+        (kq_mod, "default_variant", lambda t, n1, n2, base=kq_mod.default_variant: "split" if t <= 16
+         else base(t, n1, n2)),
         (cache_mod, "kv_quant_write", kv_quant_write_triton),
         (step_mod, "kv4_decode_attention", attention),
         (lin_mod, "unpacked_prefill", lambda x, cpu_codes: x.shape[0] >= UNPACK_MIN_M),
@@ -413,7 +414,8 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
         rel = float((got - want).norm() / want.norm())
         assert rel < 1e-3, f"decode step {i}: logits differ by {rel:.3g} (relative)"
         assert all(int(c.abs().sum()) == 0 for c in counters)
-    assert {"_kron_cols_kernel", "_kron_quant_kernel"} <= set(launched)  # the split layout and the whole one
+    # the split layout (decode), the pipelined one (prefill transforms with both factors), whole (o's head mix)
+    assert {"_kron_cols_kernel", "_kron_quant_pipe_kernel", "_kron_quant_kernel"} <= set(launched)
     assert 80 in reduced  # down_proj (K = intermediate = 80) reduced its K split in-kernel, with its counters
     n_layers = len(fast.weights.layers)
     # every decode step: both norms in the q/k/v and gate/up transform kernels (split layout), both residual adds in

@@ -296,8 +296,9 @@ def test_layout_choice_and_validation() -> None:
     from flatquant.ops.kron_quant import default_variant
 
     assert default_variant(1, 112, 128) == "split"  # decode, down_proj of LLaMA-3-8B
-    assert default_variant(2048, 112, 128) == "whole"
-    assert default_variant(2048, 6, 10) == default_variant(1, 6, 10) == "whole"
+    assert default_variant(2048, 112, 128) == default_variant(128, 64, 64) == "pipelined_fastq"  # prefill
+    assert default_variant(64, 112, 128) == default_variant(127, 64, 64) == "whole"
+    assert default_variant(1, 6, 10) == "whole"
     x = torch.randn(2, 6 * 10, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="variant"):
         kron_quant_triton(x, None, None, torch.ones(2), 6, variant="tiled")
