@@ -5,8 +5,6 @@
 #          fused projection shapes (bench/probe_tma.py --shapes engine), after the TMA kernel's GPU tests
 #   overlap: the prefill's weight unpack on a second stream behind the GEMMs (bench/probe_overlap.py)
 #   prefill: the prefill fusions A/B (FLATQUANT_PREFILL_FUSIONS per process; PREFILL env list), engine_probe
-#   qwrite: q's K^-T in the K/V write kernel's launch: its GPU tests, then the decode A/B at batch 1
-#          (FLATQUANT_DECODE_FUSIONS norm,residual vs norm,residual,q_write, alternated)
 #   kron:  kron_quant layouts at many tokens (bench/probe_kron.py; SITES / TOKENS env)
 #   e2e:   bench_e2e with the real engine and transformers' static-cache generate (the baseline to beat)
 #   tests: the fast-engine GPU tests (fused engine vs the unfused one in llama / qwen2 / qwen3 styles)
@@ -33,12 +31,6 @@ overlap)
 prefill)
   for f in ${PREFILL:-none norm,residual}; do
     FLATQUANT_PREFILL_FUSIONS=$f probe prefill_${f//,/_}
-  done ;;
-qwrite)
-  PYTHONPATH=$PWD timeout ${KV_S:-45} $PYT --tb=short tests/ops/test_kv_quant.py -k "with_q" 2>&1 | grep -v DEBUG \
-    | tail -6 | tee $OUT/pytest_qwrite_cuda.log | grep -E "^E |passed|failed"
-  n=0; for f in ${QW:-norm,residual norm,residual,q_write norm,residual norm,residual,q_write}; do
-    FLATQUANT_DECODE_FUSIONS=$f PROBE_ARGS="--batches 1" probe qw_${f//,/_}_$((++n))
   done ;;
 kron)
   PYTHONPATH=$PWD timeout ${KOPS_S:-120} $PYT --tb=short tests/ops/test_kron_quant.py -k "pipelined or layouts or tie" 2>&1 \

@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from ._launch import cpu_kernel, launch_options, next_pow2, on_cpu, pdl_wait, round_to_bf16_f32
+from ._launch import cpu_kernel, launch_options, next_pow2, on_cpu, pdl_wait
 from ._register import register_op
 
 
@@ -112,65 +112,35 @@ def _kv_write_side(
 
 
 @triton.jit
-def _q_transform_side(
-    q_ptr, stride_qb, stride_qt, stride_qh, stride_qe, tr_ptr, stride_t0, stride_t1,
-    o_ptr, stride_ob, stride_ot, stride_oh, stride_oe, b, t, heads, d,
-    HP: tl.constexpr, DP: tl.constexpr, F32_DOT: tl.constexpr, INTERPRET_BF16: tl.constexpr,
-):
-    """Token ``t`` of row ``b`` of q (``(heads, d)``): ``q @ trans`` with fp32 accumulation, rounded once to the
-    output's dtype (what a 16-bit matmul gives, up to the summation order), stored at ``o_ptr``."""
-    h = tl.arange(0, HP).to(tl.int64)
-    e = tl.arange(0, DP)
-    mask = (h < heads)[:, None] & (e < d)[None, :]
-    x = tl.load(q_ptr + b * stride_qb + t * stride_qt + h[:, None] * stride_qh + e[None, :] * stride_qe, mask=mask,
-                other=0.0)
-    y = _head_transform(x, tr_ptr, stride_t0, stride_t1, d, DP, True, F32_DOT)
-    if INTERPRET_BF16:
-        y = round_to_bf16_f32(y)  # the interpreter truncates fp32 -> bf16
-    tl.store(o_ptr + b * stride_ob + t * stride_ot + h[:, None] * stride_oh + e[None, :] * stride_oe,
-             y.to(o_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _kv_quant_write_kernel(
     k_ptr, v_ptr, trans_ptr, k_clip_ptr, v_clip_ptr, idx_ptr,
     kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
-    q_ptr, q_trans_ptr, qo_ptr,
-    tokens, heads, d, q_heads,
+    tokens, heads, d,
     stride_kb, stride_kt, stride_kh, stride_ke,
     stride_vb, stride_vt, stride_vh, stride_ve,
     stride_t0, stride_t1,
     stride_kcb, stride_kch, stride_kcs, stride_kce, stride_ksb, stride_ksh, stride_kss,
     stride_vcb, stride_vch, stride_vcs, stride_vce, stride_vsb, stride_vsh, stride_vss,
-    stride_qb, stride_qt, stride_qh, stride_qe, stride_qt0, stride_qt1, stride_qob, stride_qot, stride_qoh, stride_qoe,
     HP: tl.constexpr, DP: tl.constexpr, HAS_TRANS: tl.constexpr, K_QMAX: tl.constexpr, V_QMAX: tl.constexpr,
-    F32_DOT: tl.constexpr, QHP: tl.constexpr = 16, HAS_Q: tl.constexpr = False,
-    INTERPRET_BF16: tl.constexpr = False, PDL: tl.constexpr = False,
+    F32_DOT: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    # Grid (B * T, 2, or 3 with HAS_Q): program (b * T + t, side) writes token t of row b, side 0 = K (after its
-    # transform), side 1 = V, at cache position idx[t] of row b; rows of the tile are heads, columns head_dim.
-    # Side 2 (HAS_Q): q's per-head transform (q @ q_trans, the decode step's q K^-T) into qo_ptr, so that product
-    # needs no launch of its own.
+    # Grid (B * T, 2): program (b * T + t, side) writes token t of row b, side 0 = K (after its transform),
+    # side 1 = V, at cache position idx[t] of row b; rows of the tile are heads, columns head_dim.
     pdl_wait(PDL)
     bt = tl.program_id(0).to(tl.int64)
     b = bt // tokens
     t = bt % tokens
-    side = tl.program_id(1)
-    if side == 2:
-        if HAS_Q:
-            _q_transform_side(q_ptr, stride_qb, stride_qt, stride_qh, stride_qe, q_trans_ptr, stride_qt0,
-                              stride_qt1, qo_ptr, stride_qob, stride_qot, stride_qoh, stride_qoe, b, t, q_heads, d,
-                              QHP, DP, F32_DOT, INTERPRET_BF16)
-    elif side == 0:
+    pos = tl.load(idx_ptr + t)
+    if tl.program_id(1) == 0:
         _kv_write_side(k_ptr, stride_kb, stride_kt, stride_kh, stride_ke, trans_ptr, stride_t0, stride_t1,
                        k_clip_ptr, kc_ptr, stride_kcb, stride_kch, stride_kcs, stride_kce,
                        ks_ptr, kz_ptr, stride_ksb, stride_ksh, stride_kss,
-                       b, t, tl.load(idx_ptr + t), heads, d, HP, DP, HAS_TRANS, K_QMAX, F32_DOT)
+                       b, t, pos, heads, d, HP, DP, HAS_TRANS, K_QMAX, F32_DOT)
     else:
         _kv_write_side(v_ptr, stride_vb, stride_vt, stride_vh, stride_ve, trans_ptr, stride_t0, stride_t1,
                        v_clip_ptr, vc_ptr, stride_vcb, stride_vch, stride_vcs, stride_vce,
                        vs_ptr, vz_ptr, stride_vsb, stride_vsh, stride_vss,
-                       b, t, tl.load(idx_ptr + t), heads, d, HP, DP, False, V_QMAX, F32_DOT)
+                       b, t, pos, heads, d, HP, DP, False, V_QMAX, F32_DOT)
 
 
 def _check(x: Tensor, trans: Tensor | None, bits: int) -> None:
@@ -234,22 +204,6 @@ def kv_quant(x: Tensor, trans: Tensor | None, clip: Tensor, bits: int = 4) -> tu
     return ref.kv_quant_ref(x, trans, clip[0], clip[1], bits)
 
 
-def _check_q(k: Tensor, q: Tensor | None, q_trans: Tensor | None, q_out: Tensor | None) -> None:
-    if q is None and q_trans is None and q_out is None:
-        return
-    if q is None or q_trans is None or q_out is None:
-        raise ValueError("q, q_trans and q_out go together: give all three or none")
-    b, t, _, d = k.shape
-    if q.dim() != 4 or tuple(q.shape[:2]) != (b, t) or q.shape[3] != d or q.dtype != k.dtype:
-        raise ValueError(f"q must be (B, T, H, head_dim) = ({b}, {t}, H, {d}) in k's dtype {k.dtype}, got "
-                         f"{tuple(q.shape)} {q.dtype}")
-    if tuple(q_trans.shape) != (d, d):
-        raise ValueError(f"q_trans must be (head_dim, head_dim) = ({d}, {d}), got {tuple(q_trans.shape)}")
-    if q_out.shape != q.shape or q_out.dtype != q.dtype or any(x.device != k.device for x in (q, q_trans, q_out)):
-        raise ValueError(f"q_out must be q's shape {tuple(q.shape)} and dtype {q.dtype}, and q, q_trans, q_out on "
-                         f"k's device, got {tuple(q_out.shape)} {q_out.dtype}")
-
-
 def _check_write(k: Tensor, v: Tensor, k_trans: Tensor | None, k_clip: Tensor, v_clip: Tensor,
                  caches: tuple[Tensor, ...], idx: Tensor, k_bits: int, v_bits: int) -> None:
     if k.dim() != 4 or k.shape[-1] % 2 or v.shape != k.shape:
@@ -294,44 +248,30 @@ def kv_quant_write_triton(
     idx: Tensor,  # (T,) int64 cache positions
     k_bits: int = 4,
     v_bits: int = 4,
-    q: Tensor | None = None,  # (B, T, H, d) k's dtype, any strides
-    q_trans: Tensor | None = None,  # (d, d)
-    q_out: Tensor | None = None,  # (B, T, H, d), written
 ) -> None:
-    """Triton launcher of :func:`kv_quant_write` (interpreter on CPU tensors): one launch for K and V (and q's
-    transform), strided reads, no allocation (``k_trans`` / ``q_trans`` in k's dtype and contiguous fp32 clips are
-    used as they are)."""
+    """Triton launcher of :func:`kv_quant_write` (interpreter on CPU tensors): one launch for K and V, strided
+    reads, no allocation (``k_trans`` in k's dtype and contiguous fp32 clips are used as they are)."""
     caches = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
     _check_write(k, v, k_trans, k_clip, v_clip, caches, idx, k_bits, v_bits)
-    _check_q(k, q, q_trans, q_out)
     b, t, h, d = k.shape
     if b * t == 0:
         return
     trans = k_trans.to(k.dtype) if k_trans is not None else None
-    qt = q_trans.to(k.dtype) if q_trans is not None else None
     cpu = on_cpu(k)
     kernel = cpu_kernel(_kv_quant_write_kernel) if cpu else _kv_quant_write_kernel
     extra = launch_options(k.device, b * t, num_warps=4, num_stages=1)
-    if q is not None and qt is not None and q_out is not None:
-        q_args, q_heads = (q, qt, q_out), q.shape[2]
-        q_strides: tuple[int, ...] = (*q.stride(), *qt.stride(), *q_out.stride())
-    else:
-        q_args, q_heads, q_strides = (k, k, k), 0, (0,) * 10
-    kernel[(b * t, 3 if q_heads else 2)](
+    kernel[(b * t, 2)](
         k, v, trans if trans is not None else k, k_clip.float().contiguous(), v_clip.float().contiguous(), idx,
-        *caches, *q_args,
-        t, h, d, q_heads,
+        *caches,
+        t, h, d,
         *k.stride(), *v.stride(), *(trans.stride() if trans is not None else (0, 0)),
         *k_codes.stride(), *k_scale.stride(), *v_codes.stride(), *v_scale.stride(),
-        *q_strides,
         HP=next_pow2(h), DP=next_pow2(d, floor=16 if cpu else 32), HAS_TRANS=trans is not None,
-        K_QMAX=2**k_bits - 1, V_QMAX=2**v_bits - 1, F32_DOT=cpu or k.dtype == torch.float32,
-        QHP=next_pow2(max(q_heads, 16)), HAS_Q=q_heads > 0, INTERPRET_BF16=cpu and k.dtype == torch.bfloat16,
-        **extra,
+        K_QMAX=2**k_bits - 1, V_QMAX=2**v_bits - 1, F32_DOT=cpu or k.dtype == torch.float32, **extra,
     )
 
 
-_KV_CACHE_ARGS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "q_out")
+_KV_CACHE_ARGS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
 
 
 @register_op("flatquant::kv_quant_write", cuda=kv_quant_write_triton, fake=lambda **_: None,
@@ -351,9 +291,6 @@ def kv_quant_write(
     idx: Tensor,  # (T,) int64
     k_bits: int = 4,
     v_bits: int = 4,
-    q: Tensor | None = None,  # (B, T, H, d)
-    q_trans: Tensor | None = None,  # (d, d)
-    q_out: Tensor | None = None,  # (B, T, H, d)
 ) -> None:
     """Quantize the new tokens' K and V like :func:`kv_quant` and write them into the packed cache, in place.
 
@@ -372,16 +309,9 @@ def kv_quant_write(
             guarantees distinct positions in ``[0, S)``; they are not checked (that would synchronise the GPU),
             and out-of-range positions write out of bounds on CUDA.
         k_bits, v_bits: code widths, 2 to 4.
-        q, q_trans, q_out: optional, all three or none: the new tokens' queries ``(B, T, H, d)`` (k's dtype, any
-            strides), a ``(d, d)`` per-head transform, and the ``(B, T, H, d)`` output written with
-            ``q @ q_trans`` in q's dtype (the decode step's q K⁻ᵀ, in the same launch on CUDA: fp32 accumulation
-            rounded once, equal to the matmul up to summation order).
     """
     _check_write(k, v, k_trans, k_clip, v_clip, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero), idx, k_bits,
                  v_bits)
-    _check_q(k, q, q_trans, q_out)
-    if q is not None and q_trans is not None and q_out is not None:
-        q_out.copy_(q @ q_trans.to(q.dtype))
     b, t, h, d = k.shape
     caches = ((k_codes, k_scale, k_zero), (v_codes, v_scale, v_zero))
     if k_bits == v_bits:  # both sides in one pass (per-row statistics: the same bits as one pass per side)

@@ -218,8 +218,7 @@ def test_fusions_keep_the_bits(monkeypatch) -> None:
     x = tokens(2, 12, vocab=64, seed=5)
     start = torch.tensor([0, 3], dtype=torch.int32)
     outs = {}
-    settings = [(d, "none") for d in ("none", "norm", "residual", "q_trans", "q_write", "norm,residual,q_trans",
-                                      "norm,residual,q_write")]
+    settings = [(d, "none") for d in ("none", "norm", "residual", "q_trans", "norm,residual,q_trans")]
     settings += [("none", p) for p in ("norm", "residual", "norm,residual")]
     for decode, prefill in settings:
         monkeypatch.setenv("FLATQUANT_DECODE_FUSIONS", decode)
@@ -346,8 +345,7 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
     from flatquant.ops.pack import unpack_int4_triton
 
     kq_mod = importlib.import_module("flatquant.ops.kron_quant")  # the module (flatquant.ops.kron_quant is the op)
-    q_fusion = "q_write" if family == "qwen2" else "q_trans"  # q's K^-T in the K/V write or in attention (opt-in)
-    monkeypatch.setenv("FLATQUANT_DECODE_FUSIONS", f"norm,residual,{q_fusion}")
+    monkeypatch.setenv("FLATQUANT_DECODE_FUSIONS", ",".join(step_mod.DECODE_FUSIONS))  # q_trans too (opt-in)
     monkeypatch.setenv("FLATQUANT_PREFILL_FUSIONS", ",".join(step_mod.PREFILL_FUSIONS))  # opt-in at prefill
     args = _gqa_args(heads, kv_heads, family)
     want_engine = _engine(args, False, cpu_codes=False)
@@ -359,7 +357,7 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
     wants = [want_engine(x[:, :t - 2], c_want)] + [want_engine(x[:, i:i + 1], c_want) for i in steps]  # unpatched
     reduced: list[int] = []
     # fusions seen: decode GEMV epilogue, transform (prefill and decode), attention, prefill W8A8 epilogue
-    fused_in = {"residual": 0, "norm": 0, "q_trans": 0, "q_write": 0, "prefill_residual": 0}
+    fused_in = {"residual": 0, "norm": 0, "q_trans": 0, "prefill_residual": 0}
 
     def kron_multi(x, left, right, clips, n1, bits=4, pack=True, norm=None, eps=0.0):
         fused_in["norm"] += norm is not None
@@ -368,10 +366,6 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
     def w8a8(a, a_scale, w, w_scale, bias, out_dtype, residual=None):
         fused_in["prefill_residual"] += residual is not None
         return w8a8_triton(a, a_scale, w, w_scale, bias, out_dtype, residual)
-
-    def kv_write(*args):
-        fused_in["q_write"] += len(args) > 14 and args[14] is not None
-        return kv_quant_write_triton(*args)
 
     def attention(*args):
         fused_in["q_trans"] += len(args) > 10 and args[10] is not None
@@ -393,7 +387,7 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
         # covered by tests/ops/test_kron_quant.py)
         (kq_mod, "default_variant", lambda t, n1, n2, base=kq_mod.default_variant: "split" if t <= 16
          else base(t, n1, n2)),
-        (cache_mod, "kv_quant_write", kv_write),
+        (cache_mod, "kv_quant_write", kv_quant_write_triton),
         (step_mod, "kv4_decode_attention", attention),
         (lin_mod, "unpacked_prefill", lambda x, cpu_codes: x.shape[0] >= UNPACK_MIN_M),
         (weights_mod, "gemv_counters",
@@ -425,8 +419,7 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
     assert 80 in reduced  # down_proj (K = intermediate = 80) reduced its K split in-kernel, with its counters
     n_layers = len(fast.weights.layers)
     # every decode step: both norms in the q/k/v and gate/up transform kernels (split layout), both residual adds in
-    # the o/down GEMV epilogues, q's K^-T in the attention kernel or the K/V write (as chosen above); the prefill:
+    # the o/down GEMV epilogues, q's K^-T in the attention kernel (every fusion switched on above); the prefill:
     # both norms in the transform kernels (pipelined layout), both residual adds in the W8A8 GEMM's epilogue
-    assert fused_in == {"residual": 4 * n_layers, "norm": 6 * n_layers, "prefill_residual": 2 * n_layers,
-                        "q_trans": 2 * n_layers * (q_fusion == "q_trans"),
-                        "q_write": 2 * n_layers * (q_fusion == "q_write")}, fused_in
+    assert fused_in == {"residual": 4 * n_layers, "norm": 6 * n_layers, "q_trans": 2 * n_layers,
+                        "prefill_residual": 2 * n_layers}, fused_in

@@ -204,51 +204,6 @@ def test_write_opcheck(with_trans: bool) -> None:
     torch.library.opcheck(kv_quant_write, (k, v, trans, k_clip, v_clip, *_caches(b, h, s, d, 0), idx))
 
 
-@pytest.mark.parametrize("case", [WRITE_CASES[0], WRITE_CASES[1], WRITE_CASES[4], WRITE_CASES[6]],
-                         ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}d{c[3]}-{c[9]}")
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_write_with_q_transform(device: str, case: tuple) -> None:
-    """q's per-head transform in the write's launch: ``q_out`` is ``q @ q_trans`` rounded once to q's dtype (the
-    reference, bit for bit, is the 16-bit matmul; the kernel sums its fp32 products in another order, so within one
-    rounding step of it), from a strided q view of the fused projection; the caches are written as without q."""
-    k, v, trans, k_clip, v_clip, idx, kb, vb, s = _write_args(case)
-    b, t, h, d = k.shape
-    g = torch.Generator().manual_seed(7)
-    hq = 2 * h + 1
-    q = (torch.randn(b, t, (hq + 2 * h) * d, generator=g) * 2).to(k.dtype)[..., :hq * d].view(b, t, hq, d)
-    q_trans = torch.linalg.qr(torch.randn(d, d, generator=g))[0].to(k.dtype)
-    want_q = q @ q_trans
-    exact = (q.double() @ q_trans.double()).to(k.dtype)  # the correctly rounded product
-    for write in ((kv_quant_write_triton,) if device == "cpu" else (kv_quant_write_triton, kv_quant_write)):
-        got = _caches(b, h, s, d, 0, device)
-        q_out = torch.full_like(q, 9.0, device=device)
-        write(k.to(device), v.to(device), None if trans is None else trans.to(device), k_clip.to(device),
-              v_clip.to(device), *got, idx.to(device), kb, vb, q.to(device), q_trans.to(device), q_out)
-        plain = _caches(b, h, s, d, 0, device)
-        write(k.to(device), v.to(device), None if trans is None else trans.to(device), k_clip.to(device),
-              v_clip.to(device), *plain, idx.to(device), kb, vb)
-        _assert_caches_equal(got, plain)
-        step = (exact.float().abs() * 2.0**-7).clamp_min(1e-30)  # one 16-bit step (bf16 8 bits, fp16 finer)
-        assert ((q_out.cpu().float() - exact.float()).abs() <= step).all()
-        assert ((q_out.cpu().float() - want_q.float()).abs() <= 2 * step).all()
-    reference = _caches(b, h, s, d, 0)
-    q_ref = torch.empty_like(q)
-    kv_quant_write(k, v, trans, k_clip, v_clip, *reference, idx, kb, vb, q, q_trans, q_ref)  # CPU: the reference
-    assert torch.equal(q_ref, want_q)
-    with pytest.raises(ValueError, match="go together"):
-        kv_quant_write(k, v, trans, k_clip, v_clip, *reference, idx, kb, vb, q, q_trans)
-    with pytest.raises(ValueError, match="q_trans must be"):
-        kv_quant_write(k, v, trans, k_clip, v_clip, *reference, idx, kb, vb, q, q_trans[:-1], q_ref)
-
-
-def test_write_opcheck_with_q() -> None:
-    k, v, trans, k_clip, v_clip, idx, kb, vb, s = _write_args(WRITE_CASES[1])
-    b, t, h, d = k.shape
-    q = torch.randn(b, t, 5, d).to(k.dtype)
-    torch.library.opcheck(kv_quant_write, (k, v, trans, k_clip, v_clip, *_caches(b, h, s, d, 0), idx, kb, vb, q,
-                                           trans, torch.empty_like(q)))
-
-
 def test_write_under_torch_compile_fullgraph() -> None:
     """Traceable (custom op with declared mutations and a fake): the compiled write updates the caller's caches."""
     k, v, trans, k_clip, v_clip, idx, kb, vb, s = _write_args(WRITE_CASES[1])

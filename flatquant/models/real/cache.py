@@ -108,16 +108,12 @@ def write_kv(x: Tensor, trans: Tensor | None, clip: Tensor, spec: QuantSpec, pac
 
 
 def write_kv_packed(k: Tensor, v: Tensor, k_trans: Tensor | None, k_clip: Tensor, v_clip: Tensor, k_bits: int,
-                    v_bits: int, kv: LayerKV, idx: Tensor, q: Tensor | None = None,
-                    q_trans: Tensor | None = None) -> Tensor | None:
+                    v_bits: int, kv: LayerKV, idx: Tensor) -> None:
     """Quantize the new tokens' ``k`` (after ``k @ k_trans``) and ``v``, both ``(B, T, Hkv, d)`` with any strides,
     into the packed caches of ``kv`` at positions ``idx (T,)`` (distinct, ``< max_len``): one
-    ``flatquant::kv_quant_write`` (one kernel launch on CUDA), the same codes as :func:`write_kv` on each side.
-    With ``q`` ``(B, T, H, d)`` and ``q_trans`` ``(d, d)`` the same launch also returns ``q @ q_trans``."""
-    q_out = torch.empty_like(q, memory_format=torch.contiguous_format) if q is not None else None
+    ``flatquant::kv_quant_write`` (one kernel launch on CUDA), the same codes as :func:`write_kv` on each side."""
     kv_quant_write(k, v, k_trans, k_clip, v_clip, kv.k, kv.k_scale, kv.k_zero, kv.v, kv.v_scale, kv.v_zero, idx,
-                   k_bits, v_bits, q, q_trans if q is not None else None, q_out)
-    return q_out
+                   k_bits, v_bits)
 
 
 def read_kv(codes: Tensor, scale: Tensor, zero: Tensor, packed: bool, n: int, dtype: torch.dtype) -> Tensor:

@@ -23,10 +23,9 @@ from .config import RealConfig
 from .linear import FakeLinear, real_linear
 from .weights import RealLayer
 
-DECODE_FUSIONS = ("norm", "residual", "q_trans", "q_write")
+DECODE_FUSIONS = ("norm", "residual", "q_trans")
 """The decode-step fusions: RMSNorm in the q/k/v and gate/up transform kernel (``norm``), the residual adds in the
-o/down GEMV epilogues (``residual``), q's K^-T in the attention kernel (``q_trans``) or in the K/V write kernel's
-launch (``q_write``; ``q_trans`` takes precedence)."""
+o/down GEMV epilogues (``residual``), q's K^-T in the attention kernel (``q_trans``)."""
 
 DEFAULT_DECODE_FUSIONS = ("norm", "residual")
 """Measured on the H200 (LLaMA-3-8B shape, ``bench/results/engine_fusions_h200.json``, one process per setting in
@@ -142,25 +141,20 @@ def attention_step(
     k = apply_rope(k, rope).transpose(1, 2)
     v = v.reshape(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
     kernel_attention = decode and k_packed and v_packed
-    fusions = decode_fusions() if kernel_attention else frozenset()
-    # q's K^{-T} where nothing needs the transformed q before attention: inside the decode attention kernel
-    # (q_trans), or in the K/V write kernel's launch (q_write), else its own product
-    fusable = layer.k_trans_inv_t is not None and not qc.q.enabled
-    q_trans = layer.k_trans_inv_t if fusable and "q_trans" in fusions else None
-    q_write = fusable and q_trans is None and "q_write" in fusions
-    if k_packed and v_packed:  # one fused quantize + write for both sides, from the (B, T, Hkv, d) views
-        q_new = write_kv_packed(k.transpose(1, 2), v.transpose(1, 2), layer.k_trans, layer.k_clip, layer.v_clip,
-                                qc.k.bits, qc.v.bits, kv, idx, q if q_write else None,
-                                layer.k_trans_inv_t if q_write else None)
-        q = q_new if q_new is not None else q
-    else:
-        write_kv(k, layer.k_trans, layer.k_clip, qc.k, k_packed, kv.k, kv.k_scale, kv.k_zero, idx)
-        write_kv(v, None, layer.v_clip, qc.v, v_packed, kv.v, kv.v_scale, kv.v_zero, idx)
-    if layer.k_trans_inv_t is not None and q_trans is None and not q_write:
+    # q's K^{-T}: inside the decode attention kernel when nothing needs the transformed q before it
+    q_trans = (layer.k_trans_inv_t if kernel_attention and not qc.q.enabled and "q_trans" in decode_fusions()
+               else None)
+    if layer.k_trans_inv_t is not None and q_trans is None:
         q = head_transform(q, layer.k_trans_inv_t)
     q = q.transpose(1, 2)
     if qc.q.enabled:
         q = fake_quant(q, qc.q, clip_lo=layer.q_clip[0], clip_hi=layer.q_clip[1])
+    if k_packed and v_packed:  # one fused quantize + write for both sides, from the (B, T, Hkv, d) views
+        write_kv_packed(k.transpose(1, 2), v.transpose(1, 2), layer.k_trans, layer.k_clip, layer.v_clip, qc.k.bits,
+                        qc.v.bits, kv, idx)
+    else:
+        write_kv(k, layer.k_trans, layer.k_clip, qc.k, k_packed, kv.k, kv.k_scale, kv.k_zero, idx)
+        write_kv(v, None, layer.v_clip, qc.v, v_packed, kv.v, kv.v_scale, kv.v_zero, idx)
     scale = 1.0 / math.sqrt(a.head_dim)
     if kernel_attention:
         o = kv4_decode_attention(q[:, :, 0], kv.k, kv.k_scale, kv.k_zero, kv.v, kv.v_scale, kv.v_zero, start,
