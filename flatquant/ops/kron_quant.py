@@ -240,7 +240,9 @@ def _codes_fast(y, scale, QMAX: tl.constexpr, INTERPRET: tl.constexpr):
     (Markstein's theorem; it needs the remainder and q0 in the normal range, hence the scale range test: outside it
     ``div_rn``). INTERPRET: older interpreters round an FMA twice, so it is emulated in fp64 (the remainder is exact
     there; the sum rounds twice only if it lands exactly on an fp32 midpoint) and the integer rounding uses the
-    1.5·2²³ trick instead of ``cvt.rni`` (round half to even either way)."""
+    1.5·2²³ trick instead of ``cvt.rni`` (round half to even either way). Quotients of magnitude 2²⁰ and more
+    (far outside the clamp) keep ``q0``, whose sign is the quotient's: an infinite ``q0`` would otherwise make the
+    correction NaN (a clip factor near 0 can push ``y / scale`` past the fp32 range)."""
     if (scale > 7.9e-31) & (scale < 1.2e30):  # 2^-100 < scale < 2^100
         r = tl.math.div_rn(1.0, scale)
         q0 = y * r
@@ -250,6 +252,7 @@ def _codes_fast(y, scale, QMAX: tl.constexpr, INTERPRET: tl.constexpr):
             v = (q0d + e.to(tl.float64) * r.to(tl.float64)).to(tl.float32)
         else:
             v = tl.fma(tl.fma(-q0, scale, y), r, q0)
+        v = tl.where(tl.abs(q0) < 1048576.0, v, q0)
     else:
         v = tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
     v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
@@ -493,10 +496,10 @@ def kron_quant_triton(
       and an exact FMA correction, see ``_codes_fast``) and rounded by one conversion instruction.
 
     ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``norm``, ``eps``: see :func:`kron_quant_multi`
-    (in the kernel for the whole, chunked and split layouts with a right factor, else a separate RMSNorm first).
-    ``programs`` caps the grid of the looping layouts (default 4 per SM on CUDA); ``block_cols`` (power of two
-    >= 16; default 16 split, 32 chunked) is the column block; ``num_warps`` (default 8 at up to 64 tokens, else 4)
-    and ``num_stages`` are Triton launch options (CUDA only).
+    (in the kernel for the whole, chunked, split and pipelined layouts with a right factor, else a separate RMSNorm
+    first). ``programs`` caps the grid of the looping layouts (default 4 per SM on CUDA); ``block_cols`` (power of
+    two >= 16; default 16 split, 32 chunked) is the column block; ``num_warps`` (default 8 at up to 64 tokens and
+    for the pipelined layouts with ``up``, else 4) and ``num_stages`` are Triton launch options (CUDA only).
     """
     _check(x, left, right, n1, bits, pack)
     _check_up(x, up)
@@ -508,6 +511,8 @@ def kron_quant_triton(
     variant = variant or default_variant(t, n1, n2)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if (variant == "two_pass" or variant in PIPELINED) and (left is None or right is None):
+        variant = "whole"  # one product: nothing to split into passes / the pipelined kernel needs both factors
     if block_cols is not None and (block_cols < 16 or block_cols & (block_cols - 1)):
         raise ValueError(f"block_cols must be a power of two >= 16, got {block_cols}")
     multi = clip.dim() == 2
@@ -538,8 +543,6 @@ def kron_quant_triton(
              "INTERPRET_BF16": cpu and x.dtype == torch.bfloat16}
     up_p = up.contiguous() if up is not None else x
     quant = {"G": g, "GP": next_pow2(g, floor=2), "QMAX": 2 ** (bits - 1) - 1, "PACK": pack}
-    if (variant == "two_pass" or variant in PIPELINED) and (left is None or right is None):
-        variant = "whole"  # one product: nothing to split into passes / the pipelined kernel needs both factors
     if norm is not None and (right is None or variant == "two_pass"):
         x, norm = rms_norm(x, norm, eps).contiguous(), None  # the kernels normalise only whole tokens they load
     nw = norm.contiguous() if norm is not None else x

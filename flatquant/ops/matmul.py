@@ -313,8 +313,8 @@ def _tma_config(tile: TmaTile) -> triton.Config:
                           "FLATTEN": flatten}, num_warps=warps, num_stages=stages, pre_hook=_set_tma_blocks)
 
 
-_w8a8_tma_tuned = triton.autotune(configs=[_tma_config(t) for t in _TMA_TILES], key=["M_BUCKET", "N", "K"])(
-    _w8a8_tma_kernel)
+_w8a8_tma_tuned = triton.autotune(configs=[_tma_config(t) for t in _TMA_TILES],
+                                  key=["M_BUCKET", "N", "K", "HAS_RES"])(_w8a8_tma_kernel)
 
 
 def _tma_grid(m: int, n: int, bm: int, bn: int, persistent: bool, device: torch.device) -> tuple[int]:
@@ -358,7 +358,10 @@ def w8a8_tma_triton(
     cpu = on_cpu(a)
     if cpu or config is not None:
         tile = tuple(config or (32, 32, 64, 4, 2))
-        bm, bn, bk, warps, stages, persistent, flatten = (tile + (False, False))[:7] if len(tile) == 5 else tile
+        if len(tile) not in (5, 7):
+            raise ValueError(f"config must be (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, persistent, flatten]), "
+                             f"got {tile}")
+        bm, bn, bk, warps, stages, persistent, flatten = tile + (False, False) if len(tile) == 5 else tile
         descs = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]))
         kernel = cpu_kernel(_w8a8_tma_kernel) if cpu else _w8a8_tma_kernel
         kernel[_tma_grid(m, n, bm, bn, bool(persistent), a.device)](

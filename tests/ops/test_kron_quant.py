@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -264,6 +266,12 @@ def test_cuda_layouts_model_dims(k: int, left_only: bool, t: int) -> None:
     for variant, cols in layouts:
         got = kron_quant_triton(x, left, right, clips, n1, variant=variant, block_cols=cols)
         _assert_matches_reference(x, left, right, n1, clips, got)
+    # the two pipelined layouts share their tile math and differ only in how the codes are computed (division vs
+    # reciprocal + FMA correction): bit for bit, also with few programs looping over the tokens (prefetch path)
+    for programs in (None, 7):
+        exact = kron_quant_triton(x, left, right, clips, n1, variant="pipelined", programs=programs)
+        fast = kron_quant_triton(x, left, right, clips, n1, variant="pipelined_fastq", programs=programs)
+        assert torch.equal(fast[0], exact[0]) and torch.equal(fast[1], exact[1]), programs
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -290,6 +298,39 @@ def test_fast_codes_at_rounding_ties(device: str, clip_pair: tuple[float, float]
     for variant in ("pipelined", "pipelined_fastq"):
         got = kron_quant_triton(*args, variant=variant)
         assert torch.equal(got[0].cpu(), want) and torch.equal(got[1].cpu(), want_scale), variant
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_fast_codes_near_ties_at_any_scale(device: str) -> None:
+    """The division-free codes at values within two ulps of a rounding tie ``s · (k + ½)`` for scales that are not
+    powers of two (where ``y · RN(1/s)`` alone rounds to the wrong side in about one case in ten): fp32 inputs
+    and identity factors, so ``Y = X`` exactly and the kernel's scale is ``RN(amax / 7)``; the pipelined layout's
+    fast codes equal its division's and the reference's bit for bit. A clip factor near 0 (quotients past the fp32
+    range) gives the division's clamped codes too."""
+    n1, n2, t = 4, 16, 24
+    g = torch.Generator().manual_seed(11)
+    amax = 7.0 * (1.0 + torch.rand(t, generator=g)) * 2.0 ** torch.randint(-6, 6, (t,), generator=g).float()
+    s = amax / 7.0  # fp32: RN(amax / 7), the kernel's scale with an unclipped range
+    k = torch.randint(-8, 7, (t, n1 * n2), generator=g).float() + 0.5
+    y = s[:, None] * k
+    for _ in range(2):  # move up to two ulps either way
+        step = torch.randint(-1, 2, y.shape, generator=g)
+        y = torch.where(step > 0, torch.nextafter(y, torch.tensor(float("inf"))),
+                        torch.where(step < 0, torch.nextafter(y, torch.tensor(float("-inf"))), y))
+    y = y.clamp(-amax[:, None], amax[:, None])
+    y[:, 0] = amax
+    eye1, eye2 = torch.eye(n1), torch.eye(n2)
+    # (the second case: huge tokens with a clip factor near 0, so that the scale stays in the fast path's range
+    # while most quotients overflow fp32)
+    for x, clip in ((y, torch.tensor([1.0, 1.0])), (y * 1e32, torch.tensor([1e-39, 1e-39]))):
+        args = (x.to(device), eye1.to(device), eye2.to(device), clip.to(device), n1, 4, False)
+        with warnings.catch_warnings():  # the interpreter's numpy warns of the overflowing quotients (intended)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            exact = kron_quant_triton(*args, variant="pipelined")
+            fast = kron_quant_triton(*args, variant="pipelined_fastq")
+        assert torch.equal(fast[0].cpu(), exact[0].cpu()) and torch.equal(fast[1].cpu(), exact[1].cpu())
+        want, want_scale = ref.kron_quant_ref(x, eye1, eye2, clip[0], clip[1], n1, 4, False)
+        assert torch.equal(fast[0].cpu(), want) and torch.equal(fast[1].cpu(), want_scale)
 
 
 def test_layout_choice_and_validation() -> None:

@@ -220,3 +220,22 @@ def test_tma_residual_in_the_epilogue(device: str, dtype: torch.dtype, schedule:
             assert torch.allclose(got.cpu().float(), want.float(), rtol=2**-7, atol=1e-6)
     with pytest.raises(ValueError, match="residual must be"):
         w8a8_tma_triton(*dev, None, dtype, config=cfg, residual=res[:, :-1].to(device))
+    with pytest.raises(ValueError, match="config must be"):
+        w8a8_tma_triton(*dev, None, dtype, config=cfg[:6])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("schedule", [(True, False), (True, True)], ids=["persistent", "persistent_flat"])
+def test_cuda_persistent_schedules_loop_over_tiles(schedule: tuple[bool, bool]) -> None:
+    """More output tiles than SMs (288 tiles of 64 x 64), so every persistent program loops over several tiles (and
+    the flattened pipeline runs across tile boundaries): equal to the reference, with and without the residual."""
+    m, n, k = 1024, 1152, 512
+    o = _operands(m, n, k, 5, False, torch.bfloat16)
+    res = torch.randn(m, n, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    dev = [v.cuda() for v in (o["a8"], o["sa"], o["w8"], o["sw"])]
+    cfg = (64, 64, 64, 4, 3) + schedule
+    assert torch.equal(w8a8_tma_triton(*dev, None, torch.bfloat16, config=cfg).cpu(),
+                       w8a8_matmul(o["a8"], o["sa"], o["w8"], o["sw"], None, torch.bfloat16))
+    got = w8a8_tma_triton(*dev, None, torch.bfloat16, config=cfg, residual=res.cuda()).cpu()
+    assert torch.equal(got, w8a8_matmul(o["a8"], o["sa"], o["w8"], o["sw"], None, torch.bfloat16, res))
