@@ -79,6 +79,27 @@ def _load_norm_weight(nw_ptr, n2, i, row_ok, N2P: tl.constexpr):
 
 
 @triton.jit
+def _mma(a, b, F32_DOT: tl.constexpr):
+    """``a @ b`` with fp32 accumulation; F32_DOT: exact fp32 products (see :func:`_y_cols`)."""
+    if F32_DOT:
+        y = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        y = tl.dot(a, b)
+    return y
+
+
+@triton.jit
+def _rounded(y, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """fp32 ``y`` rounded to ``dtype`` (the interpreter truncates fp32 -> bf16, so there the rounding to nearest
+    even goes through the bits and the values stay in fp32)."""
+    if INTERPRET_BF16:
+        out = round_to_bf16_f32(y)
+    else:
+        out = y.to(dtype)
+    return out
+
+
+@triton.jit
 def _y_cols(
     x, x_ptr, u_ptr, lt, r_ptr, t, stride_xt, n1, n2, j0, i, row_ok,
     N2P: tl.constexpr, BJ: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, F32_DOT: tl.constexpr,
@@ -96,25 +117,15 @@ def _y_cols(
     if HAS_RIGHT:
         j = tl.arange(0, N2P)
         r = tl.load(r_ptr + j[:, None] * n2 + jj[None, :], mask=(j < n2)[:, None] & jj_ok[None, :], other=0.0)
-        if F32_DOT:
-            y = tl.dot(x.to(tl.float32), r.to(tl.float32), input_precision="ieee")
-        else:
-            y = tl.dot(x, r)
+        y = _mma(x, r, F32_DOT)
         if HAS_LEFT:
-            if INTERPRET_BF16:
-                # The interpreter truncates fp32 -> bf16; round to nearest even on the bits instead.
-                xb = round_to_bf16_f32(y)
-            else:
-                xb = y.to(x_ptr.dtype.element_ty)
+            xb = _rounded(y, x_ptr.dtype.element_ty, INTERPRET_BF16)
     else:
         xb = _load_act(x_ptr, u_ptr, t * stride_xt + i[:, None] * n2 + jj[None, :], row_ok[:, None] & jj_ok[None, :],
                        HAS_GLU, INTERPRET_BF16)
         y = xb.to(tl.float32)
     if HAS_LEFT:
-        if F32_DOT:
-            y = tl.dot(lt.to(tl.float32), xb.to(tl.float32), input_precision="ieee")
-        else:
-            y = tl.dot(lt, xb)
+        y = _mma(lt, xb, F32_DOT)
     return y
 
 
@@ -295,13 +306,7 @@ def _kron_quant_pipe_kernel(
         x_next = _load_token(x_ptr, u_ptr, nxt, stride_xt, n2, i, row_ok, N2P, HAS_GLU, INTERPRET_BF16)
         if HAS_NORM:
             x = _rms_norm_tile(x, nw, n1 * n2, eps, INTERPRET_BF16)
-        if F32_DOT:
-            z = tl.dot(x.to(tl.float32), r.to(tl.float32), input_precision="ieee")
-            if INTERPRET_BF16:
-                z = round_to_bf16_f32(z)
-            y = tl.dot(lt.to(tl.float32), z.to(x_ptr.dtype.element_ty).to(tl.float32), input_precision="ieee")
-        else:
-            y = tl.dot(lt, tl.dot(x, r).to(x_ptr.dtype.element_ty))
+        y = _mma(lt, _rounded(_mma(x, r, F32_DOT), x_ptr.dtype.element_ty, INTERPRET_BF16), F32_DOT)
         y_hi = tl.maximum(tl.max(tl.max(y, axis=1), axis=0), 0.0)
         y_lo = tl.minimum(tl.min(tl.min(y, axis=1), axis=0), 0.0)
         _quant_cols(y, y_hi, y_lo, clip_lo, clip_hi, gg, q_ptr, s_ptr, t, n2, 0, i, row_ok, stride_qt, stride_qg,
@@ -327,12 +332,7 @@ def _kron_right_kernel(
         mask = (rows < ROWS)[:, None] & col_ok[None, :]
         offs = rows.to(tl.int64)[:, None] * n2 + j[None, :]
         x = _load_act(x_ptr, u_ptr, offs, mask, HAS_GLU, INTERPRET_BF16)
-        if F32_DOT:
-            z = tl.dot(x.to(tl.float32), r.to(tl.float32), input_precision="ieee")
-            if INTERPRET_BF16:
-                z = round_to_bf16_f32(z)
-        else:
-            z = tl.dot(x, r)
+        z = _rounded(_mma(x, r, F32_DOT), z_ptr.dtype.element_ty, INTERPRET_BF16)
         tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
 
 
