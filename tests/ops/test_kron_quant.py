@@ -313,7 +313,7 @@ def test_multi_token_equals_whole(device: str, case: tuple, pack: bool) -> None:
     else:
         _assert_matches_reference(x, left, right, n1, clip, got, pack)
         if tb == 1:
-            fast = kron_quant_triton(*args, variant="pipelined_fastq", programs=programs)
+            fast = kron_quant_triton(*args, variant="pipelined_fastq", programs=programs, num_warps=8)
             assert torch.equal(got[0], fast[0]) and torch.equal(got[1], fast[1])
 
 
