@@ -425,7 +425,8 @@ def _kron_quant_tb_kernel(
     # make one right product with R, and the left product is one 2-D product Lᵀ [Z_0 | … | Z_TB-1] (N1P x TB·N2P,
     # the rounded Z = X R tiles side by side). Both are wgmma on sm_90 (Triton 3.6); the permutations are layout
     # relabellings plus the shared-memory store the left product's operand needs anyway. (A batched 3-D left
-    # product compiles to mma.sync with Lᵀ copied per token and spills 20-30 KB per thread there.)
+    # product with Lᵀ broadcast compiled to mma.sync, rank-3 dots get no wgmma, and spilled 19-32 KB per thread
+    # at 1-4 tokens per block and 4 or 8 warps.)
     # Ranges, scales and codes per token (_quant_tokens).
     # PREFETCH: the next block's loads are issued before this block's products (in registers, as the pipelined
     # layout does); without it the loads are left to the compiler's loop pipelining (cp.async into shared memory
