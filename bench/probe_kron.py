@@ -1,11 +1,15 @@
 """kron_quant kernel layouts side by side on LLaMA-3-8B sizes: ``whole`` (one program holds a token's whole
 transform), ``chunked`` (column blocks parked in an L2-resident workspace) and ``split`` (few tokens: column blocks
-on separate programs + a finishing kernel), with block widths and warp counts, against the HBM floor (read x,
-write the codes). Every layout's codes are compared with ``whole``'s.
+on separate programs + a finishing kernel), with block widths and warp counts, and at prefill the pipelined layouts
+and ``multi_token`` (blocks of 1 / 2 / 4 tokens, register prefetch or cp.async stages, 4 / 8 warps, 1 / 2 / 4
+programs per SM), against the HBM floor (read x, write the codes). Every layout's codes are compared with
+``whole``'s. A configuration that cannot launch (e.g. more shared memory than an SM has) is recorded with its error.
 
 Usage (GPU): ``python bench/probe_kron.py --out bench/results/probe_kron_h200.json`` (about 3 minutes);
 ``--sites`` and ``--variants`` (comma-separated) restrict the sites and layouts, e.g. for the prefill layouts
-``--sites down14336glu,kron14336 --tokens 2048 32768 --variants whole,pipelined,pipelined_fastq``.
+``--sites down14336glu,kron14336 --tokens 2048 32768 --variants whole,pipelined,pipelined_fastq``; the multi-token
+layout against pipelined_fastq (about 3 minutes): ``--sites kron14336,kron11008,down14336glu,kron4096 --tokens 2048
+32768 --variants pipelined_fastq,multi_token``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from env import environment, write_json  # noqa: E402
 from timing import copy_bandwidth, graph_time  # noqa: E402
 
 from flatquant.core.kron import decompose_dim  # noqa: E402
+from flatquant.ops import sm_count  # noqa: E402
 from flatquant.ops.kron_quant import default_variant, kron_quant_triton  # noqa: E402
 
 # (name, K, left only, SwiGLU input): the ln/up_gate transforms (4096), down (14336, also fed gate and up; LLaMA-2's
@@ -29,17 +34,40 @@ SITES = [("kron4096", 4096, False, False), ("kron11008", 11008, False, False), (
          ("down14336glu", 14336, False, True), ("headmix32x128", 4096, True, False)]
 
 
-def configs(m: int) -> list[dict]:
-    """Launch settings to try at ``m`` tokens."""
+# multi_token at prefill: (block_tokens, prefetch, num_stages, num_warps, programs per SM). Offline sm_90 compile
+# (Triton 3.6) at 128 x 128 tiles: 8 warps hold 1-2 tokens per block without (or with little) spilling, one program
+# per SM (>= 211 registers); without prefetch the loads go through cp.async stages in shared memory (3 stages of
+# two tokens exceed an SM's shared memory: 2; with the SwiGLU input 2 do too: recorded as failed). At 64 x 64 tiles
+# (K = 4096, 182-213 registers at 4 warps) two programs fit an SM.
+MULTI_TOKEN_128 = [(1, False, 3, 8, 1), (2, True, 1, 8, 1), (2, True, 1, 8, 4), (2, False, 2, 8, 1),
+                   (4, True, 1, 8, 1), (2, True, 1, 4, 2)]
+MULTI_TOKEN_64 = [(2, True, 1, 4, 2), (4, True, 1, 4, 2), (2, False, 3, 4, 2), (4, True, 1, 8, 1), (4, True, 1, 8, 4)]
+
+
+def configs(m: int, sms: int, small: bool = False) -> list[dict]:
+    """Launch settings to try at ``m`` tokens (``sms``: the device's SM count, for multi_token's grid; ``small``:
+    factor tiles of at most 64 x 64)."""
     out: list[dict] = [{"variant": "whole", "num_warps": w} for w in (4, 8)]
     out += [{"variant": "chunked", "block_cols": b, "num_warps": w} for b in (32, 64) for w in (4, 8)]
     if m > 16:
         out += [{"variant": "two_pass", "num_warps": w} for w in (4, 8)]
     if m > 64:
         out += [{"variant": v, "num_warps": w} for v in ("pipelined", "pipelined_fastq") for w in (4, 8)]
+        out += [{"variant": "multi_token", "block_tokens": tb, "prefetch": pf, "num_stages": st, "num_warps": w,
+                 "programs": per_sm * sms}
+                for tb, pf, st, w, per_sm in (MULTI_TOKEN_64 if small else MULTI_TOKEN_128)]
     if m <= 64:
         out += [{"variant": "split", "block_cols": b, "num_warps": w} for b in (16, 32, 64) for w in (4, 8)]
     return out
+
+
+def _describe(cfg: dict) -> str:
+    """One configuration in a few characters: layout / block / warps (multi_token: tokens per block, prefetch or
+    stages, warps, programs)."""
+    if cfg["variant"] == "multi_token":
+        load = "pf" if cfg["prefetch"] else f"st{cfg['num_stages']}"
+        return f"multi_token/tb{cfg['block_tokens']}/{load}/{cfg['num_warps']}w/p{cfg['programs']}"
+    return f"{cfg['variant']}/{cfg.get('block_cols', '-')}/{cfg['num_warps']}w"
 
 
 def main() -> int:
@@ -56,6 +84,7 @@ def main() -> int:
         ap.error(f"unknown sites {sorted(unknown)}")
     variants = None if a.variants is None else set(a.variants.split(","))
     dev = torch.device("cuda")
+    sms = sm_count(dev)
     bw = copy_bandwidth()
     rows = []
     print(f"# copy bandwidth {bw * 1e-9:.0f} GB/s")
@@ -79,23 +108,31 @@ def main() -> int:
             dflt = default_variant(m, n1, n2)
             t_def = graph_time(lambda: kron_quant_triton(x, left, right, clip, n1, up=up))
             res = []
-            for cfg in configs(m):
+            failed = []
+            for cfg in configs(m, sms, small=max(n1, n2) <= 64):
                 if variants is not None and cfg["variant"] not in variants:
                     continue
-                out = kron_quant_triton(x, left, right, clip, n1, up=up, **cfg)
-                equal = bool(torch.equal(out[0], base[0]) and torch.equal(out[1], base[1]))
-                us = graph_time(lambda cfg=cfg: kron_quant_triton(x, left, right, clip, n1, up=up, **cfg))
+                try:
+                    out = kron_quant_triton(x, left, right, clip, n1, up=up, **cfg)
+                    equal = bool(torch.equal(out[0], base[0]) and torch.equal(out[1], base[1]))
+                    us = graph_time(lambda cfg=cfg: kron_quant_triton(x, left, right, clip, n1, up=up, **cfg))
+                except Exception as e:  # e.g. triton's OutOfResources: recorded, the sweep goes on
+                    failed.append({**cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                    continue
                 res.append({**cfg, "us": us, "equal": equal})
             if not res:
                 continue
             best = min(res, key=lambda r: r["us"])
             rows.append({"site": name, "k": k, "n1": n1, "n2": n2, "m": m, "floor_us": floor, "default": dflt,
-                         "default_us": t_def, "best": best, "all": res})
+                         "default_us": t_def, "best": best, "all": res, "failed": failed})
             whole = min((r["us"] for r in res if r["variant"] == "whole"), default=float("nan"))
             print(f"{name:>14} m={m:>6} | default {dflt:>7} {t_def:9.1f} us | whole {whole:9.1f} | best "
-                  f"{best['variant']}/{best.get('block_cols', '-')}/{best['num_warps']}w {best['us']:9.1f} | "
-                  f"floor {floor:7.1f} ({floor / best['us']:.2f}) | all equal "
-                  f"{all(r['equal'] for r in res)}", flush=True)
+                  f"{_describe(best)} {best['us']:9.1f} | floor {floor:7.1f} ({floor / best['us']:.2f}) | all equal "
+                  f"{all(r['equal'] for r in res)} | failed {len(failed)}", flush=True)
+            for r in sorted(res, key=lambda r: r["us"]):
+                if r["variant"] in ("pipelined_fastq", "multi_token"):
+                    print(f"{'':>16}{_describe(r):<44} {r['us']:9.1f} us ({floor / r['us']:.2f} of floor) equal "
+                          f"{r['equal']}", flush=True)
     write_json(a.out, {"command": " ".join(sys.argv), "env": environment(), "copy_GBps": bw * 1e-9, "rows": rows})
     return 0
 

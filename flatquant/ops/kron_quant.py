@@ -62,12 +62,31 @@ def _rms_norm_tile(x, w, n, eps, INTERPRET_BF16: tl.constexpr):
     Equal to it up to the summation order of the mean (and, on CUDA, torch's approximate rsqrt): a normalised value
     may differ in its last bit, so a code may move by one at a rounding tie."""
     xf = x.to(tl.float32)
-    ms = tl.sum(tl.sum(xf * xf, axis=1), axis=0) / n
-    r = tl.math.div_rn(1.0, tl.math.sqrt_rn(ms + eps))
+    return _rms_scaled(xf, _inv_rms(tl.sum(tl.sum(xf * xf, axis=1), axis=0), n, eps), w, x.dtype, INTERPRET_BF16)
+
+
+@triton.jit
+def _inv_rms(sq_sum, n, eps):
+    """``1 / sqrt(sq_sum / n + eps)``, square root and division correctly rounded (scalar or one per token)."""
+    return tl.math.div_rn(1.0, tl.math.sqrt_rn(sq_sum / n + eps))
+
+
+@triton.jit
+def _rms_scaled(xf, r, w, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """``(xf · r) · w`` in fp32 (``r`` broadcasts against ``xf``), cast once to ``dtype`` (rounded to nearest)."""
     y = (xf * r) * w
     if INTERPRET_BF16:
         y = round_to_bf16_f32(y)
-    return y.to(x.dtype)
+    return y.to(dtype)
+
+
+@triton.jit
+def _rms_norm_tokens(x, w, n, eps, INTERPRET_BF16: tl.constexpr):
+    """:func:`_rms_norm_tile` of each token of a ``(TB, N1P, N2P)`` tile ``x`` (``w``: the ``(N1P, N2P)`` fp32
+    weight tile); the same operations per token."""
+    xf = x.to(tl.float32)
+    r = _inv_rms(tl.sum(tl.sum(xf * xf, axis=2), axis=1), n, eps)
+    return _rms_scaled(xf, r[:, None, None], w[None, :, :], x.dtype, INTERPRET_BF16)
 
 
 @triton.jit
@@ -130,6 +149,45 @@ def _y_cols(
 
 
 @triton.jit
+def _lac_scale(y_hi, y_lo, clip_lo, clip_hi, gg, g: tl.constexpr, QMAX: tl.constexpr):
+    """Scale of clip pair ``g`` for token ranges ``[y_lo, y_hi]`` (scalars, or one per token; they include 0):
+    ``max(-lo, hi) / QMAX`` with ``lo, hi`` the clipped range, 1 for an all-zero token."""
+    hi = y_hi * tl.sum(tl.where(gg == g, clip_hi, 0.0), axis=0)  # exact: one term is not zero
+    lo = y_lo * tl.sum(tl.where(gg == g, clip_lo, 0.0), axis=0)
+    amax = tl.maximum(-lo, hi)
+    return tl.where(amax > 0, tl.math.div_rn(amax, tl.full((), QMAX, tl.float32)), 1.0)
+
+
+@triton.jit
+def _fast_scales(s_min, s_max):
+    """Whether scales in ``[s_min, s_max]`` are in :func:`_codes_fast`'s division-free range (2^-100, 2^100)."""
+    return (s_min > 7.9e-31) & (s_max < 1.2e30)
+
+
+@triton.jit
+def _codes(y, scale, fast_ok, QMAX: tl.constexpr, FAST_Q: tl.constexpr, INTERPRET: tl.constexpr):
+    """``rne(clamp(y / scale, -QMAX - 1, QMAX))`` as int32, the quotient correctly rounded; ``scale`` is a scalar
+    or broadcasts against ``y``. FAST_Q: without a per-element division (:func:`_codes_fast`, the same codes;
+    ``fast_ok``: :func:`_fast_scales` of every scale involved)."""
+    if FAST_Q:
+        q = _codes_fast(y, scale, fast_ok, QMAX, INTERPRET)
+    else:
+        v = tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
+        v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
+        # Round half to even: (v + 1.5·2²³) − 1.5·2²³ in fp32 (exact for the clamped |v| <= QMAX + 1).
+        q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
+    return q
+
+
+@triton.jit
+def _nibbles(pairs):
+    """Packed bytes of int32 codes whose last axis holds (even, odd) element pairs: the even element in the low
+    nibble; the result drops that axis."""
+    lo_q, hi_q = tl.split(pairs)
+    return ((lo_q & 0xF) | ((hi_q & 0xF) << 4)).to(tl.uint8)
+
+
+@triton.jit
 def _quant_cols(
     y, y_hi, y_lo, clip_lo, clip_hi, gg, q_ptr, s_ptr, t, n2, j0, i, row_ok, stride_qt, stride_qg, stride_sg,
     store_scale, N1P: tl.constexpr, BJ: tl.constexpr, G: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
@@ -140,26 +198,15 @@ def _quant_cols(
     Code set g goes to ``q_ptr + g * stride_qg`` (packed: two codes per byte, element 2k in the low nibble), its
     scale to ``s_ptr + g * stride_sg`` if ``store_scale``. FAST_Q: the same codes through :func:`_codes_fast`."""
     for g in tl.static_range(G):
-        hi = y_hi * tl.sum(tl.where(gg == g, clip_hi, 0.0), axis=0)  # exact: one term is not zero
-        lo = y_lo * tl.sum(tl.where(gg == g, clip_lo, 0.0), axis=0)
-        amax = tl.maximum(-lo, hi)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full((), QMAX, tl.float32)), 1.0)
-        if FAST_Q:
-            q = _codes_fast(y, scale, QMAX, INTERPRET)
-        else:
-            v = tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
-            v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
-            # Round half to even: (v + 1.5·2²³) − 1.5·2²³ in fp32 (exact for the clamped |v| <= QMAX + 1).
-            q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
+        scale = _lac_scale(y_hi, y_lo, clip_lo, clip_hi, gg, g, QMAX)
+        q = _codes(y, scale, _fast_scales(scale, scale), QMAX, FAST_Q, INTERPRET)
         tl.store(s_ptr + g * stride_sg + t, scale, mask=store_scale)
         q_base = q_ptr + g * stride_qg + t * stride_qt
         if PACK:
             # Flattened element 2k -> low nibble of byte k; n2 and j0 are even, so pairs never straddle rows.
-            lo_q, hi_q = tl.split(tl.reshape(q, (N1P, BJ // 2, 2)))
-            byte = (lo_q & 0xF) | ((hi_q & 0xF) << 4)
             jh = j0 // 2 + tl.arange(0, BJ // 2)
             half = n2 // 2
-            tl.store(q_base + i[:, None] * half + jh[None, :], byte.to(tl.uint8),
+            tl.store(q_base + i[:, None] * half + jh[None, :], _nibbles(tl.reshape(q, (N1P, BJ // 2, 2))),
                      mask=row_ok[:, None] & (jh < half)[None, :])
         else:
             jj = j0 + tl.arange(0, BJ)
@@ -244,7 +291,7 @@ def _kron_quant_kernel(
 
 
 @triton.jit
-def _codes_fast(y, scale, QMAX: tl.constexpr, INTERPRET: tl.constexpr):
+def _codes_fast(y, scale, fast_ok, QMAX: tl.constexpr, INTERPRET: tl.constexpr):
     """``rne(clamp(y / scale))`` as int32 with the quotient correctly rounded (what ``div_rn`` gives), without a
     per-element division: with ``r = RN(1 / scale)`` and ``q0 = RN(y · r)`` (within one ulp of the quotient), the
     remainder ``y − q0 · scale`` is exact in one FMA and ``RN(q0 + remainder · r)`` is the correctly rounded quotient
@@ -253,8 +300,10 @@ def _codes_fast(y, scale, QMAX: tl.constexpr, INTERPRET: tl.constexpr):
     there; the sum rounds twice only if it lands exactly on an fp32 midpoint) and the integer rounding uses the
     1.5·2²³ trick instead of ``cvt.rni`` (round half to even either way). Quotients of magnitude 2²⁰ and more
     (far outside the clamp) keep ``q0``, whose sign is the quotient's: an infinite ``q0`` would otherwise make the
-    correction NaN (a clip factor near 0 can push ``y / scale`` past the fp32 range)."""
-    if (scale > 7.9e-31) & (scale < 1.2e30):  # 2^-100 < scale < 2^100
+    correction NaN (a clip factor near 0 can push ``y / scale`` past the fp32 range). ``scale``: a scalar or one
+    that broadcasts against ``y`` (one per token); ``fast_ok``: :func:`_fast_scales` of all of them (else every
+    quotient is a division: the same codes)."""
+    if fast_ok:
         r = tl.math.div_rn(1.0, scale)
         q0 = y * r
         if INTERPRET:
@@ -312,6 +361,104 @@ def _kron_quant_pipe_kernel(
         _quant_cols(y, y_hi, y_lo, clip_lo, clip_hi, gg, q_ptr, s_ptr, t, n2, 0, i, row_ok, stride_qt, stride_qg,
                     stride_sg, True, N1P, N2P, G, QMAX, PACK, FAST_Q, INTERPRET)
         x = x_next
+
+
+@triton.jit
+def _load_tokens(x_ptr, u_ptr, t0, T, stride_xt, n1, n2, TB: tl.constexpr, N1P: tl.constexpr, N2P: tl.constexpr,
+                 HAS_GLU: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """Tokens ``[t0, t0 + TB)`` as a ``(TB, N1P, N2P)`` tile of their ``X`` matrices (padding and tokens past
+    ``T``: 0, not read)."""
+    tok = t0 + tl.arange(0, TB).to(tl.int64)
+    i = tl.arange(0, N1P)
+    j = tl.arange(0, N2P)
+    inner = i[:, None] * n2 + j[None, :]
+    ok = (i < n1)[:, None] & (j < n2)[None, :]
+    return _load_act(x_ptr, u_ptr, tok[:, None, None] * stride_xt + inner[None, :, :],
+                     (tok < T)[:, None, None] & ok[None, :, :], HAS_GLU, INTERPRET_BF16)
+
+
+@triton.jit
+def _quant_tokens(
+    y, clip_lo, clip_hi, gg, q_ptr, s_ptr, t0, T, n1, n2, stride_qt, stride_qg, stride_sg,
+    TB: tl.constexpr, N1P: tl.constexpr, N2P: tl.constexpr, G: tl.constexpr, QMAX: tl.constexpr,
+    PACK: tl.constexpr, FAST_Q: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Per-token range, LAC and symmetric codes of the ``(TB, N1P, N2P)`` tile ``y`` (tokens ``[t0, t0 + TB)``,
+    padding 0) for each of the G clip pairs: :func:`_quant_cols` for TB tokens at once (the same codes and
+    scales); tokens past ``T`` are not stored."""
+    tok = t0 + tl.arange(0, TB).to(tl.int64)
+    tok_ok = tok < T
+    y_hi = tl.maximum(tl.max(tl.max(y, axis=2), axis=1), 0.0)
+    y_lo = tl.minimum(tl.min(tl.min(y, axis=2), axis=1), 0.0)
+    i = tl.arange(0, N1P)
+    for g in tl.static_range(G):
+        scale = _lac_scale(y_hi, y_lo, clip_lo, clip_hi, gg, g, QMAX)  # (TB,); 1 for tokens past T
+        fast_ok = _fast_scales(tl.min(scale, axis=0), tl.max(scale, axis=0))
+        q = _codes(y, tl.broadcast_to(scale[:, None, None], (TB, N1P, N2P)), fast_ok, QMAX, FAST_Q, INTERPRET)
+        tl.store(s_ptr + g * stride_sg + tok, scale, mask=tok_ok)
+        q_base = q_ptr + g * stride_qg + tok[:, None, None] * stride_qt
+        if PACK:
+            # Flattened element 2k of a token -> low nibble of its byte k (n2 is even: pairs stay in a row).
+            jh = tl.arange(0, N2P // 2)
+            half = n2 // 2
+            ok = (i < n1)[:, None] & (jh < half)[None, :]
+            tl.store(q_base + (i[:, None] * half + jh[None, :])[None, :, :],
+                     _nibbles(tl.reshape(q, (TB, N1P, N2P // 2, 2))), mask=tok_ok[:, None, None] & ok[None, :, :])
+        else:
+            j = tl.arange(0, N2P)
+            ok = (i < n1)[:, None] & (j < n2)[None, :]
+            tl.store(q_base + (i[:, None] * n2 + j[None, :])[None, :, :], q.to(tl.int8),
+                     mask=tok_ok[:, None, None] & ok[None, :, :])
+
+
+@triton.jit
+def _kron_quant_tb_kernel(
+    x_ptr, u_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr, nw_ptr,
+    T, n1, n2, stride_xt, stride_qt, stride_qg, stride_sg, eps,
+    N1P: tl.constexpr, N2P: tl.constexpr, TB: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    QMAX: tl.constexpr, PACK: tl.constexpr, F32_DOT: tl.constexpr, HAS_GLU: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr, HAS_NORM: tl.constexpr = False, PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = True, INTERPRET: tl.constexpr = False,
+):
+    # The pipelined layout (both factors loaded once per program, division-free codes) over blocks of TB tokens:
+    # program p handles token blocks p, p + P, ... (P programs). The block's X tiles stacked as (TB·N1P, N2P) rows
+    # make one right product with R, and the left product is one 2-D product Lᵀ [Z_0 | … | Z_TB-1] (N1P x TB·N2P,
+    # the rounded Z = X R tiles side by side). Both are wgmma on sm_90 (Triton 3.6); the permutations are layout
+    # relabellings plus the shared-memory store the left product's operand needs anyway. (A batched 3-D left
+    # product with Lᵀ broadcast compiled to mma.sync, rank-3 dots get no wgmma, and spilled 19-32 KB per thread
+    # at 1-4 tokens per block and 4 or 8 warps.)
+    # Ranges, scales and codes per token (_quant_tokens).
+    # PREFETCH: the next block's loads are issued before this block's products (in registers, as the pipelined
+    # layout does); without it the loads are left to the compiler's loop pipelining (cp.async into shared memory
+    # over num_stages: 3 overlaps a load with a whole iteration, 2 issues it at the end of the previous one).
+    i = tl.arange(0, N1P)
+    row_ok = i < n1
+    lt = _load_lt(l_ptr, n1, i, row_ok, x_ptr.dtype.element_ty, N1P, True)
+    j = tl.arange(0, N2P)
+    r = tl.load(r_ptr + j[:, None] * n2 + j[None, :], mask=(j < n2)[:, None] & (j < n2)[None, :], other=0.0)
+    if HAS_NORM:
+        nw = _load_norm_weight(nw_ptr, n2, i, row_ok, N2P)
+    gg, clip_lo, clip_hi = _load_clips(clip_ptr, G, GP)
+    pdl_wait(PDL)
+    step = tl.num_programs(0).to(tl.int64) * TB
+    t_first = tl.program_id(0).to(tl.int64) * TB
+    if PREFETCH:
+        x = _load_tokens(x_ptr, u_ptr, t_first, T, stride_xt, n1, n2, TB, N1P, N2P, HAS_GLU, INTERPRET_BF16)
+    for t0 in range(t_first, T, step):
+        if PREFETCH:
+            x_next = _load_tokens(x_ptr, u_ptr, t0 + step, T, stride_xt, n1, n2, TB, N1P, N2P, HAS_GLU,
+                                  INTERPRET_BF16)  # past the end: all masked
+        else:
+            x = _load_tokens(x_ptr, u_ptr, t0, T, stride_xt, n1, n2, TB, N1P, N2P, HAS_GLU, INTERPRET_BF16)
+        if HAS_NORM:
+            x = _rms_norm_tokens(x, nw, n1 * n2, eps, INTERPRET_BF16)
+        z = _rounded(_mma(tl.reshape(x, (TB * N1P, N2P)), r, F32_DOT), x_ptr.dtype.element_ty, INTERPRET_BF16)
+        zs = tl.reshape(tl.permute(tl.reshape(z, (TB, N1P, N2P)), (1, 0, 2)), (N1P, TB * N2P))
+        y = tl.permute(tl.reshape(_mma(lt, zs, F32_DOT), (N1P, TB, N2P)), (1, 0, 2))
+        _quant_tokens(y, clip_lo, clip_hi, gg, q_ptr, s_ptr, t0, T, n1, n2, stride_qt, stride_qg, stride_sg, TB,
+                      N1P, N2P, G, QMAX, PACK, True, INTERPRET)
+        if PREFETCH:
+            x = x_next
 
 
 @triton.jit
@@ -431,8 +578,8 @@ def grid_programs(device: torch.device) -> int:
     return 4 * sm_count(device)
 
 
-VARIANTS = ("whole", "chunked", "split", "two_pass", "pipelined", "pipelined_fastq")
-PIPELINED = ("pipelined", "pipelined_fastq")
+VARIANTS = ("whole", "chunked", "split", "two_pass", "pipelined", "pipelined_fastq", "multi_token")
+PIPELINED = ("pipelined", "pipelined_fastq", "multi_token")  # need both factors (else whole)
 SPLIT_MAX_T = 16  # tokens up to which large transforms are split across programs (decode)
 SPLIT_MIN_ELEMS = 64 * 128  # padded n1 x n2 from which the split pays for its second launch
 PIPELINE_MIN_T = 128  # tokens from which the pipelined, division-free layout is the default (prefill)
@@ -473,6 +620,8 @@ def kron_quant_triton(
     *,
     norm: Tensor | None = None,  # (n1 * n2,)
     eps: float = 0.0,
+    block_tokens: int = 2,
+    prefetch: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Triton launcher of :func:`kron_quant` / :func:`kron_quant_multi` (interpreter on CPU tensors).
 
@@ -494,18 +643,26 @@ def kron_quant_triton(
       token's loads issued before the current token is transformed and quantized (other factor sets: ``whole``);
     * ``"pipelined_fastq"``: ``pipelined`` with the codes computed without a per-element division (a reciprocal
       and an exact FMA correction, see ``_codes_fast``) and rounded by one conversion instruction.
+    * ``"multi_token"``: ``pipelined_fastq`` over blocks of ``block_tokens`` tokens (a power of two): one right
+      product for the block's stacked ``(block_tokens · n1, n2)`` rows, one left product with the block's ``X R``
+      tiles side by side, per-token ranges and codes; ``prefetch``: the next block is loaded into registers
+      before this block is transformed (else the loads are left to the compiler's pipelining over
+      ``num_stages``, into shared memory).
 
     ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``norm``, ``eps``: see :func:`kron_quant_multi`
-    (in the kernel for the whole, chunked, split and pipelined layouts with a right factor, else a separate RMSNorm
-    first). ``programs`` caps the grid of the looping layouts (default 4 per SM on CUDA); ``block_cols`` (power of
-    two >= 16; default 16 split, 32 chunked) is the column block; ``num_warps`` (default 8 at up to 64 tokens and
-    for the pipelined layouts with ``up``, else 4) and ``num_stages`` are Triton launch options (CUDA only).
+    (in the kernel for the whole, chunked, split, pipelined and multi_token layouts with a right factor, else a
+    separate RMSNorm first). ``programs`` caps the grid of the looping layouts (default 4 per SM on CUDA; for
+    multi_token, programs of ``block_tokens`` tokens each); ``block_cols`` (power of two >= 16; default 16 split, 32
+    chunked) is the column block; ``num_warps`` (default 8 at up to 64 tokens, for multi_token and for the
+    pipelined layouts with ``up``, else 4) and ``num_stages`` are Triton launch options (CUDA only).
     """
     _check(x, left, right, n1, bits, pack)
     _check_up(x, up)
     _check_norm(x, norm, up)
     if programs is not None and programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
+    if block_tokens < 1 or block_tokens & (block_tokens - 1):
+        raise ValueError(f"block_tokens must be a power of two, got {block_tokens}")
     t, n = x.shape
     n2 = n // n1
     variant = variant or default_variant(t, n1, n2)
@@ -535,7 +692,9 @@ def kron_quant_triton(
     # H200 (bench/results/probe_decode_h200.json): 8 warps at a few tokens (K=14336: 18.4 vs 20.6 us at one
     # token), 4 warps with 4 programs per SM at many (K=14336, 32768 tokens: 2.21 vs 3.36 ms); the pipelined
     # layouts (probe_kron_h200_s6.json): 4 warps, but 8 with the SwiGLU input (2048 tokens: 144.9 vs 164.7 us).
-    warps = num_warps or (8 if t <= 64 or (up is not None and variant in PIPELINED) else 4)
+    # multi_token: 8 warps, so that a block's fp32 tiles (block_tokens x 64 KiB at 128 x 128) fit the registers.
+    warps = num_warps or (8 if t <= 64 or (up is not None and variant in PIPELINED) or variant == "multi_token"
+                          else 4)
     extra = launch_options(x.device, t, num_warps=warps, num_stages=num_stages)
     lp, rp = left if left is not None else x, right if right is not None else x
     flags = {"HAS_LEFT": left is not None, "HAS_RIGHT": right is not None,
@@ -568,6 +727,15 @@ def kron_quant_triton(
                         N2P=n2p, BJ=bj, **quant, **extra)
         return codes, scale
     grid = min(t, programs or grid_programs(x.device))
+    if variant == "multi_token":
+        tb_kernel = cpu_kernel(_kron_quant_tb_kernel) if cpu else _kron_quant_tb_kernel
+        tb_kernel[(min(grid, triton.cdiv(t, block_tokens)),)](
+            x, up_p, lp, rp, clips, codes, scale, nw, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
+            float(eps), N1P=n1p, N2P=n2p, TB=block_tokens, F32_DOT=flags["F32_DOT"], HAS_GLU=flags["HAS_GLU"],
+            INTERPRET_BF16=flags["INTERPRET_BF16"], **quant, HAS_NORM=norm is not None, PREFETCH=prefetch,
+            INTERPRET=cpu, **extra,
+        )
+        return codes, scale
     if variant in PIPELINED:
         pipe = cpu_kernel(_kron_quant_pipe_kernel) if cpu else _kron_quant_pipe_kernel
         pipe[(grid,)](

@@ -221,7 +221,7 @@ def test_layouts_give_the_same_codes(device: str, case: tuple, pack: bool) -> No
         x, left, right, *((clip,) if groups > 1 else (clip[0], clip[1])), n1, 4, pack)
     assert torch.allclose(whole[1].cpu(), want_scale, rtol=1e-5, atol=0)
     for variant, cols in (("chunked", 16), ("split", 16), ("split", 32), ("two_pass", None), ("pipelined", None),
-                          ("pipelined_fastq", None), (None, None)):
+                          ("pipelined_fastq", None), ("multi_token", None), (None, None)):
         got = kron_quant_triton(*args, variant=variant, block_cols=cols)
         if device == "cpu":  # exact fp32 products: every layout gives the same bits
             assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1]), (variant, cols)
@@ -266,12 +266,87 @@ def test_cuda_layouts_model_dims(k: int, left_only: bool, t: int) -> None:
     for variant, cols in layouts:
         got = kron_quant_triton(x, left, right, clips, n1, variant=variant, block_cols=cols)
         _assert_matches_reference(x, left, right, n1, clips, got)
+    for tb, prefetch, stages, warps in MULTI_TOKEN_GPU_OPTIONS:
+        got = kron_quant_triton(x, left, right, clips, n1, variant="multi_token", block_tokens=tb, prefetch=prefetch,
+                                num_stages=stages, num_warps=warps, programs=7)
+        _assert_matches_reference(x, left, right, n1, clips, got)
     # the two pipelined layouts share their tile math and differ only in how the codes are computed (division vs
     # reciprocal + FMA correction): bit for bit, also with few programs looping over the tokens (prefetch path)
     for programs in (None, 7):
         exact = kron_quant_triton(x, left, right, clips, n1, variant="pipelined", programs=programs)
         fast = kron_quant_triton(x, left, right, clips, n1, variant="pipelined_fastq", programs=programs)
         assert torch.equal(fast[0], exact[0]) and torch.equal(fast[1], exact[1]), programs
+
+
+MULTI_TOKEN_GPU_OPTIONS = [  # (block_tokens, prefetch, num_stages, num_warps): what bench/probe_kron.py sweeps
+    (1, False, 3, 8), (2, True, 1, 8), (2, False, 2, 8), (4, True, 1, 8), (2, True, 1, 4),
+]
+MULTI_TOKEN_CASES = [  # (tokens, n1, n2, block_tokens, prefetch, clip pairs, programs): n1 = 11 / 14 are
+    # LLaMA's 86 / 112 scaled down (padded to 16 rows), token counts not multiples of the block, looping grids
+    (5, 11, 16, 2, True, 1, None), (7, 14, 16, 4, True, 2, 1), (9, 11, 10, 2, False, 3, 2), (3, 6, 40, 4, False, 1, 3),
+    (6, 14, 24, 1, True, 2, 2), (4, 16, 16, 2, True, 1, 1),
+]
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("case", MULTI_TOKEN_CASES, ids=str)
+@pytest.mark.parametrize("pack", [True, False])
+def test_multi_token_equals_whole(device: str, case: tuple, pack: bool) -> None:
+    """The multi_token layout (blocks of block_tokens tokens: one right product over the stacked rows, one left
+    product over the side-by-side tiles, per-token ranges) gives whole's codes and scales bit for bit under the
+    interpreter, for any block size, prefetch mode, clip pair count and grid (tokens past the end of the last
+    block are neither read nor written); on the GPU the reference's within its tolerance, and the same bits as
+    pipelined_fastq at one token per block."""
+    t, n1, n2, tb, prefetch, groups, programs = case
+    g = torch.Generator().manual_seed(t * 100 + n1)
+    x = (torch.randn(t, n1 * n2, generator=g) * 3).to(torch.bfloat16)
+    x[:, 2] *= 40
+    x[t // 2] = 0  # an all-zero token (scale 1) inside a block
+    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(torch.bfloat16)
+    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(torch.bfloat16)
+    clip = (torch.rand(groups, 2, generator=g) * 0.5 + 0.5) if groups > 1 else torch.tensor([0.9, 0.95])
+    args = (x.to(device), left.to(device), right.to(device), clip.to(device), n1, 4, pack)
+    whole = kron_quant_triton(*args, variant="whole")
+    got = kron_quant_triton(*args, variant="multi_token", block_tokens=tb, prefetch=prefetch, programs=programs)
+    if device == "cpu":
+        assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])
+    else:
+        _assert_matches_reference(x, left, right, n1, clip, got, pack)
+        if tb == 1:
+            fast = kron_quant_triton(*args, variant="pipelined_fastq", programs=programs, num_warps=8)
+            assert torch.equal(got[0], fast[0]) and torch.equal(got[1], fast[1])
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_multi_token_division_fallback_per_block(device: str) -> None:
+    """A block whose tokens' scales are not all in the division-free range (here a token of magnitude ~1e-35, scale
+    below 2^-100, next to ordinary ones) computes all its codes by division: the same codes and scales as whole's
+    (which decides per token) and the reference's. fp32 input with identity factors, so Y = X exactly."""
+    n1, n2, t = 4, 16, 6
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(t, n1 * n2, generator=g)
+    x[1] *= 1e-35
+    x[4] *= 1e-36
+    eye1, eye2 = torch.eye(n1), torch.eye(n2)
+    clip = torch.tensor([0.9, 0.95])
+    args = (x.to(device), eye1.to(device), eye2.to(device), clip.to(device), n1, 4, False)
+    whole = kron_quant_triton(*args, variant="whole")
+    want, want_scale = ref.kron_quant_ref(x, eye1, eye2, clip[0], clip[1], n1, 4, False)
+    assert torch.equal(whole[0].cpu(), want) and torch.equal(whole[1].cpu(), want_scale)
+    for tb in (2, 4):
+        got = kron_quant_triton(*args, variant="multi_token", block_tokens=tb, programs=1)
+        assert torch.equal(got[0].cpu(), want) and torch.equal(got[1].cpu(), want_scale), tb
+
+
+def test_multi_token_options() -> None:
+    """block_tokens must be a power of two; without both factors the layout falls back to whole."""
+    x = torch.randn(3, 6 * 10, dtype=torch.bfloat16)
+    right = torch.linalg.qr(torch.randn(10, 10))[0].to(torch.bfloat16)
+    with pytest.raises(ValueError, match="block_tokens"):
+        kron_quant_triton(x, None, right, torch.ones(2), 6, variant="multi_token", block_tokens=3)
+    got = kron_quant_triton(x, None, right, torch.tensor([0.9, 0.95]), 6, variant="multi_token")
+    whole = kron_quant_triton(x, None, right, torch.tensor([0.9, 0.95]), 6, variant="whole")
+    assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -295,7 +370,7 @@ def test_fast_codes_at_rounding_ties(device: str, clip_pair: tuple[float, float]
     whole = kron_quant_triton(*args, variant="whole")
     want, want_scale = ref.kron_quant_ref(x, eye1, eye2, clip[0], clip[1], n1, 4, False)
     assert torch.equal(whole[0].cpu(), want) and torch.equal(whole[1].cpu(), want_scale)
-    for variant in ("pipelined", "pipelined_fastq"):
+    for variant in ("pipelined", "pipelined_fastq", "multi_token"):
         got = kron_quant_triton(*args, variant=variant)
         assert torch.equal(got[0].cpu(), want) and torch.equal(got[1].cpu(), want_scale), variant
 
@@ -328,7 +403,9 @@ def test_fast_codes_near_ties_at_any_scale(device: str) -> None:
             warnings.simplefilter("ignore", RuntimeWarning)
             exact = kron_quant_triton(*args, variant="pipelined")
             fast = kron_quant_triton(*args, variant="pipelined_fastq")
+            block = kron_quant_triton(*args, variant="multi_token", block_tokens=4)
         assert torch.equal(fast[0].cpu(), exact[0].cpu()) and torch.equal(fast[1].cpu(), exact[1].cpu())
+        assert torch.equal(block[0].cpu(), exact[0].cpu()) and torch.equal(block[1].cpu(), exact[1].cpu())
         want, want_scale = ref.kron_quant_ref(x, eye1, eye2, clip[0], clip[1], n1, 4, False)
         assert torch.equal(fast[0].cpu(), want) and torch.equal(fast[1].cpu(), want_scale)
 
@@ -348,7 +425,7 @@ def test_layout_choice_and_validation() -> None:
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("variant", ["whole", "chunked", "split", "two_pass", "pipelined_fastq"])
+@pytest.mark.parametrize("variant", ["whole", "chunked", "split", "two_pass", "pipelined_fastq", "multi_token"])
 @pytest.mark.parametrize("with_left,with_right", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_glu_input(device: str, variant: str, with_left: bool, with_right: bool, dtype: torch.dtype) -> None:
@@ -387,7 +464,7 @@ def test_glu_opcheck() -> None:
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("variant", ["whole", "chunked", "split", "two_pass", "pipelined_fastq"])
+@pytest.mark.parametrize("variant", ["whole", "chunked", "split", "two_pass", "pipelined_fastq", "multi_token"])
 @pytest.mark.parametrize("with_left", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_norm_input(device: str, variant: str, with_left: bool, dtype: torch.dtype) -> None:
