@@ -159,9 +159,13 @@ def _lac_scale(y_hi, y_lo, clip_lo, clip_hi, gg, g: tl.constexpr, QMAX: tl.const
 
 
 @triton.jit
-def _fast_scales(s_min, s_max):
-    """Whether scales in ``[s_min, s_max]`` are in :func:`_codes_fast`'s division-free range (2^-100, 2^100)."""
-    return (s_min > 7.9e-31) & (s_max < 1.2e30)
+def _fast_scales(scale, ymax):
+    """Whether :func:`_codes_fast` may skip the division for a token of scale ``scale`` whose largest magnitude is
+    ``ymax`` (elementwise for tensors): the scale in (2^-100, 2^100), and every quotient below 2^20 in magnitude, so
+    that ``y · RN(1 / scale)`` cannot overflow (a clip factor near 0 with huge tokens can push ``y / scale`` past the
+    fp32 range, and an infinite first quotient makes the FMA correction NaN). One test per token instead of one
+    compare-and-select per element."""
+    return (scale > 7.9e-31) & (scale < 1.2e30) & (ymax < 1048576.0 * scale)
 
 
 @triton.jit
@@ -199,7 +203,7 @@ def _quant_cols(
     scale to ``s_ptr + g * stride_sg`` if ``store_scale``. FAST_Q: the same codes through :func:`_codes_fast`."""
     for g in tl.static_range(G):
         scale = _lac_scale(y_hi, y_lo, clip_lo, clip_hi, gg, g, QMAX)
-        q = _codes(y, scale, _fast_scales(scale, scale), QMAX, FAST_Q, INTERPRET)
+        q = _codes(y, scale, _fast_scales(scale, tl.maximum(y_hi, -y_lo)), QMAX, FAST_Q, INTERPRET)
         tl.store(s_ptr + g * stride_sg + t, scale, mask=store_scale)
         q_base = q_ptr + g * stride_qg + t * stride_qt
         if PACK:
@@ -298,9 +302,7 @@ def _codes_fast(y, scale, fast_ok, QMAX: tl.constexpr, INTERPRET: tl.constexpr):
     (Markstein's theorem; it needs the remainder and q0 in the normal range, hence the scale range test: outside it
     ``div_rn``). INTERPRET: older interpreters round an FMA twice, so it is emulated in fp64 (the remainder is exact
     there; the sum rounds twice only if it lands exactly on an fp32 midpoint) and the integer rounding uses the
-    1.5·2²³ trick instead of ``cvt.rni`` (round half to even either way). Quotients of magnitude 2²⁰ and more
-    (far outside the clamp) keep ``q0``, whose sign is the quotient's: an infinite ``q0`` would otherwise make the
-    correction NaN (a clip factor near 0 can push ``y / scale`` past the fp32 range). ``scale``: a scalar or one
+    1.5·2²³ trick instead of ``cvt.rni`` (round half to even either way). ``scale``: a scalar or one
     that broadcasts against ``y`` (one per token); ``fast_ok``: :func:`_fast_scales` of all of them (else every
     quotient is a division: the same codes)."""
     if fast_ok:
@@ -312,7 +314,6 @@ def _codes_fast(y, scale, fast_ok, QMAX: tl.constexpr, INTERPRET: tl.constexpr):
             v = (q0d + e.to(tl.float64) * r.to(tl.float64)).to(tl.float32)
         else:
             v = tl.fma(tl.fma(-q0, scale, y), r, q0)
-        v = tl.where(tl.abs(q0) < 1048576.0, v, q0)
     else:
         v = tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
     v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
@@ -393,7 +394,7 @@ def _quant_tokens(
     i = tl.arange(0, N1P)
     for g in tl.static_range(G):
         scale = _lac_scale(y_hi, y_lo, clip_lo, clip_hi, gg, g, QMAX)  # (TB,); 1 for tokens past T
-        fast_ok = _fast_scales(tl.min(scale, axis=0), tl.max(scale, axis=0))
+        fast_ok = tl.min(_fast_scales(scale, tl.maximum(y_hi, -y_lo)).to(tl.int32), axis=0) > 0
         q = _codes(y, tl.broadcast_to(scale[:, None, None], (TB, N1P, N2P)), fast_ok, QMAX, FAST_Q, INTERPRET)
         tl.store(s_ptr + g * stride_sg + tok, scale, mask=tok_ok)
         q_base = q_ptr + g * stride_qg + tok[:, None, None] * stride_qt
