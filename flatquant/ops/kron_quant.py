@@ -583,7 +583,12 @@ VARIANTS = ("whole", "chunked", "split", "two_pass", "pipelined", "pipelined_fas
 PIPELINED = ("pipelined", "pipelined_fastq", "multi_token")  # need both factors (else whole)
 SPLIT_MAX_T = 16  # tokens up to which large transforms are split across programs (decode)
 SPLIT_MIN_ELEMS = 64 * 128  # padded n1 x n2 from which the split pays for its second launch
-PIPELINE_MIN_T = 128  # tokens from which the pipelined, division-free layout is the default (prefill)
+PIPELINE_MIN_T = 128  # tokens from which the pipelined, division-free layouts are the default (prefill)
+MULTI_TOKEN_MIN_ELEMS = 128 * 128  # padded n1 x n2 from which multi_token is the prefill default (else pipelined_fastq)
+# multi_token's default launch (H200, bench/results/probe_kron_h200_s7.json): one token per block, loads left to a
+# 3-stage cp.async pipeline (no register prefetch), 8 warps, one program per SM; larger blocks hit the 255-register
+# cap and were slower (K=14336, 2048 tokens: 75.7 us with 2 tokens, 176.6 with 4, against 61.0).
+MULTI_TOKEN_BLOCK, MULTI_TOKEN_STAGES, MULTI_TOKEN_PROGRAMS_PER_SM = 1, 3, 1
 
 
 def default_variant(t: int, n1: int, n2: int) -> str:
@@ -595,12 +600,15 @@ def default_variant(t: int, n1: int, n2: int) -> str:
     pipelined_fastq (bench/results/probe_kron_h200_s6.json; the same codes as whole at every size): at 2048 /
     32768 tokens 66.9 / 883 us against whole's 152.8 / 2384 for the 14336 transform, 144.9 / 1971 against
     207.3 / 3273 with down_proj's SwiGLU input, 13.2 / 170 against 17.7 / 252 at K = 4096. (Between 17 and
-    ``PIPELINE_MIN_T`` tokens it was not measured: whole.)
+    ``PIPELINE_MIN_T`` tokens it was not measured: whole.) From ``MULTI_TOKEN_MIN_ELEMS`` padded elements,
+    multi_token with its default launch (bench/results/probe_kron_h200_s7.json, side by side with
+    pipelined_fastq; codes equal whole's): 2048 / 32768 tokens 61.0 / 861 us against 65.8 / 879 for the 14336
+    transform, 98.4 / 1435 against 144.9 / 1969 with the SwiGLU input, 60.2 / 873 against 69.9 / 855 at 11008.
     """
     if t <= SPLIT_MAX_T and next_pow2(n1) * next_pow2(n2) >= SPLIT_MIN_ELEMS:
         return "split"
     if t >= PIPELINE_MIN_T and n1 > 1 and n2 > 1:
-        return "pipelined_fastq"
+        return "multi_token" if next_pow2(n1) * next_pow2(n2) >= MULTI_TOKEN_MIN_ELEMS else "pipelined_fastq"
     return "whole"
 
 
@@ -615,14 +623,14 @@ def kron_quant_triton(
     up: Tensor | None = None,  # (T, n1 * n2) x.dtype
     programs: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 1,
+    num_stages: int | None = None,
     variant: str | None = None,
     block_cols: int | None = None,
     *,
     norm: Tensor | None = None,  # (n1 * n2,)
     eps: float = 0.0,
-    block_tokens: int = 2,
-    prefetch: bool = True,
+    block_tokens: int | None = None,
+    prefetch: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Triton launcher of :func:`kron_quant` / :func:`kron_quant_multi` (interpreter on CPU tensors).
 
@@ -648,21 +656,23 @@ def kron_quant_triton(
       product for the block's stacked ``(block_tokens · n1, n2)`` rows, one left product with the block's ``X R``
       tiles side by side, per-token ranges and codes; ``prefetch``: the next block is loaded into registers
       before this block is transformed (else the loads are left to the compiler's pipelining over
-      ``num_stages``, into shared memory).
+      ``num_stages``, into shared memory); left as ``None``: one token per block,
+      no register prefetch, 3 stages, one program per SM (measured best, see :func:`default_variant`).
 
     ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``norm``, ``eps``: see :func:`kron_quant_multi`
     (in the kernel for the whole, chunked, split, pipelined and multi_token layouts with a right factor, else a
     separate RMSNorm first). ``programs`` caps the grid of the looping layouts (default 4 per SM on CUDA; for
     multi_token, programs of ``block_tokens`` tokens each); ``block_cols`` (power of two >= 16; default 16 split, 32
     chunked) is the column block; ``num_warps`` (default 8 at up to 64 tokens, for multi_token and for the
-    pipelined layouts with ``up``, else 4) and ``num_stages`` are Triton launch options (CUDA only).
+    pipelined layouts with ``up``, else 4) and ``num_stages`` (default 1, multi_token's see above) are Triton launch
+    options (CUDA only).
     """
     _check(x, left, right, n1, bits, pack)
     _check_up(x, up)
     _check_norm(x, norm, up)
     if programs is not None and programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
-    if block_tokens < 1 or block_tokens & (block_tokens - 1):
+    if block_tokens is not None and (block_tokens < 1 or block_tokens & (block_tokens - 1)):
         raise ValueError(f"block_tokens must be a power of two, got {block_tokens}")
     t, n = x.shape
     n2 = n // n1
@@ -673,6 +683,13 @@ def kron_quant_triton(
         variant = "whole"  # one product: nothing to split into passes / the pipelined kernel needs both factors
     if block_cols is not None and (block_cols < 16 or block_cols & (block_cols - 1)):
         raise ValueError(f"block_cols must be a power of two >= 16, got {block_cols}")
+    if variant == "multi_token":
+        block_tokens = block_tokens or MULTI_TOKEN_BLOCK
+        prefetch = False if prefetch is None else prefetch
+        num_stages = num_stages or (1 if prefetch else MULTI_TOKEN_STAGES)
+        if programs is None and x.device.type == "cuda":
+            programs = MULTI_TOKEN_PROGRAMS_PER_SM * sm_count(x.device)
+    num_stages = num_stages or 1
     multi = clip.dim() == 2
     clips = clip.float().reshape(-1, 2).contiguous()
     g = clips.shape[0]
