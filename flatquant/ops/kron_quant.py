@@ -227,6 +227,18 @@ def _load_lt(l_ptr, n1, i, row_ok, x_dtype: tl.constexpr, N1P: tl.constexpr, HAS
 
 
 @triton.jit
+def _load_factors(l_ptr, r_ptr, n1, n2, x_dtype: tl.constexpr, N1P: tl.constexpr, N2P: tl.constexpr):
+    """For the layouts that load both factors once per program: the left side's index vector and row mask, Lᵀ
+    ``(N1P, N1P)`` and R ``(N2P, N2P)``, zero-padded."""
+    i = tl.arange(0, N1P)
+    row_ok = i < n1
+    lt = _load_lt(l_ptr, n1, i, row_ok, x_dtype, N1P, True)
+    j = tl.arange(0, N2P)
+    r = tl.load(r_ptr + j[:, None] * n2 + j[None, :], mask=(j < n2)[:, None] & (j < n2)[None, :], other=0.0)
+    return i, row_ok, lt, r
+
+
+@triton.jit
 def _load_clips(clip_ptr, G: tl.constexpr, GP: tl.constexpr):
     """The G clip pairs as ``(GP,)`` lo / hi vectors, and their index vector."""
     gg = tl.arange(0, GP)
@@ -338,11 +350,7 @@ def _kron_quant_pipe_kernel(
     # token are issued before the current token's products, clip and quantization, so that its HBM latency
     # overlaps them instead of starting each token's chain. The same tile math as _kron_quant_kernel (whole).
     # FAST_Q: the codes without a per-element division (_codes_fast, the same codes); INTERPRET: the interpreter.
-    i = tl.arange(0, N1P)
-    row_ok = i < n1
-    lt = _load_lt(l_ptr, n1, i, row_ok, x_ptr.dtype.element_ty, N1P, True)
-    j = tl.arange(0, N2P)
-    r = tl.load(r_ptr + j[:, None] * n2 + j[None, :], mask=(j < n2)[:, None] & (j < n2)[None, :], other=0.0)
+    i, row_ok, lt, r = _load_factors(l_ptr, r_ptr, n1, n2, x_ptr.dtype.element_ty, N1P, N2P)
     if HAS_NORM:
         nw = _load_norm_weight(nw_ptr, n2, i, row_ok, N2P)
     gg, clip_lo, clip_hi = _load_clips(clip_ptr, G, GP)
@@ -432,11 +440,7 @@ def _kron_quant_tb_kernel(
     # PREFETCH: the next block's loads are issued before this block's products (in registers, as the pipelined
     # layout does); without it the loads are left to the compiler's loop pipelining (cp.async into shared memory
     # over num_stages: 3 overlaps a load with a whole iteration, 2 issues it at the end of the previous one).
-    i = tl.arange(0, N1P)
-    row_ok = i < n1
-    lt = _load_lt(l_ptr, n1, i, row_ok, x_ptr.dtype.element_ty, N1P, True)
-    j = tl.arange(0, N2P)
-    r = tl.load(r_ptr + j[:, None] * n2 + j[None, :], mask=(j < n2)[:, None] & (j < n2)[None, :], other=0.0)
+    i, row_ok, lt, r = _load_factors(l_ptr, r_ptr, n1, n2, x_ptr.dtype.element_ty, N1P, N2P)
     if HAS_NORM:
         nw = _load_norm_weight(nw_ptr, n2, i, row_ok, N2P)
     gg, clip_lo, clip_hi = _load_clips(clip_ptr, G, GP)
