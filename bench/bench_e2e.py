@@ -48,7 +48,8 @@ of several runs on one machine (e.g. engines split across calls) and recomputes 
 
 Accuracy (``--ppl-transforms DIR``, e.g. ``bench/results/transforms_smollm2_w4a4kv4_4ep``): exports the
 checkpoint to a temporary folder and compares the real-path PPL (Triton ops on CUDA, reference ops on CPU) with
-the fake-path PPL on the first ``--ppl-windows`` windows of the held-out corpus. ``--ppl-paths`` picks the paths
+the fake-path PPL on the first ``--ppl-windows`` windows of the held-out corpus (each path's per-window mean NLL is
+kept as ``*_window_nll``). ``--ppl-paths`` picks the paths
 (default ``fake,real``); ``perturbed`` adds the fake path with its input embeddings × (1 + ``--ppl-perturb``,
 default 1e-6): the spread that 4-bit codes at rounding ties give the fake path itself, against which a real-vs-fake
 gap is judged (docs/real.md).
@@ -566,14 +567,17 @@ def ppl(a: argparse.Namespace, device: torch.device) -> dict:
             name = str(dt).removeprefix("torch.")
             if "fake" in paths:
                 t0 = time.time()
-                out[f"fake_{name}"] = math.exp(fake_nlls(fake.to(dtype=dt), windows, qcfg, device=device).mean().item())
+                nll = fake_nlls(fake.to(dtype=dt), windows, qcfg, device=device)
+                out[f"fake_{name}"] = math.exp(nll.mean().item())
                 out[f"fake_{name}_s"] = time.time() - t0
+                out[f"fake_{name}_window_nll"] = nll.tolist()
             if "perturbed" in paths:  # input embeddings only (a tied LM head keeps the unscaled tensor)
                 bumped = replace(fake, top={**fake.top, "embed": fake.top["embed"] * (1 + a.ppl_perturb)})
                 t0 = time.time()
-                out[f"fake_perturbed_{name}"] = math.exp(
-                    fake_nlls(bumped.to(dtype=dt), windows, qcfg, device=device).mean().item())
+                nll = fake_nlls(bumped.to(dtype=dt), windows, qcfg, device=device)
+                out[f"fake_perturbed_{name}"] = math.exp(nll.mean().item())
                 out[f"fake_perturbed_{name}_s"] = time.time() - t0
+                out[f"fake_perturbed_{name}_window_nll"] = nll.tolist()
                 out["perturb"] = a.ppl_perturb
                 if "fake" in paths:
                     ratio = out[f"fake_perturbed_{name}"] / out[f"fake_{name}"]
@@ -584,8 +588,10 @@ def ppl(a: argparse.Namespace, device: torch.device) -> dict:
             try:
                 real = load_checkpoint(Path(tmp) / "ck", device, dtype=dt)
                 t0 = time.time()
-                out[f"real_{name}"] = math.exp(window_nlls(real, windows).mean().item())
+                nll = window_nlls(real, windows)
+                out[f"real_{name}"] = math.exp(nll.mean().item())
                 out[f"real_{name}_s"] = time.time() - t0
+                out[f"real_{name}_window_nll"] = nll.tolist()
                 if "fake" in paths:
                     out[f"real_vs_fake_{name}_pct"] = 100 * (out[f"real_{name}"] / out[f"fake_{name}"] - 1)
                 del real

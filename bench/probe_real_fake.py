@@ -11,6 +11,9 @@ paths: the fake ``layer_forward`` and the real engine's ``layer_step`` (prefill 
   transformed input, the real engine's ``kron_quant`` codes): ``flips`` (codes that differ), ``max_step`` (largest
   difference, 1 for rounding ties) and ``n``. q/k/v see identical inputs; later linears see inputs that already
   carry the attention's differences.
+* ``kv_flips``: K and V cache entries (after RoPE and the K transform, 4-bit asymmetric per token and KV head)
+  whose dequantized values on the two paths differ by more than half a quantization step (the real engine's
+  packed cache against the fake quantizer on the fake path's own k/v projections).
 
     PYTHONPATH=. python bench/probe_real_fake.py --model runs/smollm2-135m-qwen2 \\
         --transforms runs/cal_qwen2_16x512_1ep --tokens 2048 --out bench/results/probe/real_fake_qwen2.json
@@ -34,13 +37,15 @@ from env import environment, write_json  # noqa: E402
 import flatquant.models.real.linear as real_linear_mod  # noqa: E402
 from flatquant.api import from_transforms  # noqa: E402
 from flatquant.core.clip import clip_factor  # noqa: E402
+from flatquant.core.kron import head_transform  # noqa: E402
 from flatquant.core.quant import quantize  # noqa: E402
 from flatquant.core.spec import QuantSpec  # noqa: E402
 from flatquant.data import eval_windows, tokenize_corpus  # noqa: E402
 from flatquant.io import load_transforms  # noqa: E402
 from flatquant.models.hf import load  # noqa: E402
-from flatquant.models.layer import Params, layer_forward, linear  # noqa: E402
+from flatquant.models.layer import Params, Rope, apply_rope, layer_forward, linear, qk_pre_rope  # noqa: E402
 from flatquant.models.model import embed, rope_for  # noqa: E402
+from flatquant.models.real.cache import read_kv  # noqa: E402
 from flatquant.models.real.checkpoint import export_checkpoint, load_checkpoint  # noqa: E402
 from flatquant.models.real.step import layer_step, rope_at  # noqa: E402
 from flatquant.models.sites import FUSED_GROUPS  # noqa: E402
@@ -76,6 +81,25 @@ def real_site_codes(calls: list[Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def fake_kv(p: Params, outs: dict[str, Tensor], rope: Rope, args, qcfg) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{"k"|"v": (dequantized (1, Hkv, T, d), step (1, Hkv, T, 1))}`` of the fake attention's KV quantizers,
+    recomputed from its q/k/v projection outputs ``outs`` as :func:`flatquant.models.layer.attention` does."""
+    b, t = outs["k_proj"].shape[:2]
+    q = outs["q_proj"].view(b, t, args.n_heads, args.head_dim)
+    k = outs["k_proj"].view(b, t, args.n_kv_heads, args.head_dim)
+    _, k = qk_pre_rope(q, k, p, args)
+    k = apply_rope(k.transpose(1, 2), rope)
+    if "k_trans" in p:
+        k = head_transform(k, p["k_trans"])
+    v = outs["v_proj"].view(b, t, args.n_kv_heads, args.head_dim).transpose(1, 2)
+    out = {}
+    for name, x, spec in (("k", k, qcfg.k), ("v", v, qcfg.v)):
+        lo, hi = (clip_factor(p.get(f"{name}_cache.lac.{e}")) for e in ("lo", "hi"))
+        codes, scale, zero = quantize(x, spec, clip_lo=lo, clip_hi=hi)
+        out[name] = ((codes.float() - zero) * scale, scale)
+    return out
+
+
 def probe(model: str, transforms: Path, window: int, tokens: int) -> dict:
     """The per-layer figures of the module docstring for one window."""
     weights, tok = load(model)
@@ -89,11 +113,13 @@ def probe(model: str, transforms: Path, window: int, tokens: int) -> dict:
     real_linear_mod.kron_quant = rec.wrap(orig[0], multi=False)  # type: ignore[assignment]
     real_linear_mod.kron_quant_multi = rec.wrap(orig[1], multi=True)  # type: ignore[assignment]
     fake_codes: dict[str, Tensor] = {}
+    fake_outs: dict[str, Tensor] = {}
 
     def recording_linear(p: Params, name: str, x: Tensor, spec: QuantSpec) -> Tensor:
         lo, hi = (clip_factor(p.get(f"{name}.lac.{k}")) for k in ("lo", "hi"))
         fake_codes[name] = quantize(x, spec, clip_lo=lo, clip_hi=hi)[0].reshape(-1, x.shape[-1])
-        return linear(p, name, x, spec)
+        fake_outs[name] = linear(p, name, x, spec)
+        return fake_outs[name]
 
     layers = []
     try:
@@ -124,15 +150,24 @@ def probe(model: str, transforms: Path, window: int, tokens: int) -> dict:
                     d = (rc.float() - fake_codes[name]).abs()
                     row["linears"][name] = {"flips": int((d > 0).sum()), "max_step": float(d.max()),
                                             "n": int(d.numel())}
+                if cache.k_packed and cache.v_packed:
+                    kv = cache.layers[i]
+                    real_kv = {"k": read_kv(kv.k, kv.k_scale, kv.k_zero, True, t, torch.float32),
+                               "v": read_kv(kv.v, kv.v_scale, kv.v_zero, True, t, torch.float32)}
+                    row["kv_flips"] = {n: int(((real_kv[n] - deq).abs() > 0.5 * step).sum())
+                                       for n, (deq, step) in fake_kv(fake.layers[i], fake_outs, rope, args,
+                                                                     qcfg).items()}
+                    row["kv_n"] = int(real_kv["k"].numel())
                 layers.append(row)
-                log.info("layer %d: rel %.3g, tokens off %.4f, flips %s", i, row["rel"], row["tok_frac"],
-                         {n: v["flips"] for n, v in row["linears"].items()})
+                log.info("layer %d: rel %.3g, tokens off %.4f, flips %s, KV %s", i, row["rel"], row["tok_frac"],
+                         {n: v["flips"] for n, v in row["linears"].items()}, row.get("kv_flips"))
                 x = y_f
     finally:
         real_linear_mod.kron_quant, real_linear_mod.kron_quant_multi = orig  # type: ignore[assignment]
     total = {n: sum(r["linears"][n]["flips"] for r in layers) for n in layers[0]["linears"]}
+    total.update({f"{n}_cache": sum(r.get("kv_flips", {}).get(n, 0) for r in layers) for n in ("k", "v")})
     return {"model": model, "transforms": str(transforms), "window": window, "tokens": tokens, "bits": qcfg.tag,
-            "flips_total": total, "codes_per_linear_layer": {n: layers[0]["linears"][n]["n"] for n in total},
+            "flips_total": total, "codes_per_linear_layer": {n: v["n"] for n, v in layers[0]["linears"].items()},
             "layers": layers}
 
 
