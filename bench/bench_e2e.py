@@ -562,7 +562,9 @@ def ppl(a: argparse.Namespace, device: torch.device) -> dict:
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     with tempfile.TemporaryDirectory() as tmp:
         if "real" in paths:
-            export_checkpoint(weights, flats, qcfg, tcfg, Path(tmp) / "ck")
+            storage = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[a.ppl_storage_dtype]
+            export_checkpoint(weights, flats, qcfg, tcfg, Path(tmp) / "ck", dtype=storage)
+            out["storage_dtype"] = a.ppl_storage_dtype
         for dt in dtypes:
             name = str(dt).removeprefix("torch.")
             if "fake" in paths:
@@ -697,6 +699,9 @@ def main() -> int:
     ap.add_argument("--ppl-windows", type=int, default=20, help="corpus windows of 2048 (default 20)")
     ap.add_argument("--ppl-paths", default="fake,real",
                     help="comma-separated: fake, real, perturbed (the fake path with embeddings x (1 + --ppl-perturb))")
+    ap.add_argument("--ppl-storage-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="checkpoint storage dtype of norms, biases, embeddings (auto: the weights' own; "
+                         "`flatquant export` stores bf16 for a model that declares bf16)")
     ap.add_argument("--ppl-perturb", type=float, default=1e-6, help="relative embedding perturbation (default 1e-6)")
     ap.add_argument("--out", type=Path, default=None, help="JSON output path (rewritten after every row)")
     a = ap.parse_args()
