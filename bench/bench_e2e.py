@@ -48,7 +48,11 @@ of several runs on one machine (e.g. engines split across calls) and recomputes 
 
 Accuracy (``--ppl-transforms DIR``, e.g. ``bench/results/transforms_smollm2_w4a4kv4_4ep``): exports the
 checkpoint to a temporary folder and compares the real-path PPL (Triton ops on CUDA, reference ops on CPU) with
-the fake-path PPL on the first ``--ppl-windows`` windows of the held-out corpus.
+the fake-path PPL on the first ``--ppl-windows`` windows of the held-out corpus (each path's per-window mean NLL is
+kept as ``*_window_nll``). ``--ppl-paths`` picks the paths
+(default ``fake,real``); ``perturbed`` adds the fake path with its input embeddings × (1 + ``--ppl-perturb``,
+default 1e-6): the spread that 4-bit codes at rounding ties give the fake path itself, against which a real-vs-fake
+gap is judged (docs/real.md).
 
 Usage (GPU): ``PYTHONPATH=. python bench/bench_e2e.py --out bench/results/e2e_h200.json``;
 CPU smoke run: ``PYTHONPATH=. python bench/bench_e2e.py --device cpu --tiny --out /tmp/e2e.json``.
@@ -67,6 +71,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -551,20 +556,46 @@ def ppl(a: argparse.Namespace, device: torch.device) -> dict:
     windows = eval_windows(tokenize_corpus("wiki-offline", "test", tok, bos_token_id=weights.args.bos_token_id),
                            2048, a.ppl_windows)
     out: dict = {"windows": int(windows.shape[0]), "transforms": str(a.ppl_transforms), "bits": qcfg.tag}
+    paths = set(a.ppl_paths.split(","))
+    if not paths <= {"fake", "real", "perturbed"}:
+        raise SystemExit(f"--ppl-paths takes fake, real, perturbed; got {a.ppl_paths!r}")
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     with tempfile.TemporaryDirectory() as tmp:
-        export_checkpoint(weights, flats, qcfg, tcfg, Path(tmp) / "ck")
+        if "real" in paths:
+            storage = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[a.ppl_storage_dtype]
+            export_checkpoint(weights, flats, qcfg, tcfg, Path(tmp) / "ck", dtype=storage)
+            out["storage_dtype"] = a.ppl_storage_dtype
         for dt in dtypes:
             name = str(dt).removeprefix("torch.")
-            t0 = time.time()
-            out[f"fake_{name}"] = math.exp(fake_nlls(fake.to(dtype=dt), windows, qcfg, device=device).mean().item())
-            out[f"fake_{name}_s"] = time.time() - t0
+            if "fake" in paths:
+                t0 = time.time()
+                nll = fake_nlls(fake.to(dtype=dt), windows, qcfg, device=device)
+                out[f"fake_{name}"] = math.exp(nll.mean().item())
+                out[f"fake_{name}_s"] = time.time() - t0
+                out[f"fake_{name}_window_nll"] = nll.tolist()
+            if "perturbed" in paths:  # input embeddings only (a tied LM head keeps the unscaled tensor)
+                bumped = replace(fake, top={**fake.top, "embed": fake.top["embed"] * (1 + a.ppl_perturb)})
+                t0 = time.time()
+                nll = fake_nlls(bumped.to(dtype=dt), windows, qcfg, device=device)
+                out[f"fake_perturbed_{name}"] = math.exp(nll.mean().item())
+                out[f"fake_perturbed_{name}_s"] = time.time() - t0
+                out[f"fake_perturbed_{name}_window_nll"] = nll.tolist()
+                out["perturb"] = a.ppl_perturb
+                if "fake" in paths:
+                    ratio = out[f"fake_perturbed_{name}"] / out[f"fake_{name}"]
+                    out[f"perturbed_vs_fake_{name}_pct"] = 100 * (ratio - 1)
+            if "real" not in paths:
+                log.info("%s", out)
+                continue
             try:
                 real = load_checkpoint(Path(tmp) / "ck", device, dtype=dt)
                 t0 = time.time()
-                out[f"real_{name}"] = math.exp(window_nlls(real, windows).mean().item())
+                nll = window_nlls(real, windows)
+                out[f"real_{name}"] = math.exp(nll.mean().item())
                 out[f"real_{name}_s"] = time.time() - t0
-                out[f"real_vs_fake_{name}_pct"] = 100 * (out[f"real_{name}"] / out[f"fake_{name}"] - 1)
+                out[f"real_{name}_window_nll"] = nll.tolist()
+                if "fake" in paths:
+                    out[f"real_vs_fake_{name}_pct"] = 100 * (out[f"real_{name}"] / out[f"fake_{name}"] - 1)
                 del real
             except Exception:
                 out[f"real_{name}_error"] = traceback.format_exc(limit=3)
@@ -666,6 +697,12 @@ def main() -> int:
     ap.add_argument("--ppl-transforms", type=Path, default=None, help="transforms folder for real-vs-fake PPL")
     ap.add_argument("--ppl-model", default="smollm2-135m", help="model of --ppl-transforms (default smollm2-135m)")
     ap.add_argument("--ppl-windows", type=int, default=20, help="corpus windows of 2048 (default 20)")
+    ap.add_argument("--ppl-paths", default="fake,real",
+                    help="comma-separated: fake, real, perturbed (the fake path with embeddings x (1 + --ppl-perturb))")
+    ap.add_argument("--ppl-storage-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="checkpoint storage dtype of norms, biases, embeddings (auto: the weights' own; "
+                         "`flatquant export` stores bf16 for a model that declares bf16)")
+    ap.add_argument("--ppl-perturb", type=float, default=1e-6, help="relative embedding perturbation (default 1e-6)")
     ap.add_argument("--out", type=Path, default=None, help="JSON output path (rewritten after every row)")
     a = ap.parse_args()
     a.batches = a.batches or ("1,16" if a.quick else "1,4,16")

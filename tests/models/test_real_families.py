@@ -32,14 +32,26 @@ Q = bits_preset("w4a4kv4")
 T = method_config("flatquant")
 VOCAB = 96
 
-# (family, heads, kv_heads, head_dim, intermediate): GQA 7 (7:1 and Qwen2.5-0.5B's 14:2), GQA 1 with an odd head
-# count; intermediate 72 = 8 x 9 gives down_proj an odd right Kronecker factor (unfused, packed after the transform)
+# (family, heads, kv_heads, head_dim, intermediate[, k bias]): GQA 7 (7:1 and Qwen2.5-0.5B's 14:2), GQA 1 with an
+# odd head count; intermediate 72 = 8 x 9 gives down_proj an odd right Kronecker factor (unfused, packed after the
+# transform). "lowfreq": the k bias of trained Qwen2 models (and of bench/qwen2_smollm2.py), large (±20) on the
+# lowest-frequency RoPE pairs only, so the bias sets every token's K range (after RoPE and the K transform): layer 0's
+# mean KV4 K scale is 2.16 against 1.01 with the Gaussian biases alone
 CONFIGS = {"qwen2_gqa7_7x1": ("qwen2", 7, 1, 16, 96), "qwen2_gqa7_14x2": ("qwen2", 14, 2, 8, 72),
-           "qwen2_gqa1_5x5": ("qwen2", 5, 5, 8, 72), "qwen3_gqa7_7x1": ("qwen3", 7, 1, 16, 96),
-           "qwen3_gqa1_5x5": ("qwen3", 5, 5, 8, 72)}
+           "qwen2_gqa1_5x5": ("qwen2", 5, 5, 8, 72), "qwen2_gqa7_7x1_kbias_lowfreq": ("qwen2", 7, 1, 16, 96, "lowfreq"),
+           "qwen3_gqa7_7x1": ("qwen3", 7, 1, 16, 96), "qwen3_gqa1_5x5": ("qwen3", 5, 5, 8, 72)}
 
 
-def _model(family: str, heads: int, kv_heads: int, head_dim: int, intermediate: int, seed: int = 0):
+def _lowfreq_k_bias(kv_heads: int, head_dim: int, g: torch.Generator, pairs: int = 2, size: float = 20.0):
+    """±``size`` on the ``pairs`` lowest-frequency RoPE pairs of each KV head (rotate-half layout), 0 elsewhere."""
+    b = torch.zeros(kv_heads, head_dim)
+    for lo in (head_dim // 2 - pairs, head_dim - pairs):
+        b[:, lo:lo + pairs] = size * (torch.randint(0, 2, (kv_heads, pairs), generator=g) * 2 - 1)
+    return b.reshape(-1)
+
+
+def _model(family: str, heads: int, kv_heads: int, head_dim: int, intermediate: int, k_bias: str = "gaussian",
+           seed: int = 0):
     kw = dict(vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=intermediate, num_hidden_layers=2,
               num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
               max_position_embeddings=64, tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6)
@@ -55,6 +67,8 @@ def _model(family: str, heads: int, kv_heads: int, head_dim: int, intermediate: 
             if family == "qwen2":
                 for lin, std in ((a.q_proj, 1.0), (a.k_proj, 4.0), (a.v_proj, 1.0)):  # Qwen's k biases: largest
                     lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * std)
+                if k_bias == "lowfreq":
+                    a.k_proj.bias.copy_(_lowfreq_k_bias(kv_heads, head_dim, g))
             else:
                 for norm in (a.q_norm, a.k_norm):
                     norm.weight.copy_(torch.exp(0.7 * torch.randn(norm.weight.shape, generator=g)))
@@ -153,3 +167,22 @@ def test_cuda_real_prefill_then_decode_close_to_cpu_engine(family_pair) -> None:
     print(f"GPU vs CPU engine, relative: fp32 {rel:.3g}, bf16 (vs the fp32 CPU engine) {rel16:.3g}")
     assert torch.isfinite(got16).all()
     assert rel < 1e-2, f"GPU vs CPU engine logits differ by {rel:.3g} (relative, both fp32)"
+
+
+def test_bf16_storage_keeps_norms_and_biases_exact(tmp_path: Path) -> None:
+    """A checkpoint stored in bf16 (what ``flatquant export`` writes for a bf16-declared Qwen2 model) runs the same
+    function as the fp32 one when the embeddings are bf16-exact: the folded norms (diag scales merged in) and the
+    q/k/v biases (the v bias mixed by the V transform) are not representable in bf16, so they stay fp32. Rounding
+    them moved a weakly calibrated Qwen2-layout model's real-path PPL from 140.1 to 104.3 on 4 windows
+    (docs/real.md)."""
+    _, w = _model(*CONFIGS["qwen2_gqa7_7x1_kbias_lowfreq"])
+    w = w.to(dtype=torch.bfloat16).to(dtype=torch.float32)  # bf16-exact weights, as a bf16 checkpoint's
+    flats = calibrate(w, _tokens(4, 16, seed=1), Q, T, CalibConfig(nsamples=4, seqlen=16, batch_size=2, epochs=1))
+    export_checkpoint(w, flats, Q, T, tmp_path / "fp32")
+    export_checkpoint(w, flats, Q, T, tmp_path / "bf16", dtype=torch.bfloat16)
+    folded = reparameterize(w, flats, Q, T).layers[0]
+    assert not torch.equal(folded["input_norm"].bfloat16().float(), folded["input_norm"])
+    assert not torch.equal(folded["v_proj.bias"].bfloat16().float(), folded["v_proj.bias"])
+    x = _tokens(2, 24, seed=7)
+    torch.testing.assert_close(load_checkpoint(tmp_path / "bf16")(x), load_checkpoint(tmp_path / "fp32")(x),
+                               rtol=0, atol=0)

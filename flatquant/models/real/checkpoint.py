@@ -10,7 +10,7 @@ A checkpoint (format ``flatquant-real`` v2) is a folder with
   config (so edited bit widths, ``rms_eps``, ``rope_scaling`` or dtype are refused, not run);
 * ``model-0000N.safetensors`` shards (default at most 4 GiB each) with the tensors of
   :mod:`flatquant.models.real`'s schema under ``top.*`` and ``layers.{i}.*``: packed int4 weights in the GEMM's
-  layout, fp32 per-channel scales, fp32 online transform matrices and LAC factors, norms/embeddings/biases in the
+  layout, fp32 per-channel scales, fp32 online transform matrices, LAC factors, norms and biases, embeddings in the
   storage dtype (by default the model's own 16-bit dtype: see :func:`declared_dtype`);
 * ``tokenizer/`` when a tokenizer was given.
 
@@ -88,8 +88,11 @@ def export_layer(
     ``real``: per-channel symmetric RTN codes (packed for 4 bits) and fp32 scales; else fake-quantized float
     weights in ``dtype`` (for bit settings the kernels do not implement).
     """
-    out: Params = {"input_norm": folded["input_norm"].to(dtype), "post_norm": folded["post_norm"].to(dtype)}
-    out.update({e.name: folded[e.name].to(dtype) for e in LAYER_TENSORS if e.name in folded})
+    # norms (the diag scales are merged into them) and biases (the v bias is mixed by the V transform) stay fp32 in
+    # every storage dtype: they are a few KB per layer, neither is bf16-representable after folding, and rounding them
+    # moved a weakly calibrated W4A4KV4 model's real-path PPL from 140.1 to 104.3 on 4 windows (docs/real.md)
+    out: Params = {"input_norm": folded["input_norm"].float(), "post_norm": folded["post_norm"].float()}
+    out.update({e.name: folded[e.name].float() for e in LAYER_TENSORS if e.name in folded})
     for n in LINEARS:
         w = folded[f"{n}.weight"].to(torch.float64)
         if real:
@@ -99,7 +102,7 @@ def export_layer(
         else:
             out[f"{n}.weight"] = fake_quant(w, qcfg.w).to(dtype)
         if f"{n}.bias" in folded:
-            out[f"{n}.bias"] = folded[f"{n}.bias"].to(dtype)
+            out[f"{n}.bias"] = folded[f"{n}.bias"].float()
         if f"{n}.lac.lo" in folded:
             out[f"{n}.a_clip"] = torch.sigmoid(torch.cat([folded[f"{n}.lac.lo"].reshape(1),
                                                           folded[f"{n}.lac.hi"].reshape(1)]).double()).float()
@@ -160,7 +163,7 @@ class _ShardWriter:
 
 
 def declared_dtype(weights: ModelWeights) -> torch.dtype:
-    """The dtype a checkpoint of ``weights`` stores its norms, embeddings and biases in by default.
+    """The dtype a checkpoint of ``weights`` stores its embeddings in by default (norms and biases are fp32).
 
     The dtype the model declares (``weights.meta["dtype"]``, recorded by a loader from the HF config) when known;
     else the weights' own dtype when it is 16-bit; else bfloat16 (a model loaded in fp32 for calibration, e.g.
@@ -200,7 +203,7 @@ def _top_tensors(weights: ModelWeights, dtype: torch.dtype, embed_bits: int | No
             out[f"top.{name}.qweight"], out[f"top.{name}.scale"] = quantize_rows_int8(top[name])
         else:
             out[f"top.{name}"] = top[name].to(dtype).contiguous()
-    out["top.final_norm"] = top["final_norm"].to(dtype).contiguous()
+    out["top.final_norm"] = top["final_norm"].float().contiguous()  # fp32 like the layer norms (export_layer)
     out["top.rope.inv_freq"] = top["rope.inv_freq"].float().contiguous()
     return out, bool(tied)
 
@@ -294,8 +297,8 @@ def export_checkpoint(
             non-empty folder is refused.
         tokenizer: saved under ``out_dir/tokenizer`` when given.
         shard_bytes: maximum shard size.
-        dtype: storage dtype of norms, embeddings and biases; default the weights' own dtype (the CLI's
-            ``--dtype auto`` uses :func:`declared_dtype`).
+        dtype: storage dtype of the embeddings (norms and biases are always fp32); default the weights' own
+            dtype (the CLI's ``--dtype auto`` uses :func:`declared_dtype`).
         embed_bits: ``None`` (embedding / LM head in ``dtype``) or 8 (per-row symmetric int8 + fp32 scale,
             dequantized at load). A tied LM head is stored once either way.
         extra: more JSON entries for the config (must not reuse the format's own keys).
