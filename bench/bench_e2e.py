@@ -540,6 +540,17 @@ def compare(rows: list[dict]) -> dict[int, dict]:
     return chosen
 
 
+PPL_PATHS = ("fake", "real", "perturbed")
+
+
+def ppl_paths(spec: str) -> set[str]:
+    """The ``--ppl-paths`` list as a set (spaces allowed); a one-line SystemExit on an unknown name."""
+    paths = {p.strip() for p in spec.split(",") if p.strip()}
+    if not paths or not paths <= set(PPL_PATHS):
+        raise SystemExit(f"--ppl-paths takes a comma-separated subset of {', '.join(PPL_PATHS)}; got {spec!r}")
+    return paths
+
+
 def ppl(a: argparse.Namespace, device: torch.device) -> dict:
     """Real-path vs fake-path perplexity of an exported checkpoint on the first windows of the corpus."""
     from flatquant.api import from_transforms
@@ -556,9 +567,7 @@ def ppl(a: argparse.Namespace, device: torch.device) -> dict:
     windows = eval_windows(tokenize_corpus("wiki-offline", "test", tok, bos_token_id=weights.args.bos_token_id),
                            2048, a.ppl_windows)
     out: dict = {"windows": int(windows.shape[0]), "transforms": str(a.ppl_transforms), "bits": qcfg.tag}
-    paths = set(a.ppl_paths.split(","))
-    if not paths <= {"fake", "real", "perturbed"}:
-        raise SystemExit(f"--ppl-paths takes fake, real, perturbed; got {a.ppl_paths!r}")
+    paths = ppl_paths(a.ppl_paths)
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     with tempfile.TemporaryDirectory() as tmp:
         if "real" in paths:
@@ -573,7 +582,13 @@ def ppl(a: argparse.Namespace, device: torch.device) -> dict:
                 out[f"fake_{name}"] = math.exp(nll.mean().item())
                 out[f"fake_{name}_s"] = time.time() - t0
                 out[f"fake_{name}_window_nll"] = nll.tolist()
-            if "perturbed" in paths:  # input embeddings only (a tied LM head keeps the unscaled tensor)
+            if "perturbed" in paths and dt != torch.float32:
+                # a 1e-6 change is far below a 16-bit dtype's resolution: the cast would round it away and report
+                # no spread at all
+                out[f"fake_perturbed_{name}"] = None
+                log.info("perturbed path skipped in %s: --ppl-perturb %g is below its resolution", name,
+                         a.ppl_perturb)
+            elif "perturbed" in paths:  # input embeddings only (a tied LM head keeps the unscaled tensor)
                 bumped = replace(fake, top={**fake.top, "embed": fake.top["embed"] * (1 + a.ppl_perturb)})
                 t0 = time.time()
                 nll = fake_nlls(bumped.to(dtype=dt), windows, qcfg, device=device)
@@ -700,8 +715,8 @@ def main() -> int:
     ap.add_argument("--ppl-paths", default="fake,real",
                     help="comma-separated: fake, real, perturbed (the fake path with embeddings x (1 + --ppl-perturb))")
     ap.add_argument("--ppl-storage-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                    help="checkpoint storage dtype of norms, biases, embeddings (auto: the weights' own; "
-                         "`flatquant export` stores bf16 for a model that declares bf16)")
+                    help="checkpoint storage dtype of the embeddings (norms and biases are always fp32; auto: the "
+                         "weights' own; `flatquant export` stores bf16 for a model that declares bf16)")
     ap.add_argument("--ppl-perturb", type=float, default=1e-6, help="relative embedding perturbation (default 1e-6)")
     ap.add_argument("--out", type=Path, default=None, help="JSON output path (rewritten after every row)")
     a = ap.parse_args()
@@ -710,6 +725,9 @@ def main() -> int:
     a.repeats = a.repeats if a.repeats is not None else (2 if a.quick else 3)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parse_engines(a.engines)  # fail on a typo before anything is built
+    ppl_paths(a.ppl_paths)
+    if not (math.isfinite(a.ppl_perturb) and a.ppl_perturb > -1):
+        raise SystemExit(f"--ppl-perturb must be a finite number above -1, got {a.ppl_perturb}")
     if a.merge:
         result = merge(a.merge)
         _write(a.out, result)

@@ -471,7 +471,8 @@ def _add_real_parsers(sub: argparse._SubParsersAction) -> None:
                         f"else {DEFAULT_MODEL!r})")
     x.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
     x.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="dtype of norms/embeddings/biases (auto: the model's declared dtype, else bfloat16)")
+                   help="dtype of the embedding/LM head (norms and biases are always fp32; auto: the model's "
+                        "declared dtype, else bfloat16)")
     x.add_argument("--embed-bits", type=int, choices=(8, 16), default=16,
                    help="16: embedding/LM head in --dtype (default); 8: per-row int8 + scale, dequantized at load")
     x.add_argument("--shard-gb", type=float, default=4.0, help="maximum shard size in GB (default 4)")

@@ -35,7 +35,7 @@ class LayerTensor:
     """A per-layer tensor that a family adds beside the seven linears and the two RMSNorms.
 
     It sits outside every transform site (e.g. a norm on q/k before RoPE), so folding passes it through unchanged;
-    the HF loaders read it, checkpoints store it (storage dtype, ``layers.{i}.{name}``) and expect it, the engine
+    the HF loaders read it, checkpoints store it (fp32, ``layers.{i}.{name}``) and expect it, the engine
     keeps it in :attr:`flatquant.models.real.weights.RealLayer.extra`, and random models draw it near 1, all from
     this declaration. Its math is :func:`flatquant.models.layer.qk_pre_rope`.
 

@@ -588,7 +588,8 @@ PIPELINED = ("pipelined", "pipelined_fastq", "multi_token")  # need both factors
 SPLIT_MAX_T = 16  # tokens up to which large transforms are split across programs (decode)
 SPLIT_MIN_ELEMS = 64 * 128  # padded n1 x n2 from which the split pays for its second launch
 PIPELINE_MIN_T = 128  # tokens from which the pipelined, division-free layouts are the default (prefill)
-MULTI_TOKEN_MIN_ELEMS = 128 * 128  # padded n1 x n2 from which multi_token is the prefill default (else pipelined_fastq)
+MULTI_TOKEN_TILE = 128  # padded n1 = n2 at which multi_token is the prefill default (the measured tile; larger tiles
+# would need more shared memory per cp.async stage than an SM has with the SwiGLU input: pipelined_fastq there)
 # multi_token's default launch (H200, bench/results/probe_kron_h200_s7.json): one token per block, loads left to a
 # 3-stage cp.async pipeline (no register prefetch), 8 warps, one program per SM; larger blocks hit the 255-register
 # cap and were slower (K=14336, 2048 tokens: 75.7 us with 2 tokens, 176.6 with 4, against 61.0).
@@ -604,7 +605,7 @@ def default_variant(t: int, n1: int, n2: int) -> str:
     pipelined_fastq (bench/results/probe_kron_h200_s6.json; the same codes as whole at every size): at 2048 /
     32768 tokens 66.9 / 883 us against whole's 152.8 / 2384 for the 14336 transform, 144.9 / 1971 against
     207.3 / 3273 with down_proj's SwiGLU input, 13.2 / 170 against 17.7 / 252 at K = 4096. (Between 17 and
-    ``PIPELINE_MIN_T`` tokens it was not measured: whole.) From ``MULTI_TOKEN_MIN_ELEMS`` padded elements,
+    ``PIPELINE_MIN_T`` tokens it was not measured: whole.) For factors that pad to ``MULTI_TOKEN_TILE``,
     multi_token with its default launch (bench/results/probe_kron_h200_s7.json, side by side with
     pipelined_fastq; codes equal whole's): 2048 / 32768 tokens 61.0 / 861 us against 65.8 / 879 for the 14336
     transform, 98.4 / 1435 against 144.9 / 1969 with the SwiGLU input, 60.2 / 873 against 69.9 / 855 at 11008.
@@ -612,7 +613,7 @@ def default_variant(t: int, n1: int, n2: int) -> str:
     if t <= SPLIT_MAX_T and next_pow2(n1) * next_pow2(n2) >= SPLIT_MIN_ELEMS:
         return "split"
     if t >= PIPELINE_MIN_T and n1 > 1 and n2 > 1:
-        return "multi_token" if next_pow2(n1) * next_pow2(n2) >= MULTI_TOKEN_MIN_ELEMS else "pipelined_fastq"
+        return "multi_token" if next_pow2(n1) == next_pow2(n2) == MULTI_TOKEN_TILE else "pipelined_fastq"
     return "whole"
 
 

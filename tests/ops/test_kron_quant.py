@@ -416,6 +416,7 @@ def test_layout_choice_and_validation() -> None:
     assert default_variant(1, 112, 128) == "split"  # decode, down_proj of LLaMA-3-8B
     assert default_variant(128, 64, 64) == default_variant(4096, 64, 127) == "pipelined_fastq"  # prefill, small
     assert default_variant(2048, 112, 128) == default_variant(128, 86, 128) == "multi_token"  # prefill, 128 x 128
+    assert default_variant(2048, 224, 128) == default_variant(2048, 128, 256) == "pipelined_fastq"  # larger tiles
     assert default_variant(64, 112, 128) == default_variant(127, 64, 64) == "whole"
     assert default_variant(1, 6, 10) == "whole"
     x = torch.randn(2, 6 * 10, dtype=torch.bfloat16)
