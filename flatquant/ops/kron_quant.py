@@ -684,6 +684,10 @@ def kron_quant_triton(
     variant = variant or default_variant(t, n1, n2)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant != "multi_token" and (block_tokens is not None or prefetch is not None):
+        raise ValueError(f"block_tokens and prefetch apply to the multi_token layout only (this call runs {variant!r})")
+    if num_stages is not None and num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     if (variant == "two_pass" or variant in PIPELINED) and (left is None or right is None):
         variant = "whole"  # one product: nothing to split into passes / the pipelined kernel needs both factors
     if block_cols is not None and (block_cols < 16 or block_cols & (block_cols - 1)):

@@ -424,6 +424,10 @@ def test_layout_choice_and_validation() -> None:
         kron_quant_triton(x, None, None, torch.ones(2), 6, variant="tiled")
     with pytest.raises(ValueError, match="block_cols"):
         kron_quant_triton(x, None, None, torch.ones(2), 6, block_cols=24)
+    with pytest.raises(ValueError, match="multi_token layout only"):
+        kron_quant_triton(x, None, None, torch.ones(2), 6, variant="whole", block_tokens=2)
+    with pytest.raises(ValueError, match="num_stages"):
+        kron_quant_triton(x, None, None, torch.ones(2), 6, num_stages=0)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
