@@ -160,7 +160,7 @@ def _lac_scale(y_hi, y_lo, clip_lo, clip_hi, gg, g: tl.constexpr, QMAX: tl.const
 
 @triton.jit
 def _fast_scales(scale, ymax):
-    """Whether :func:`_codes_fast` may skip the division for a token of scale ``scale`` whose largest magnitude is
+    """Whether :func:`_quotient_fast` may skip the division for a token of scale ``scale`` whose largest magnitude is
     ``ymax`` (elementwise for tensors): the scale in (2^-100, 2^100), and every quotient below 2^20 in magnitude, so
     that ``y · RN(1 / scale)`` cannot overflow (a clip factor near 0 with huge tokens can push ``y / scale`` past the
     fp32 range, and an infinite first quotient makes the FMA correction NaN). One test per token instead of one
@@ -169,16 +169,26 @@ def _fast_scales(scale, ymax):
 
 
 @triton.jit
+def _quotient(y, scale):
+    """``y / scale``, correctly rounded (``scale``: a scalar or one that broadcasts against ``y``)."""
+    return tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
+
+
+@triton.jit
 def _codes(y, scale, fast_ok, QMAX: tl.constexpr, FAST_Q: tl.constexpr, INTERPRET: tl.constexpr):
     """``rne(clamp(y / scale, -QMAX - 1, QMAX))`` as int32, the quotient correctly rounded; ``scale`` is a scalar
-    or broadcasts against ``y``. FAST_Q: without a per-element division (:func:`_codes_fast`, the same codes;
-    ``fast_ok``: :func:`_fast_scales` of every scale involved)."""
+    or broadcasts against ``y``. FAST_Q: the quotient without a per-element division (:func:`_quotient_fast`, the
+    same quotient; ``fast_ok``: :func:`_fast_scales` of every scale involved) and, on CUDA, one ``cvt.rni`` for
+    the rounding; else, and in the interpreter, the rounding is ``(v + 1.5·2²³) − 1.5·2²³`` in fp32 (exact for
+    the clamped ``|v| <= QMAX + 1``). Round half to even either way."""
     if FAST_Q:
-        q = _codes_fast(y, scale, fast_ok, QMAX, INTERPRET)
+        v = _quotient_fast(y, scale, fast_ok, INTERPRET)
     else:
-        v = tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
-        v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
-        # Round half to even: (v + 1.5·2²³) − 1.5·2²³ in fp32 (exact for the clamped |v| <= QMAX + 1).
+        v = _quotient(y, scale)
+    v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
+    if FAST_Q and not INTERPRET:
+        q = tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
+    else:
         q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
     return q
 
@@ -200,7 +210,8 @@ def _quant_cols(
     """LAC + symmetric codes of columns ``[j0, j0 + BJ)`` of ``y`` for each of the G clip pairs, given the token's
     range ``[y_lo, y_hi]`` (which includes 0): ``s = max(-lo, hi) / QMAX`` with ``lo, hi`` the clipped range.
     Code set g goes to ``q_ptr + g * stride_qg`` (packed: two codes per byte, element 2k in the low nibble), its
-    scale to ``s_ptr + g * stride_sg`` if ``store_scale``. FAST_Q: the same codes through :func:`_codes_fast`."""
+    scale to ``s_ptr + g * stride_sg`` if ``store_scale``. FAST_Q: the same codes without a per-element division
+    (:func:`_codes`)."""
     for g in tl.static_range(G):
         scale = _lac_scale(y_hi, y_lo, clip_lo, clip_hi, gg, g, QMAX)
         q = _codes(y, scale, _fast_scales(scale, tl.maximum(y_hi, -y_lo)), QMAX, FAST_Q, INTERPRET)
@@ -307,16 +318,13 @@ def _kron_quant_kernel(
 
 
 @triton.jit
-def _codes_fast(y, scale, fast_ok, QMAX: tl.constexpr, INTERPRET: tl.constexpr):
-    """``rne(clamp(y / scale))`` as int32 with the quotient correctly rounded (what ``div_rn`` gives), without a
-    per-element division: with ``r = RN(1 / scale)`` and ``q0 = RN(y · r)`` (within one ulp of the quotient), the
-    remainder ``y − q0 · scale`` is exact in one FMA and ``RN(q0 + remainder · r)`` is the correctly rounded quotient
-    (Markstein's theorem; it needs the remainder and q0 in the normal range, hence the scale range test: outside it
-    ``div_rn``). INTERPRET: older interpreters round an FMA twice, so it is emulated in fp64 (the remainder is exact
-    there; the sum rounds twice only if it lands exactly on an fp32 midpoint) and the integer rounding uses the
-    1.5·2²³ trick instead of ``cvt.rni`` (round half to even either way). ``scale``: a scalar or one
-    that broadcasts against ``y`` (one per token); ``fast_ok``: :func:`_fast_scales` of all of them (else every
-    quotient is a division: the same codes)."""
+def _quotient_fast(y, scale, fast_ok, INTERPRET: tl.constexpr):
+    """:func:`_quotient` without a per-element division when ``fast_ok``: with ``r = RN(1 / scale)`` and
+    ``q0 = RN(y · r)`` (within one ulp of the quotient), the remainder ``y − q0 · scale`` is exact in one FMA and
+    ``RN(q0 + remainder · r)`` is the correctly rounded quotient (Markstein's theorem; it needs the remainder and
+    q0 in the normal range: :func:`_fast_scales`, else the division). INTERPRET: older interpreters round an FMA
+    twice, so it is emulated in fp64 (the remainder is exact there; the sum rounds twice only if it lands exactly
+    on an fp32 midpoint)."""
     if fast_ok:
         r = tl.math.div_rn(1.0, scale)
         q0 = y * r
@@ -327,13 +335,8 @@ def _codes_fast(y, scale, fast_ok, QMAX: tl.constexpr, INTERPRET: tl.constexpr):
         else:
             v = tl.fma(tl.fma(-q0, scale, y), r, q0)
     else:
-        v = tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale)
-    v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
-    if INTERPRET:
-        q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
-    else:
-        q = tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
-    return q
+        v = _quotient(y, scale)
+    return v
 
 
 @triton.jit
@@ -349,7 +352,7 @@ def _kron_quant_pipe_kernel(
     # program (the compiler keeps them in shared memory as MMA operands), and the loads of the program's next
     # token are issued before the current token's products, clip and quantization, so that its HBM latency
     # overlaps them instead of starting each token's chain. The same tile math as _kron_quant_kernel (whole).
-    # FAST_Q: the codes without a per-element division (_codes_fast, the same codes); INTERPRET: the interpreter.
+    # FAST_Q: the codes without a per-element division (_codes, the same codes); INTERPRET: the interpreter.
     i, row_ok, lt, r = _load_factors(l_ptr, r_ptr, n1, n2, x_ptr.dtype.element_ty, N1P, N2P)
     if HAS_NORM:
         nw = _load_norm_weight(nw_ptr, n2, i, row_ok, N2P)
@@ -656,7 +659,7 @@ def kron_quant_triton(
     * ``"pipelined"``: many tokens, both factors: ``whole`` with both factors loaded once per program and the next
       token's loads issued before the current token is transformed and quantized (other factor sets: ``whole``);
     * ``"pipelined_fastq"``: ``pipelined`` with the codes computed without a per-element division (a reciprocal
-      and an exact FMA correction, see ``_codes_fast``) and rounded by one conversion instruction.
+      and an exact FMA correction, see ``_quotient_fast``) and rounded by one conversion instruction.
     * ``"multi_token"``: ``pipelined_fastq`` over blocks of ``block_tokens`` tokens (a power of two): one right
       product for the block's stacked ``(block_tokens · n1, n2)`` rows, one left product with the block's ``X R``
       tiles side by side, per-token ranges and codes; ``prefetch``: the next block is loaded into registers
