@@ -34,16 +34,16 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from env import environment, write_json  # noqa: E402
 
+import flatquant.models.layer as layer_mod  # noqa: E402
 import flatquant.models.real.linear as real_linear_mod  # noqa: E402
 from flatquant.api import from_transforms  # noqa: E402
 from flatquant.core.clip import clip_factor  # noqa: E402
-from flatquant.core.kron import head_transform  # noqa: E402
 from flatquant.core.quant import quantize  # noqa: E402
 from flatquant.core.spec import QuantSpec  # noqa: E402
 from flatquant.data import eval_windows, tokenize_corpus  # noqa: E402
 from flatquant.io import load_transforms  # noqa: E402
 from flatquant.models.hf import load  # noqa: E402
-from flatquant.models.layer import Params, Rope, apply_rope, layer_forward, linear, qk_pre_rope  # noqa: E402
+from flatquant.models.layer import Params, layer_forward, linear  # noqa: E402
 from flatquant.models.model import embed, rope_for  # noqa: E402
 from flatquant.models.real.cache import read_kv  # noqa: E402
 from flatquant.models.real.checkpoint import export_checkpoint, load_checkpoint  # noqa: E402
@@ -81,23 +81,11 @@ def real_site_codes(calls: list[Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def fake_kv(p: Params, outs: dict[str, Tensor], rope: Rope, args, qcfg) -> dict[str, tuple[Tensor, Tensor]]:
-    """``{"k"|"v": (dequantized (1, Hkv, T, d), step (1, Hkv, T, 1))}`` of the fake attention's KV quantizers,
-    recomputed from its q/k/v projection outputs ``outs`` as :func:`flatquant.models.layer.attention` does."""
-    b, t = outs["k_proj"].shape[:2]
-    q = outs["q_proj"].view(b, t, args.n_heads, args.head_dim)
-    k = outs["k_proj"].view(b, t, args.n_kv_heads, args.head_dim)
-    _, k = qk_pre_rope(q, k, p, args)
-    k = apply_rope(k.transpose(1, 2), rope)
-    if "k_trans" in p:
-        k = head_transform(k, p["k_trans"])
-    v = outs["v_proj"].view(b, t, args.n_kv_heads, args.head_dim).transpose(1, 2)
-    out = {}
-    for name, x, spec in (("k", k, qcfg.k), ("v", v, qcfg.v)):
-        lo, hi = (clip_factor(p.get(f"{name}_cache.lac.{e}")) for e in ("lo", "hi"))
-        codes, scale, zero = quantize(x, spec, clip_lo=lo, clip_hi=hi)
-        out[name] = ((codes.float() - zero) * scale, scale)
-    return out
+def quantizer_codes(p: Params, prefix: str, x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """Codes, scale and zero point of the fake quantizer ``prefix`` (a linear's input, ``k_cache``, ``v_cache``) on
+    ``x``, its clip logits read as :func:`flatquant.models.layer.quant_act` reads them."""
+    lo, hi = (clip_factor(p.get(f"{prefix}.lac.{e}")) for e in ("lo", "hi"))
+    return quantize(x, spec, clip_lo=lo, clip_hi=hi)
 
 
 def probe(model: str, transforms: Path, window: int, tokens: int) -> dict:
@@ -113,15 +101,21 @@ def probe(model: str, transforms: Path, window: int, tokens: int) -> dict:
     real_linear_mod.kron_quant = rec.wrap(orig[0], multi=False)  # type: ignore[assignment]
     real_linear_mod.kron_quant_multi = rec.wrap(orig[1], multi=True)  # type: ignore[assignment]
     fake_codes: dict[str, Tensor] = {}
-    fake_outs: dict[str, Tensor] = {}
+    fake_kv: dict[str, tuple[Tensor, Tensor]] = {}
+    orig_quant_act = layer_mod.quant_act
+
+    def recording_quant_act(p: Params, prefix: str, x: Tensor, spec: QuantSpec, **kw: object) -> Tensor:
+        if prefix in ("k_cache", "v_cache"):  # what attention hands its KV quantizers (after RoPE, K transform)
+            codes, scale, zero = quantizer_codes(p, prefix, x, spec)
+            fake_kv[prefix[0]] = ((codes.float() - zero) * scale, scale)  # dequantized values, step
+        return orig_quant_act(p, prefix, x, spec, **kw)
 
     def recording_linear(p: Params, name: str, x: Tensor, spec: QuantSpec) -> Tensor:
-        lo, hi = (clip_factor(p.get(f"{name}.lac.{k}")) for k in ("lo", "hi"))
-        fake_codes[name] = quantize(x, spec, clip_lo=lo, clip_hi=hi)[0].reshape(-1, x.shape[-1])
-        fake_outs[name] = linear(p, name, x, spec)
-        return fake_outs[name]
+        fake_codes[name] = quantizer_codes(p, name, x, spec)[0].reshape(-1, x.shape[-1])
+        return linear(p, name, x, spec)
 
     layers = []
+    layer_mod.quant_act = recording_quant_act  # type: ignore[assignment]
     try:
         with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
             export_checkpoint(weights, flats, qcfg, tcfg, Path(tmp) / "ck")
@@ -136,6 +130,7 @@ def probe(model: str, transforms: Path, window: int, tokens: int) -> dict:
             for i in range(args.n_layers):
                 rec.calls.clear()
                 fake_codes.clear()
+                fake_kv.clear()
                 y_f = layer_forward(fake.layers[i], x, rope, args, qcfg, linear_fn=recording_linear)
                 y_r = layer_step(real.weights.layers[i], x, rope_r, cache.layers[i], real.cfg, idx, cache.start,
                                  length, n_valid=t, decode=False, causal_from_zero=True, k_packed=cache.k_packed,
@@ -155,8 +150,7 @@ def probe(model: str, transforms: Path, window: int, tokens: int) -> dict:
                     real_kv = {"k": read_kv(kv.k, kv.k_scale, kv.k_zero, True, t, torch.float32),
                                "v": read_kv(kv.v, kv.v_scale, kv.v_zero, True, t, torch.float32)}
                     row["kv_flips"] = {n: int(((real_kv[n] - deq).abs() > 0.5 * step).sum())
-                                       for n, (deq, step) in fake_kv(fake.layers[i], fake_outs, rope, args,
-                                                                     qcfg).items()}
+                                       for n, (deq, step) in fake_kv.items()}
                     row["kv_n"] = int(real_kv["k"].numel())
                 layers.append(row)
                 log.info("layer %d: rel %.3g, tokens off %.4f, flips %s, KV %s", i, row["rel"], row["tok_frac"],
@@ -164,6 +158,7 @@ def probe(model: str, transforms: Path, window: int, tokens: int) -> dict:
                 x = y_f
     finally:
         real_linear_mod.kron_quant, real_linear_mod.kron_quant_multi = orig  # type: ignore[assignment]
+        layer_mod.quant_act = orig_quant_act  # type: ignore[assignment]
     total = {n: sum(r["linears"][n]["flips"] for r in layers) for n in layers[0]["linears"]}
     total.update({f"{n}_cache": sum(r.get("kv_flips", {}).get(n, 0) for r in layers) for n in ("k", "v")})
     return {"model": model, "transforms": str(transforms), "window": window, "tokens": tokens, "bits": qcfg.tag,
