@@ -31,7 +31,8 @@ from flatquant.ops.kron_quant import default_variant, kron_quant_triton  # noqa:
 # (name, K, left only, SwiGLU input): the ln/up_gate transforms (4096), down (14336, also fed gate and up; LLaMA-2's
 # 11008), o_proj's head mixing
 SITES = [("kron4096", 4096, False, False), ("kron11008", 11008, False, False), ("kron14336", 14336, False, False),
-         ("down14336glu", 14336, False, True), ("headmix32x128", 4096, True, False)]
+         ("down14336glu", 14336, False, True), ("down11008glu", 11008, False, True),
+         ("headmix32x128", 4096, True, False)]
 
 
 # multi_token at prefill: (block_tokens, prefetch, num_stages, num_warps, programs per SM). Offline sm_90 compile
