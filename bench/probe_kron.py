@@ -47,8 +47,10 @@ MULTI_TOKEN_128 = [(1, False, 3, 8, 1), (2, True, 1, 8, 1), (2, True, 1, 8, 4), 
 MULTI_TOKEN_64 = [(2, True, 1, 4, 2), (4, True, 1, 4, 2), (2, False, 3, 4, 2), (4, True, 1, 8, 1), (4, True, 1, 8, 4)]
 # multi_token_split (one token per block, n1's rows in blocks of 64 + 32 [+ 16] at 128 x 128 tiles): (num_stages,
 # num_warps, programs per SM). Offline sm_90 compile (Triton 3.6), 8 warps, 3 stages: 195 registers (86 rows) / 212
-# (112), no spills, 132 / 148 KiB shared memory (176 KiB with the SwiGLU input at 86 rows): one program per SM.
-MULTI_TOKEN_SPLIT = [(3, 8, 1), (2, 8, 1)]
+# (112), no spills, 132 / 148 KiB shared memory (176 / 200 KiB with the SwiGLU input): one program per SM. 4 warps,
+# 2 stages, 86 rows: 255 registers with 124 bytes of spills and 108 KiB, so two programs fit an SM (two tokens in
+# flight); with the SwiGLU input (128 KiB) or at 112 rows (120 KiB, 392 bytes of spills) they do not.
+MULTI_TOKEN_SPLIT = [(3, 8, 1), (2, 8, 1), (2, 4, 2)]
 
 
 def configs(m: int, sms: int, small: bool = False, row_split: bool = False) -> list[dict]:
