@@ -365,6 +365,26 @@ def test_multi_token_split_equals_whole(device: str, case: tuple, pack: bool) ->
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("n1,n2", [(43, 16), (100, 12)])
+def test_multi_token_split_dtypes(device: str, dtype: torch.dtype, n1: int, n2: int) -> None:
+    """multi_token_split with fp16 and fp32 inputs (two and three row blocks): whole's codes and scales bit for bit
+    under the interpreter, the reference's within its tolerance on the GPU."""
+    g = torch.Generator().manual_seed(n1 + n2)
+    x = (torch.randn(5, n1 * n2, generator=g) * 3).to(dtype)
+    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(dtype)
+    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(dtype)
+    clips = torch.tensor([[0.9, 0.95], [0.7, 1.0]])
+    args = (x.to(device), left.to(device), right.to(device), clips.to(device), n1)
+    whole = kron_quant_triton(*args, variant="whole")
+    got = kron_quant_triton(*args, variant="multi_token_split", programs=2)
+    if device == "cpu":
+        assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])
+    else:
+        _assert_matches_reference(x, left, right, n1, clips, got)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("n1", [43, 100])
 def test_multi_token_split_norm_input(device: str, n1: int) -> None:
     """``norm`` given: the in-kernel RMSNorm of multi_token_split (its mean of squares summed per row block) gives
