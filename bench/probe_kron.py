@@ -9,7 +9,9 @@ Usage (GPU): ``python bench/probe_kron.py --out bench/results/probe_kron_h200.js
 ``--sites`` and ``--variants`` (comma-separated) restrict the sites and layouts, e.g. for the prefill layouts
 ``--sites down14336glu,kron14336 --tokens 2048 32768 --variants whole,pipelined,pipelined_fastq``; the multi-token
 layout against pipelined_fastq (about 3 minutes): ``--sites kron14336,kron11008,down14336glu,kron4096 --tokens 2048
-32768 --variants pipelined_fastq,multi_token``.
+32768 --variants pipelined_fastq,multi_token``; the row-split layout (``multi_token_split``: 86 -> 64 + 32 and
+112 -> 64 + 32 + 16 rows instead of 128; opt-in until measured) beside multi_token: ``--sites
+kron11008,down11008glu,kron14336,down14336glu --tokens 2048 32768 --variants multi_token,multi_token_split``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from timing import copy_bandwidth, graph_time  # noqa: E402
 
 from flatquant.core.kron import decompose_dim  # noqa: E402
 from flatquant.ops import sm_count  # noqa: E402
-from flatquant.ops.kron_quant import default_variant, kron_quant_triton  # noqa: E402
+from flatquant.ops.kron_quant import default_variant, kron_quant_triton, row_split_blocks  # noqa: E402
 
 # (name, K, left only, SwiGLU input): the ln/up_gate transforms (4096), down (14336, also fed gate and up; LLaMA-2's
 # 11008), o_proj's head mixing
@@ -43,11 +45,18 @@ SITES = [("kron4096", 4096, False, False), ("kron11008", 11008, False, False), (
 MULTI_TOKEN_128 = [(1, False, 3, 8, 1), (2, True, 1, 8, 1), (2, True, 1, 8, 4), (2, False, 2, 8, 1),
                    (4, True, 1, 8, 1), (2, True, 1, 4, 2)]
 MULTI_TOKEN_64 = [(2, True, 1, 4, 2), (4, True, 1, 4, 2), (2, False, 3, 4, 2), (4, True, 1, 8, 1), (4, True, 1, 8, 4)]
+# multi_token_split (one token per block, n1's rows in blocks of 64 + 32 [+ 16] at 128 x 128 tiles): (num_stages,
+# num_warps, programs per SM). Offline sm_90 compile (Triton 3.6), 8 warps, 3 stages: 195 registers (86 rows) / 212
+# (112), no spills, 132 / 148 KiB shared memory (176 / 200 KiB with the SwiGLU input): one program per SM. 4 warps,
+# 2 stages, 86 rows: 255 registers with 124 bytes of spills and 108 KiB, so two programs fit an SM (two tokens in
+# flight); with the SwiGLU input (128 KiB) or at 112 rows (120 KiB, 392 bytes of spills) they do not.
+MULTI_TOKEN_SPLIT = [(3, 8, 1), (2, 8, 1), (2, 4, 2)]
 
 
-def configs(m: int, sms: int, small: bool = False) -> list[dict]:
+def configs(m: int, sms: int, small: bool = False, row_split: bool = False) -> list[dict]:
     """Launch settings to try at ``m`` tokens (``sms``: the device's SM count, for multi_token's grid; ``small``:
-    factor tiles of at most 64 x 64)."""
+    factor tiles of at most 64 x 64; ``row_split``: n1 leaves a row block of its padded tile unused, so that
+    multi_token_split differs from multi_token)."""
     out: list[dict] = [{"variant": "whole", "num_warps": w} for w in (4, 8)]
     out += [{"variant": "chunked", "block_cols": b, "num_warps": w} for b in (32, 64) for w in (4, 8)]
     if m > 16:
@@ -57,6 +66,9 @@ def configs(m: int, sms: int, small: bool = False) -> list[dict]:
         out += [{"variant": "multi_token", "block_tokens": tb, "prefetch": pf, "num_stages": st, "num_warps": w,
                  "programs": per_sm * sms}
                 for tb, pf, st, w, per_sm in (MULTI_TOKEN_64 if small else MULTI_TOKEN_128)]
+        if row_split:
+            out += [{"variant": "multi_token_split", "num_stages": st, "num_warps": w, "programs": per_sm * sms}
+                    for st, w, per_sm in MULTI_TOKEN_SPLIT]
     if m <= 64:
         out += [{"variant": "split", "block_cols": b, "num_warps": w} for b in (16, 32, 64) for w in (4, 8)]
     return out
@@ -68,6 +80,8 @@ def _describe(cfg: dict) -> str:
     if cfg["variant"] == "multi_token":
         load = "pf" if cfg["prefetch"] else f"st{cfg['num_stages']}"
         return f"multi_token/tb{cfg['block_tokens']}/{load}/{cfg['num_warps']}w/p{cfg['programs']}"
+    if cfg["variant"] == "multi_token_split":
+        return f"multi_token_split/st{cfg['num_stages']}/{cfg['num_warps']}w/p{cfg['programs']}"
     return f"{cfg['variant']}/{cfg.get('block_cols', '-')}/{cfg['num_warps']}w"
 
 
@@ -110,7 +124,8 @@ def main() -> int:
             t_def = graph_time(lambda: kron_quant_triton(x, left, right, clip, n1, up=up))
             res = []
             failed = []
-            for cfg in configs(m, sms, small=max(n1, n2) <= 64):
+            split = row_split_blocks(n1, 1 << (n1 - 1).bit_length()) > 0
+            for cfg in configs(m, sms, small=max(n1, n2) <= 64, row_split=split):
                 if variants is not None and cfg["variant"] not in variants:
                     continue
                 try:
@@ -131,7 +146,7 @@ def main() -> int:
                   f"{_describe(best)} {best['us']:9.1f} | floor {floor:7.1f} ({floor / best['us']:.2f}) | all equal "
                   f"{all(r['equal'] for r in res)} | failed {len(failed)}", flush=True)
             for r in sorted(res, key=lambda r: r["us"]):
-                if r["variant"] in ("pipelined_fastq", "multi_token"):
+                if r["variant"] in ("pipelined_fastq", "multi_token", "multi_token_split"):
                     print(f"{'':>16}{_describe(r):<44} {r['us']:9.1f} us ({floor / r['us']:.2f} of floor) equal "
                           f"{r['equal']}", flush=True)
     write_json(a.out, {"command": " ".join(sys.argv), "env": environment(), "copy_GBps": bw * 1e-9, "rows": rows})

@@ -6,7 +6,9 @@ launched kernel's ``n_regs`` / ``n_spills`` need a driver).
 The integer arguments are specialised as a launch specialises them for LLaMA's sizes (pointers, T, n2 and the
 strides divisible by 16; n1 too, unless ``--n1-odd``: 86 is not), so loads and stores vectorise as they do on the
 GPU. Use the Triton of the GPU machine, e.g. an unpacked wheel: ``PYTHONPATH=/tmp/triton36 python
-scripts/offline_sm90.py --tb 1 2 4 --warps 4 8`` (5-40 s per configuration on one core).
+scripts/offline_sm90.py --tb 1 2 4 --warps 4 8`` (5-40 s per configuration on one core). ``--row-split``: the
+multi_token_split kernel instead (2 row blocks, n1 odd as 86, and 3, n1 divisible by 16 as 112), e.g. ``--row-split
+--warps 8 --stages 3 --glu``.
 """
 
 from __future__ import annotations
@@ -79,9 +81,16 @@ def main() -> int:
     ap.add_argument("--glu", action="store_true", help="the SwiGLU input (down_proj)")
     ap.add_argument("--n1-odd", action="store_true", help="n1 not divisible by 16 (86)")
     ap.add_argument("--no-baseline", action="store_true", help="skip pipelined_fastq")
+    ap.add_argument("--row-split", action="store_true", help="multi_token_split only (see the module docstring)")
     a = ap.parse_args()
     base = {"N1P": a.tile, "N2P": a.tile, "G": 1, "GP": 2, "QMAX": 7, "PACK": True, "F32_DOT": False,
             "HAS_GLU": a.glu, "INTERPRET_BF16": False}
+    if a.row_split:
+        print(f"# triton {triton.__version__}, {a.tile}x{a.tile} tiles, glu={a.glu}")
+        for nblk, w in itertools.product((2, 3), a.warps):
+            res = compile_sm90(kq._kron_quant_rowsplit_kernel, {**base, "NBLK": nblk}, w, a.stages, nblk == 2)
+            print(f"multi_token_split {nblk} blocks {w}w {a.stages} stages: {res}", flush=True)
+        return 0
     print(f"# triton {triton.__version__}, {a.tile}x{a.tile} tiles, glu={a.glu}, n1 odd={a.n1_odd}")
     if not a.no_baseline:
         for w in a.warps:

@@ -470,6 +470,157 @@ def _kron_quant_tb_kernel(
 
 
 @triton.jit
+def _pair_rows(N2P: tl.constexpr):
+    """Row ``m`` of the row-split layout's transposed tiles holds column ``π(m)`` of the token's ``Y``: within each
+    16-row block, rows ``m`` and ``m + 8`` (which one thread holds in a wgmma accumulator) are the even / odd
+    columns ``2r`` and ``2r + 1`` (``r = m mod 8``), so that packed pairs need no data movement."""
+    m = tl.arange(0, N2P)
+    return (m // 16) * 16 + 2 * (m % 8) + (m // 8) % 2
+
+
+@triton.jit
+def _hi_lo(hi_a, lo_a, hi_b, lo_b):
+    """Combine of a joint (max, min) reduction."""
+    return tl.maximum(hi_a, hi_b), tl.minimum(lo_a, lo_b)
+
+
+@triton.jit
+def _cat_cols(a, b):
+    """``[a | b]``: two ``(M, W)`` tiles side by side, ``(M, 2W)``."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
+
+
+@triton.jit
+def _load_xt(x_ptr, u_ptr, t, stride_xt, n1, n2, a0, BW: tl.constexpr, N2P: tl.constexpr, HAS_GLU: tl.constexpr,
+             INTERPRET_BF16: tl.constexpr):
+    """Rows ``[a0, a0 + BW)`` of token ``t``'s ``X``, transposed: ``(N2P, BW)`` (padding 0)."""
+    k = tl.arange(0, N2P)
+    a = a0 + tl.arange(0, BW)
+    return _load_act(x_ptr, u_ptr, t * stride_xt + a[None, :] * n2 + k[:, None], (k < n2)[:, None] & (a < n1)[None, :],
+                     HAS_GLU, INTERPRET_BF16)
+
+
+@triton.jit
+def _load_nwt(nw_ptr, n1, n2, a0, BW: tl.constexpr, N2P: tl.constexpr):
+    """The RMSNorm weight of rows ``[a0, a0 + BW)``, transposed as :func:`_load_xt`: ``(N2P, BW)`` fp32."""
+    k = tl.arange(0, N2P)
+    a = a0 + tl.arange(0, BW)
+    return tl.load(nw_ptr + a[None, :] * n2 + k[:, None], mask=(k < n2)[:, None] & (a < n1)[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_l_cols(l_ptr, n1, a0, BW: tl.constexpr, N1P: tl.constexpr):
+    """Columns ``[a0, a0 + BW)`` of ``L``, ``(N1P, BW)`` (padding 0): the right operand of ``Yᵀ = Zᵀ L``."""
+    a = tl.arange(0, N1P)
+    b = a0 + tl.arange(0, BW)
+    return tl.load(l_ptr + a[:, None] * n1 + b[None, :], mask=(a < n1)[:, None] & (b < n1)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_codes_t(q, q_base, n1, n2, a0, BW: tl.constexpr, N2P: tl.constexpr, PACK: tl.constexpr):
+    """Store the int32 codes ``q`` ``(N2P, BW)`` of rows ``[a0, a0 + BW)`` of a token's ``Y``, transposed with its
+    rows in :func:`_pair_rows` order, at ``q_base`` (packed: element 2k in the low nibble of byte k)."""
+    b = a0 + tl.arange(0, BW)
+    if PACK:
+        # rows (16w + r, 16w + 8 + r) are columns (2(8w + r), 2(8w + r) + 1): byte 8w + r of each row of Y
+        pairs = tl.reshape(tl.permute(tl.reshape(q, (N2P // 16, 2, 8, BW)), (0, 2, 3, 1)), (N2P // 2, BW, 2))
+        jh = tl.arange(0, N2P // 2)
+        half = n2 // 2
+        tl.store(q_base + b[None, :] * half + jh[:, None], _nibbles(pairs),
+                 mask=(jh < half)[:, None] & (b < n1)[None, :])
+    else:
+        j = _pair_rows(N2P)
+        tl.store(q_base + b[None, :] * n2 + j[:, None], q.to(tl.int8), mask=(j < n2)[:, None] & (b < n1)[None, :])
+
+
+@triton.jit
+def _kron_quant_rowsplit_kernel(
+    x_ptr, u_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr, nw_ptr,
+    T, n1, n2, stride_xt, stride_qt, stride_qg, stride_sg, eps,
+    N1P: tl.constexpr, N2P: tl.constexpr, NBLK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    QMAX: tl.constexpr, PACK: tl.constexpr, F32_DOT: tl.constexpr, HAS_GLU: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr, HAS_NORM: tl.constexpr = False, PDL: tl.constexpr = False,
+    INTERPRET: tl.constexpr = False,
+):
+    # multi_token at one token per block, transposed, with the token's n1 rows split into NBLK blocks of N1P/2,
+    # N1P/4 (and N1P/8) rows instead of one block of N1P (86 -> 64 + 32, 112 -> 64 + 32 + 16 of 128): per token
+    # Zᵀ = Rᵀ Xᵀ is one product per block (M = N2P, K = N2P, N = the block; wgmma needs M >= 64, not N), the
+    # rounded blocks side by side with zeros up to N1P make the left operand of Yᵀ = Zᵀ L, computed per column
+    # block of L (K = N1P whole: each output sums over the same terms in the same order as whole's Lᵀ Z, so the
+    # codes are whole's bit for bit; a K split would change the fp32 summation order). The range, codes and
+    # packing run over N2P x (64 + 32 [+ 16]) elements instead of N2P x N1P. Rᵀ is loaded with its rows in
+    # _pair_rows order, so that the two codes of a packed byte are held by one thread.
+    m_cols = _pair_rows(N2P)
+    k = tl.arange(0, N2P)
+    rt = tl.load(r_ptr + k[None, :] * n2 + m_cols[:, None], mask=(m_cols < n2)[:, None] & (k < n2)[None, :],
+                 other=0.0)  # (N2P, N2P): rt[m, k] = R[k, π(m)]
+    BA: tl.constexpr = N1P // 2
+    BB: tl.constexpr = N1P // 4
+    BC: tl.constexpr = N1P // 8
+    l_a = _load_l_cols(l_ptr, n1, 0, BA, N1P)
+    l_b = _load_l_cols(l_ptr, n1, BA, BB, N1P)
+    if NBLK == 3:
+        l_c = _load_l_cols(l_ptr, n1, BA + BB, BC, N1P)
+    if HAS_NORM:
+        nw_a = _load_nwt(nw_ptr, n1, n2, 0, BA, N2P)
+        nw_b = _load_nwt(nw_ptr, n1, n2, BA, BB, N2P)
+        if NBLK == 3:
+            nw_c = _load_nwt(nw_ptr, n1, n2, BA + BB, BC, N2P)
+    gg, clip_lo, clip_hi = _load_clips(clip_ptr, G, GP)
+    pdl_wait(PDL)
+    dt = x_ptr.dtype.element_ty
+    for tt in range(tl.program_id(0), T, tl.num_programs(0)):
+        t = tl.cast(tt, tl.int64)
+        xa = _load_xt(x_ptr, u_ptr, t, stride_xt, n1, n2, 0, BA, N2P, HAS_GLU, INTERPRET_BF16)  # (N2P, BA)
+        xb = _load_xt(x_ptr, u_ptr, t, stride_xt, n1, n2, BA, BB, N2P, HAS_GLU, INTERPRET_BF16)  # (N2P, BB)
+        if NBLK == 3:
+            xc = _load_xt(x_ptr, u_ptr, t, stride_xt, n1, n2, BA + BB, BC, N2P, HAS_GLU, INTERPRET_BF16)
+        if HAS_NORM:  # the mean of squares summed per block: may differ from whole's in its last bit
+            fa = xa.to(tl.float32)
+            fb = xb.to(tl.float32)
+            sq = tl.sum(tl.sum(fa * fa, axis=1), axis=0) + tl.sum(tl.sum(fb * fb, axis=1), axis=0)
+            if NBLK == 3:
+                fc = xc.to(tl.float32)
+                sq += tl.sum(tl.sum(fc * fc, axis=1), axis=0)
+            inv = _inv_rms(sq, n1 * n2, eps)
+            xa = _rms_scaled(fa, inv, nw_a, dt, INTERPRET_BF16)
+            xb = _rms_scaled(fb, inv, nw_b, dt, INTERPRET_BF16)
+            if NBLK == 3:
+                xc = _rms_scaled(fc, inv, nw_c, dt, INTERPRET_BF16)
+        za = _rounded(_mma(rt, xa, F32_DOT), dt, INTERPRET_BF16)  # (N2P, BA): rows π(m) of Z's columns, Z = X R
+        zb = _rounded(_mma(rt, xb, F32_DOT), dt, INTERPRET_BF16)  # (N2P, BB)
+        if NBLK == 3:
+            zc = _rounded(_mma(rt, xc, F32_DOT), dt, INTERPRET_BF16)  # (N2P, BC)
+            zt = _cat_cols(za, _cat_cols(zb, _cat_cols(zc, tl.zeros_like(zc))))  # (N2P, N1P)
+        else:
+            zt = _cat_cols(za, _cat_cols(zb, tl.zeros_like(zb)))  # (N2P, N1P)
+        ya = _mma(zt, l_a, F32_DOT)  # (N2P, BA): Yᵀ, rows in _pair_rows order
+        yb = _mma(zt, l_b, F32_DOT)  # (N2P, BB)
+        # per-row ranges of the blocks merged, then one cross-warp reduction of both ends (instead of one per
+        # block and end)
+        row_hi = tl.maximum(tl.max(ya, axis=1), tl.max(yb, axis=1))  # (N2P,)
+        row_lo = tl.minimum(tl.min(ya, axis=1), tl.min(yb, axis=1))
+        if NBLK == 3:
+            yc = _mma(zt, l_c, F32_DOT)  # (N2P, BC)
+            row_hi = tl.maximum(row_hi, tl.max(yc, axis=1))
+            row_lo = tl.minimum(row_lo, tl.min(yc, axis=1))
+        y_hi, y_lo = tl.reduce((row_hi, row_lo), 0, _hi_lo)
+        y_hi = tl.maximum(y_hi, 0.0)
+        y_lo = tl.minimum(y_lo, 0.0)
+        for g in tl.static_range(G):
+            scale = _lac_scale(y_hi, y_lo, clip_lo, clip_hi, gg, g, QMAX)
+            fast_ok = _fast_scales(scale, tl.maximum(y_hi, -y_lo))
+            tl.store(s_ptr + g * stride_sg + t, scale)
+            q_base = q_ptr + g * stride_qg + t * stride_qt
+            _store_codes_t(_codes(ya, scale, fast_ok, QMAX, True, INTERPRET), q_base, n1, n2, 0, BA, N2P, PACK)
+            _store_codes_t(_codes(yb, scale, fast_ok, QMAX, True, INTERPRET), q_base, n1, n2, BA, BB, N2P, PACK)
+            if NBLK == 3:
+                _store_codes_t(_codes(yc, scale, fast_ok, QMAX, True, INTERPRET), q_base, n1, n2, BA + BB, BC, N2P,
+                               PACK)
+
+
+@triton.jit
 def _kron_right_kernel(
     x_ptr, u_ptr, r_ptr, z_ptr, ROWS, n2,
     BM: tl.constexpr, N2P: tl.constexpr, F32_DOT: tl.constexpr, HAS_GLU: tl.constexpr,
@@ -586,8 +737,9 @@ def grid_programs(device: torch.device) -> int:
     return 4 * sm_count(device)
 
 
-VARIANTS = ("whole", "chunked", "split", "two_pass", "pipelined", "pipelined_fastq", "multi_token")
-PIPELINED = ("pipelined", "pipelined_fastq", "multi_token")  # need both factors (else whole)
+VARIANTS = ("whole", "chunked", "split", "two_pass", "pipelined", "pipelined_fastq", "multi_token",
+            "multi_token_split")
+PIPELINED = ("pipelined", "pipelined_fastq", "multi_token", "multi_token_split")  # need both factors (else whole)
 SPLIT_MAX_T = 16  # tokens up to which large transforms are split across programs (decode)
 SPLIT_MIN_ELEMS = 64 * 128  # padded n1 x n2 from which the split pays for its second launch
 PIPELINE_MIN_T = 128  # tokens from which the pipelined, division-free layouts are the default (prefill)
@@ -597,6 +749,17 @@ MULTI_TOKEN_TILE = 128  # padded n1 = n2 at which multi_token is the prefill def
 # 3-stage cp.async pipeline (no register prefetch), 8 warps, one program per SM; larger blocks hit the 255-register
 # cap and were slower (K=14336, 2048 tokens: 75.7 us with 2 tokens, 176.6 with 4, against 61.0).
 MULTI_TOKEN_BLOCK, MULTI_TOKEN_STAGES, MULTI_TOKEN_PROGRAMS_PER_SM = 1, 3, 1
+
+
+def row_split_blocks(n1: int, n1p: int) -> int:
+    """Row blocks of the ``multi_token_split`` layout for ``n1`` rows padded to ``n1p``: 2 (``n1p/2 + n1p/4``) for
+    ``n1 <= 3/4 n1p``, 3 (``+ n1p/8``) for ``n1 <= 7/8 n1p``, else 0 (no saving: ``multi_token`` runs instead);
+    blocks are at least 16 rows (the smallest tl.dot side)."""
+    if 4 * n1 <= 3 * n1p and n1p >= 64:
+        return 2
+    if 8 * n1 <= 7 * n1p and n1p >= 128:
+        return 3
+    return 0
 
 
 def default_variant(t: int, n1: int, n2: int) -> str:
@@ -666,6 +829,16 @@ def kron_quant_triton(
       before this block is transformed (else the loads are left to the compiler's pipelining over
       ``num_stages``, into shared memory); left as ``None``: one token per block,
       no register prefetch, 3 stages, one program per SM (measured best, see :func:`default_variant`).
+    * ``"multi_token_split"``: ``multi_token`` at one token per block for an ``n1`` that pads badly, its rows in
+      blocks of ``n1p/2 + n1p/4`` (``n1 <= 3/4 n1p``: 86 -> 64 + 32 of 128) or ``n1p/2 + n1p/4 + n1p/8``
+      (``n1 <= 7/8 n1p``: 112 -> 64 + 32 + 16) instead of the padded ``n1p`` (:func:`row_split_blocks`; otherwise
+      ``multi_token`` runs). The products run transposed, ``Zᵀ = Rᵀ Xᵀ`` per row block and ``Yᵀ = Zᵀ L`` per
+      column block of ``L`` (the MMA's M is ``n2p``, so wgmma needs ``n2p >= 64``, not the blocks), the left
+      product reducing over the whole padded ``n1`` in one dot so that every sum has whole's terms in whole's
+      order: the codes are whole's bit for bit in the interpreter. Same launch defaults as ``multi_token`` (8
+      warps, 3 stages, one program per SM). Opt-in until timed on a GPU (``bench/probe_kron.py``): the offline
+      sm_90 compile has 10 % fewer issued instructions per token than ``multi_token`` at 86 rows (15 % with the
+      SwiGLU input) and 25 % fewer MMA flops, but 7 % more instructions at 112 rows (12.5 % fewer flops).
 
     ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``norm``, ``eps``: see :func:`kron_quant_multi`
     (in the kernel for the whole, chunked, split, pipelined and multi_token layouts with a right factor, else a
@@ -695,6 +868,15 @@ def kron_quant_triton(
         variant = "whole"  # one product: nothing to split into passes / the pipelined kernel needs both factors
     if block_cols is not None and (block_cols < 16 or block_cols & (block_cols - 1)):
         raise ValueError(f"block_cols must be a power of two >= 16, got {block_cols}")
+    # Both products reduce over a padded factor side; a bf16/fp16 tl.dot with a reduction side of 16 gave wrong
+    # results on the H200 (Triton 3.6, see kv_attention.py), so on CUDA the sides are at least 32.
+    n1p, n2p = next_pow2(n1, floor=16 if on_cpu(x) else 32), next_pow2(n2, floor=16 if on_cpu(x) else 32)
+    if variant == "multi_token_split" and not row_split_blocks(n1, n1p):
+        variant = "multi_token"  # n1 fills its padded tile: nothing to split
+    if variant == "multi_token_split":
+        num_stages = num_stages or MULTI_TOKEN_STAGES
+        if programs is None and x.device.type == "cuda":
+            programs = MULTI_TOKEN_PROGRAMS_PER_SM * sm_count(x.device)
     if variant == "multi_token":
         block_tokens = block_tokens or MULTI_TOKEN_BLOCK
         prefetch = False if prefetch is None else prefetch
@@ -716,15 +898,12 @@ def kron_quant_triton(
         return codes, scale
     stride_qg, stride_sg = (codes.stride(0), scale.stride(0)) if multi else (0, 0)
     cpu = on_cpu(x)
-    # Both products reduce over a padded factor side; a bf16/fp16 tl.dot with a reduction side of 16 gave wrong
-    # results on the H200 (Triton 3.6, see kv_attention.py), so on CUDA the sides are at least 32.
-    n1p, n2p = next_pow2(n1, floor=16 if cpu else 32), next_pow2(n2, floor=16 if cpu else 32)
     # H200 (bench/results/probe_decode_h200.json): 8 warps at a few tokens (K=14336: 18.4 vs 20.6 us at one
     # token), 4 warps with 4 programs per SM at many (K=14336, 32768 tokens: 2.21 vs 3.36 ms); the pipelined
     # layouts (probe_kron_h200_s6.json): 4 warps, but 8 with the SwiGLU input (2048 tokens: 144.9 vs 164.7 us).
     # multi_token: 8 warps, so that a block's fp32 tiles (block_tokens x 64 KiB at 128 x 128) fit the registers.
-    warps = num_warps or (8 if t <= 64 or (up is not None and variant in PIPELINED) or variant == "multi_token"
-                          else 4)
+    warps = num_warps or (8 if t <= 64 or (up is not None and variant in PIPELINED)
+                          or variant in ("multi_token", "multi_token_split") else 4)
     extra = launch_options(x.device, t, num_warps=warps, num_stages=num_stages)
     lp, rp = left if left is not None else x, right if right is not None else x
     flags = {"HAS_LEFT": left is not None, "HAS_RIGHT": right is not None,
@@ -763,6 +942,15 @@ def kron_quant_triton(
             x, up_p, lp, rp, clips, codes, scale, nw, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
             float(eps), N1P=n1p, N2P=n2p, TB=block_tokens, F32_DOT=flags["F32_DOT"], HAS_GLU=flags["HAS_GLU"],
             INTERPRET_BF16=flags["INTERPRET_BF16"], **quant, HAS_NORM=norm is not None, PREFETCH=prefetch,
+            INTERPRET=cpu, **extra,
+        )
+        return codes, scale
+    if variant == "multi_token_split":
+        rs_kernel = cpu_kernel(_kron_quant_rowsplit_kernel) if cpu else _kron_quant_rowsplit_kernel
+        rs_kernel[(grid,)](
+            x, up_p, lp, rp, clips, codes, scale, nw, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
+            float(eps), N1P=n1p, N2P=n2p, NBLK=row_split_blocks(n1, n1p), F32_DOT=flags["F32_DOT"],
+            HAS_GLU=flags["HAS_GLU"], INTERPRET_BF16=flags["INTERPRET_BF16"], **quant, HAS_NORM=norm is not None,
             INTERPRET=cpu, **extra,
         )
         return codes, scale

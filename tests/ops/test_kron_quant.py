@@ -317,6 +317,148 @@ def test_multi_token_equals_whole(device: str, case: tuple, pack: bool) -> None:
             assert torch.equal(got[0], fast[0]) and torch.equal(got[1], fast[1])
 
 
+ROW_SPLIT_CASES = [  # (tokens, n1, n2, clip pairs, SwiGLU input, programs): n1 = 43 / 40 / 48 pad to 64 and split
+    # 32 + 16 (LLaMA's 86 of 128 scaled down), 100 and 112 split 64 + 32 + 16 of 128, 70 and 86 split 64 + 32;
+    # odd token counts, looping grids
+    (5, 43, 16, 1, False, None), (7, 40, 24, 2, True, 2), (9, 48, 10, 3, False, 4), (3, 100, 16, 2, True, 1),
+    (4, 70, 10, 1, True, 3), (3, 86, 128, 2, False, None), (2, 112, 128, 1, True, 1),
+]
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("case", ROW_SPLIT_CASES, ids=str)
+@pytest.mark.parametrize("pack", [True, False])
+def test_multi_token_split_equals_whole(device: str, case: tuple, pack: bool) -> None:
+    """The multi_token_split layout (the token's rows in blocks of n1p/2, n1p/4 [, n1p/8], transposed products
+    with the left product's reduction over the whole padded n1) gives whole's codes and scales bit for bit under
+    the interpreter, with and without the SwiGLU input, for 1-3 clip pairs and looping grids; on the GPU the
+    reference's within its tolerance."""
+    from flatquant.ops.kron_quant import row_split_blocks
+
+    t, n1, n2, groups, glu, programs = case
+    assert row_split_blocks(n1, 1 << (n1 - 1).bit_length()) in (2, 3)
+    g = torch.Generator().manual_seed(t * 100 + n1)
+    x = (torch.randn(t, n1 * n2, generator=g) * 3).to(torch.bfloat16)
+    up = (torch.randn(t, n1 * n2, generator=g) * 2).to(torch.bfloat16) if glu else None
+    (x if up is None else up)[:, 2] *= 40  # an outlier channel (in up: silu of a huge gate overflows exp)
+    x[t // 2] = 0  # an all-zero token (scale 1)
+    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(torch.bfloat16)
+    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(torch.bfloat16)
+    clip = (torch.rand(groups, 2, generator=g) * 0.5 + 0.5) if groups > 1 else torch.tensor([0.9, 0.95])
+
+    def to(v):
+        return None if v is None else v.to(device)
+
+    args = (x.to(device), left.to(device), right.to(device), clip.to(device), n1, 4, pack, to(up))
+    whole = kron_quant_triton(*args, variant="whole")
+    got = kron_quant_triton(*args, variant="multi_token_split", programs=programs)
+    if device == "cpu":
+        assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])
+    elif up is None:
+        _assert_matches_reference(x, left, right, n1, clip, got, pack)
+    else:  # tensor-core tiles of other shapes: within one code of whole's
+        unpack = ref.unpack_int4_ref if pack else (lambda c: c)
+        diff = (unpack(got[0].cpu().reshape(-1, whole[0].shape[-1])).int()
+                - unpack(whole[0].cpu().reshape(-1, whole[0].shape[-1])).int()).abs()
+        assert int(diff.max()) <= 1
+        torch.testing.assert_close(got[1].cpu(), whole[1].cpu(), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("n1,n2", [(43, 16), (100, 12)])
+def test_multi_token_split_dtypes(device: str, dtype: torch.dtype, n1: int, n2: int) -> None:
+    """multi_token_split with fp16 and fp32 inputs (two and three row blocks): whole's codes and scales bit for bit
+    under the interpreter, the reference's within its tolerance on the GPU."""
+    g = torch.Generator().manual_seed(n1 + n2)
+    x = (torch.randn(5, n1 * n2, generator=g) * 3).to(dtype)
+    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(dtype)
+    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(dtype)
+    clips = torch.tensor([[0.9, 0.95], [0.7, 1.0]])
+    args = (x.to(device), left.to(device), right.to(device), clips.to(device), n1)
+    whole = kron_quant_triton(*args, variant="whole")
+    got = kron_quant_triton(*args, variant="multi_token_split", programs=2)
+    if device == "cpu":
+        assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])
+    else:
+        _assert_matches_reference(x, left, right, n1, clips, got)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("n1", [43, 100])
+def test_multi_token_split_norm_input(device: str, n1: int) -> None:
+    """``norm`` given: the in-kernel RMSNorm of multi_token_split (its mean of squares summed per row block) gives
+    the codes of whole's in-kernel norm up to a last-bit difference of the mean (codes ±1 at most at a few
+    elements), scales to 1e-2."""
+    g = torch.Generator().manual_seed(n1)
+    n2, t, eps = 16, 5, 1e-5
+    x = (torch.randn(t, n1 * n2, generator=g) * 4).to(torch.bfloat16)
+    x[1, :7] *= 30
+    w = (torch.rand(n1 * n2, generator=g) + 0.5).to(torch.bfloat16)
+    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(torch.bfloat16)
+    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(torch.bfloat16)
+    clips = torch.tensor([[0.9, 0.95], [1.0, 0.8]])
+    args = [v.to(device) for v in (x, left, right, clips)]
+    whole = kron_quant_multi_triton(*args, n1, 4, True, w.to(device), eps, variant="whole")
+    got = kron_quant_multi_triton(*args, n1, 4, True, w.to(device), eps, variant="multi_token_split")
+    diff = (ref.unpack_int4_ref(got[0].cpu()).int() - ref.unpack_int4_ref(whole[0].cpu()).int()).abs()
+    assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= 2, int((diff > 0).sum())
+    torch.testing.assert_close(got[1].cpu(), whole[1].cpu(), rtol=1e-2, atol=0)
+
+
+def test_multi_token_split_blocks_and_fallback() -> None:
+    """Row blocks per padded side (86 -> 64 + 32, 112 -> 64 + 32 + 16 of 128; none when n1 fills its tile or the
+    blocks would be under 16 rows); without a saving the layout runs multi_token (same codes)."""
+    from flatquant.ops.kron_quant import default_variant, row_split_blocks
+
+    assert row_split_blocks(86, 128) == row_split_blocks(96, 128) == row_split_blocks(43, 64) == 2
+    assert row_split_blocks(112, 128) == row_split_blocks(97, 128) == 3
+    assert row_split_blocks(113, 128) == row_split_blocks(128, 128) == row_split_blocks(56, 64) == 0
+    assert row_split_blocks(20, 32) == row_split_blocks(12, 16) == 0
+    assert default_variant(2048, 86, 128) == "multi_token"  # opt-in until measured on a GPU
+    g = torch.Generator().manual_seed(1)
+    n1, n2 = 30, 16  # 30 of 32 rows: nothing to split
+    x = torch.randn(4, n1 * n2, generator=g).to(torch.bfloat16)
+    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(torch.bfloat16)
+    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(torch.bfloat16)
+    clip = torch.tensor([0.9, 0.95])
+    got = kron_quant_triton(x, left, right, clip, n1, variant="multi_token_split")
+    want = kron_quant_triton(x, left, right, clip, n1, variant="multi_token")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="multi_token layout only"):
+        kron_quant_triton(x, left, right, clip, n1, variant="multi_token_split", block_tokens=2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("k", [11008, 14336])
+@pytest.mark.parametrize("glu", [False, True])
+def test_cuda_multi_token_split_model_dims(k: int, glu: bool) -> None:
+    """multi_token_split at LLaMA's 86 x 128 (64 + 32 rows) and 112 x 128 (64 + 32 + 16) on the GPU: the
+    reference's codes within its tolerance (without the SwiGLU input), and every code within one of
+    multi_token's (its tensor-core tiles differ, so the fp32 sums need not agree to the bit)."""
+    from flatquant.core.kron import decompose_dim
+
+    n1, n2 = decompose_dim(k)
+    g = torch.Generator(device="cuda").manual_seed(k)
+    x = torch.randn(301, k, device="cuda", generator=g).to(torch.bfloat16)
+    x[7] = 0
+    x[:, 3] *= 100
+    up = torch.randn(301, k, device="cuda", generator=g).to(torch.bfloat16) if glu else None
+    left = torch.linalg.qr(torch.randn(n1, n1, device="cuda", generator=g))[0].to(torch.bfloat16)
+    right = torch.linalg.qr(torch.randn(n2, n2, device="cuda", generator=g))[0].to(torch.bfloat16)
+    clips = torch.tensor([[0.9, 0.95], [0.8, 1.0]], device="cuda")
+    for programs in (None, 7):
+        got = kron_quant_triton(x, left, right, clips, n1, up=up, variant="multi_token_split", programs=programs)
+        if up is None:
+            _assert_matches_reference(x, left, right, n1, clips, got)
+        base = kron_quant_triton(x, left, right, clips, n1, up=up, variant="multi_token")
+        diff = (ref.unpack_int4_ref(got[0].reshape(-1, k // 2)).int()
+                - ref.unpack_int4_ref(base[0].reshape(-1, k // 2)).int()).abs()
+        assert int(diff.max()) <= 1
+        torch.testing.assert_close(got[1], base[1], rtol=1e-3, atol=0)
+
+
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_multi_token_division_fallback_per_block(device: str) -> None:
     """A block whose tokens' scales are not all in the division-free range (here a token of magnitude ~1e-35, scale
