@@ -101,7 +101,13 @@ def main() -> int:
     dev = torch.device("cuda")
     sms = sm_count(dev)
     bw = copy_bandwidth()
-    rows = []
+    rows: list[dict] = []
+    env = environment()
+
+    def save(complete: bool) -> None:
+        write_json(a.out, {"command": " ".join(sys.argv), "env": env, "copy_GBps": bw * 1e-9, "complete": complete,
+                           "rows": rows})
+
     print(f"# copy bandwidth {bw * 1e-9:.0f} GB/s")
     for name, k, left_only, glu in SITES:
         if name not in sites:
@@ -141,6 +147,7 @@ def main() -> int:
             best = min(res, key=lambda r: r["us"])
             rows.append({"site": name, "k": k, "n1": n1, "n2": n2, "m": m, "floor_us": floor, "default": dflt,
                          "default_us": t_def, "best": best, "all": res, "failed": failed})
+            save(False)  # after every row: a time limit never loses what was measured
             whole = min((r["us"] for r in res if r["variant"] == "whole"), default=float("nan"))
             print(f"{name:>14} m={m:>6} | default {dflt:>7} {t_def:9.1f} us | whole {whole:9.1f} | best "
                   f"{_describe(best)} {best['us']:9.1f} | floor {floor:7.1f} ({floor / best['us']:.2f}) | all equal "
@@ -149,7 +156,7 @@ def main() -> int:
                 if r["variant"] in ("pipelined_fastq", "multi_token", "multi_token_split"):
                     print(f"{'':>16}{_describe(r):<44} {r['us']:9.1f} us ({floor / r['us']:.2f} of floor) equal "
                           f"{r['equal']}", flush=True)
-    write_json(a.out, {"command": " ".join(sys.argv), "env": environment(), "copy_GBps": bw * 1e-9, "rows": rows})
+    save(True)
     return 0
 
 
