@@ -40,8 +40,10 @@ KV-cache bytes (static cache: its layers' key/value tensors, sized prefill + dec
 only against the strongest baseline of the same run at that batch size — the fastest of ``hf-bf16-static``,
 ``torchao-*`` and ``hf-bf16-eager``, separately for prefill and for decode — and the table names which baseline
 that was; peak-memory and KV ratios are against the bf16 static-cache baseline (else the eager one). The JSON is
-rewritten after every row, so a run cut short by a time limit keeps what it measured; ``--merge`` joins the JSONs
-of several runs on one machine (e.g. engines split across calls) and recomputes the comparison.
+rewritten after every row, so a run cut short by a time limit keeps what it measured, and ``--resume`` continues it:
+the same command again runs only the (engine, batch) pairs that are not yet in ``--out`` (rows with errors, e.g.
+past ``--budget-s``, are run again), and records the earlier runs' environments as ``earlier_runs``. ``--merge``
+joins the JSONs of several runs on one machine (e.g. engines split across calls) and recomputes the comparison.
 
 ``--profile``: instead of the speed table, torch.profiler over one prefill and a few decode steps of
 ``--profile-engines`` (default ``real-w4a4kv4``) at batch 1 and 16; see ``bench/profile_e2e.py``.
@@ -457,8 +459,9 @@ def _error_row(engine: str, batch: int | None, e: BaseException) -> dict:
 
 
 def speed(a: argparse.Namespace, device: torch.device,
-          on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """All engines × batch sizes; ``on_row(rows)`` is called after every row (to save partial results)."""
+          on_row: Callable[[list[dict]], None] | None = None, prior: list[dict] | None = None) -> list[dict]:
+    """All engines × batch sizes; ``on_row(rows)`` is called after every row (to save partial results). ``prior``:
+    rows already measured (``--resume``), kept first; their (engine, batch) pairs are not run again."""
     args = model_args(a)
     builders = engine_builders(args, device)
     try:  # several compiled models (and batch sizes) must not exhaust dynamo's per-code recompile limit
@@ -469,7 +472,8 @@ def speed(a: argparse.Namespace, device: torch.device,
         log.warning("could not raise torch._dynamo's recompile limit: %s", e)
     batches = [int(x) for x in a.batches.split(",")]
     t_start = time.monotonic()
-    rows: list[dict] = []
+    rows: list[dict] = list(prior or [])
+    done = {(r["engine"], r["batch"]) for r in rows}
 
     def add(row: dict) -> None:
         rows.append(row)
@@ -478,6 +482,10 @@ def speed(a: argparse.Namespace, device: torch.device,
             on_row(rows)
 
     for name in parse_engines(a.engines):
+        todo = [b for b in batches if (name, b) not in done]
+        if not todo:
+            log.info("%s: every batch size already measured (--resume)", name)
+            continue
         if a.budget_s and time.monotonic() - t_start > a.budget_s:
             add({"engine": name, "error": f"skipped: past --budget-s {a.budget_s:g}"})
             continue
@@ -489,7 +497,7 @@ def speed(a: argparse.Namespace, device: torch.device,
             add(_error_row(name, None, e))
             _free_compiled(device)
             continue
-        for b in batches:
+        for b in todo:
             if a.budget_s and time.monotonic() - t_start > a.budget_s:
                 add({"engine": name, "batch": b, "error": f"skipped: past --budget-s {a.budget_s:g}"})
                 continue
@@ -506,6 +514,32 @@ def speed(a: argparse.Namespace, device: torch.device,
 
 def _ok(r: dict) -> bool:
     return "error" not in r and "batch" in r
+
+
+RESUME_KEYS = ("device", "tiny", "layers", "prefill", "decode", "repeats")  # settings a resumed run must share
+
+
+def resume_rows(a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """``--resume``: the rows measured without error in ``--out`` by an earlier run of the same settings, and the
+    environments of the runs that wrote it. A missing file starts afresh; other settings are refused in one line."""
+    if a.out is None:
+        raise SystemExit("--resume needs --out: the JSON of the run to continue")
+    if not a.out.exists():
+        log.info("--resume: %s does not exist yet; starting afresh", a.out)
+        return [], []
+    try:
+        old = json.loads(a.out.read_text())
+        old_args, old_rows = old["args"], old.get("speed", [])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--resume: {a.out} is not a bench_e2e JSON ({type(e).__name__}: {e}); pass another --out")
+    now = {k: str(v) for k, v in vars(a).items()}
+    diff = [f"{k} {old_args.get(k)} there, {now[k]} here" for k in RESUME_KEYS if old_args.get(k) != now[k]]
+    if diff:
+        raise SystemExit(f"--resume: {a.out} was measured with other settings ({'; '.join(diff)}); "
+                         "pass the same ones or another --out")
+    rows = [r for r in old_rows if _ok(r)]
+    log.info("--resume: keeping %d measured rows of %s", len(rows), a.out)
+    return rows, [*old.get("earlier_runs", []), old.get("env", {})]
 
 
 def compare(rows: list[dict]) -> dict[int, dict]:
@@ -719,6 +753,9 @@ def main() -> int:
                          "weights' own; `flatquant export` stores bf16 for a model that declares bf16)")
     ap.add_argument("--ppl-perturb", type=float, default=1e-6, help="relative embedding perturbation (default 1e-6)")
     ap.add_argument("--out", type=Path, default=None, help="JSON output path (rewritten after every row)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run whose JSON is --out: keep its measured rows and run only the missing "
+                         "(engine, batch) pairs (same --prefill/--decode/--repeats/--device/--tiny/--layers)")
     a = ap.parse_args()
     a.batches = a.batches or ("1,16" if a.quick else "1,4,16")
     a.decode = a.decode if a.decode is not None else (64 if a.quick else 256)
@@ -742,11 +779,15 @@ def main() -> int:
         _write(a.out, result)
         return 0
     if not a.skip_speed:
+        prior: list[dict] = []
+        if a.resume:
+            prior, result["earlier_runs"] = resume_rows(a)
+
         def save(rows: list[dict]) -> None:
             result["speed"] = rows
             _write(a.out, result)
 
-        result["speed"] = speed(a, device, save)
+        result["speed"] = speed(a, device, save, prior)
         result["baselines"] = compare(result["speed"])
         _write(a.out, result)
         print(table(result["speed"]))
