@@ -42,8 +42,9 @@ only against the strongest baseline of the same run at that batch size — the f
 that was; peak-memory and KV ratios are against the bf16 static-cache baseline (else the eager one). The JSON is
 rewritten after every row, so a run cut short by a time limit keeps what it measured, and ``--resume`` continues it:
 the same command again runs only the (engine, batch) pairs that are not yet in ``--out`` (rows with errors, e.g.
-past ``--budget-s``, are run again), and records the earlier runs' environments as ``earlier_runs``. ``--merge``
-joins the JSONs of several runs on one machine (e.g. engines split across calls) and recomputes the comparison.
+past ``--budget-s``, are run again; same settings and GPU, not with ``--merge``/``--profile``/``--skip-speed``;
+the earlier ``ppl`` is kept unless measured again), and records the earlier runs' environments as ``earlier_runs``.
+``--merge`` joins the JSONs of several runs on one machine (e.g. engines split across calls) and recomputes the comparison.
 
 ``--profile``: instead of the speed table, torch.profiler over one prefill and a few decode steps of
 ``--profile-engines`` (default ``real-w4a4kv4``) at batch 1 and 16; see ``bench/profile_e2e.py``.
@@ -519,27 +520,42 @@ def _ok(r: dict) -> bool:
 RESUME_KEYS = ("device", "tiny", "layers", "prefill", "decode", "repeats")  # settings a resumed run must share
 
 
-def resume_rows(a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
-    """``--resume``: the rows measured without error in ``--out`` by an earlier run of the same settings, and the
-    environments of the runs that wrote it. A missing file starts afresh; other settings are refused in one line."""
+def resume_rows(a: argparse.Namespace, env: dict) -> tuple[list[dict], list[dict], dict]:
+    """``--resume``: the rows measured without error in ``--out`` by an earlier run of the same settings on the same
+    GPU (``env``: this run's :func:`environment`), the environments of the runs that wrote it, and its other results
+    that this run keeps unless it measures them again (``ppl``). A missing file starts afresh; other settings or a
+    malformed file are refused in one line."""
     if a.out is None:
         raise SystemExit("--resume needs --out: the JSON of the run to continue")
     if not a.out.exists():
         log.info("--resume: %s does not exist yet; starting afresh", a.out)
-        return [], []
+        return [], [], {}
     try:
         old = json.loads(a.out.read_text())
         old_args, old_rows = old["args"], old.get("speed", [])
+        if not isinstance(old_args, dict) or not isinstance(old_rows, list):
+            raise TypeError("args must be an object and speed a list")
+        if not isinstance(old.get("env", {}), dict) or not isinstance(old.get("earlier_runs", []), list):
+            raise TypeError("env must be an object and earlier_runs a list")
+        for r in old_rows:
+            if not isinstance(r, dict) or "engine" not in r:
+                raise TypeError(f"speed row without an engine: {str(r)[:80]}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"--resume: {a.out} is not a bench_e2e JSON ({type(e).__name__}: {e}); pass another --out")
     now = {k: str(v) for k, v in vars(a).items()}
     diff = [f"{k} {old_args.get(k)} there, {now[k]} here" for k in RESUME_KEYS if old_args.get(k) != now[k]]
+    old_gpu = old.get("env", {}).get("gpu")
+    if old_gpu != env.get("gpu"):
+        diff.append(f"gpu {old_gpu} there, {env.get('gpu')} here")
     if diff:
         raise SystemExit(f"--resume: {a.out} was measured with other settings ({'; '.join(diff)}); "
                          "pass the same ones or another --out")
-    rows = [r for r in old_rows if _ok(r)]
+    # the comparison is recomputed over all rows (as --merge does)
+    rows = [{k: v for k, v in r.items() if not k.endswith(("_speedup", "_baseline", "_ratio", "bf16_reference"))}
+            for r in old_rows if _ok(r)]
     log.info("--resume: keeping %d measured rows of %s", len(rows), a.out)
-    return rows, [*old.get("earlier_runs", []), old.get("env", {})]
+    kept = {k: old[k] for k in ("ppl",) if k in old}
+    return rows, [*old.get("earlier_runs", []), old.get("env", {})], kept
 
 
 def compare(rows: list[dict]) -> dict[int, dict]:
@@ -765,6 +781,9 @@ def main() -> int:
     ppl_paths(a.ppl_paths)
     if not (math.isfinite(a.ppl_perturb) and a.ppl_perturb > -1):
         raise SystemExit(f"--ppl-perturb must be a finite number above -1, got {a.ppl_perturb}")
+    if a.resume and (a.merge or a.profile or a.skip_speed):
+        raise SystemExit("--resume continues a speed run; it does not combine with --merge, --profile or --skip-speed "
+                         "(they would rewrite --out without its measured rows)")
     if a.merge:
         result = merge(a.merge)
         _write(a.out, result)
@@ -781,7 +800,8 @@ def main() -> int:
     if not a.skip_speed:
         prior: list[dict] = []
         if a.resume:
-            prior, result["earlier_runs"] = resume_rows(a)
+            prior, result["earlier_runs"], kept = resume_rows(a, result["env"])
+            result.update(kept)  # e.g. the earlier run's ppl, unless this run measures it again
 
         def save(rows: list[dict]) -> None:
             result["speed"] = rows

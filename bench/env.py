@@ -59,4 +59,6 @@ def write_json(path: Path | None, result: dict) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=str))
+    tmp = path.with_suffix(path.suffix + ".tmp")  # atomic: a run killed mid-write keeps the previous JSON
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    tmp.replace(path)

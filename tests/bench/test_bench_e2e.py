@@ -49,3 +49,19 @@ def test_resume_refuses_other_settings(tmp_path: Path) -> None:
     bad.write_text("{not json")
     broken = _run(bad, "--engines", "real-w4a4kv4", "--resume")
     assert broken.returncode != 0 and "is not a bench_e2e JSON" in broken.stderr
+    for speed in ("null", '[{"batch": 1}]'):  # valid JSON of the wrong shape: one line too, no traceback
+        bad.write_text(before.replace('"speed": [', f'"speed": {speed}, "x": [', 1))
+        wrong = _run(bad, "--engines", "real-w4a4kv4", "--resume")
+        assert wrong.returncode != 0 and "is not a bench_e2e JSON" in wrong.stderr, wrong.stderr[-2000:]
+        assert "Traceback" not in wrong.stderr
+
+
+def test_resume_refuses_modes_that_rewrite_out(tmp_path: Path) -> None:
+    """--resume with --skip-speed / --merge / --profile would rewrite --out without its rows: refused, file kept."""
+    out = tmp_path / "e2e.json"
+    out.write_text('{"args": {}, "speed": [{"engine": "x", "batch": 1}]}')
+    before = out.read_text()
+    for extra in (["--skip-speed"], ["--merge", str(out)], ["--profile"]):
+        res = _run(out, "--engines", "real-w4a4kv4", "--resume", *extra)
+        assert res.returncode != 0 and "does not combine" in res.stderr and "Traceback" not in res.stderr
+    assert out.read_text() == before
