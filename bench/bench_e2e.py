@@ -44,7 +44,8 @@ rewritten after every row, so a run cut short by a time limit keeps what it meas
 the same command again runs only the (engine, batch) pairs that are not yet in ``--out`` (rows with errors, e.g.
 past ``--budget-s``, are run again; same settings and GPU, not with ``--merge``/``--profile``/``--skip-speed``;
 the earlier ``ppl`` is kept unless measured again), and records the earlier runs' environments as ``earlier_runs``.
-``--merge`` joins the JSONs of several runs on one machine (e.g. engines split across calls) and recomputes the comparison.
+``--merge`` joins the JSONs of several runs on one machine (e.g. engines split across calls) and recomputes the
+comparison.
 
 ``--profile``: instead of the speed table, torch.profiler over one prefill and a few decode steps of
 ``--profile-engines`` (default ``real-w4a4kv4``) at batch 1 and 16; see ``bench/profile_e2e.py``.
