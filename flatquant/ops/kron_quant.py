@@ -838,15 +838,16 @@ def kron_quant_triton(
       order: the codes are whole's bit for bit in the interpreter. Same launch defaults as ``multi_token`` (8
       warps, 3 stages, one program per SM). Opt-in until timed on a GPU (``bench/probe_kron.py``): the offline
       sm_90 compile has 10 % fewer issued instructions per token than ``multi_token`` at 86 rows (15 % with the
-      SwiGLU input) and 25 % fewer MMA flops, but 7 % more instructions at 112 rows (12.5 % fewer flops).
+      SwiGLU input) and 25 % fewer MMA flops, but 7.5 % more instructions at 112 rows (12.5 % fewer flops).
 
     ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``norm``, ``eps``: see :func:`kron_quant_multi`
-    (in the kernel for the whole, chunked, split, pipelined and multi_token layouts with a right factor, else a
-    separate RMSNorm first). ``programs`` caps the grid of the looping layouts (default 4 per SM on CUDA; for
-    multi_token, programs of ``block_tokens`` tokens each); ``block_cols`` (power of two >= 16; default 16 split, 32
-    chunked) is the column block; ``num_warps`` (default 8 at up to 64 tokens, for multi_token and for the
-    pipelined layouts with ``up``, else 4) and ``num_stages`` (default 1, multi_token's see above) are Triton launch
-    options (CUDA only).
+    (in the kernel for the whole, chunked, split, pipelined, multi_token and multi_token_split layouts with a right
+    factor, else a separate RMSNorm first). ``programs`` caps the grid of the looping layouts (default 4 per SM on
+    CUDA; for multi_token, programs of ``block_tokens`` tokens each; one per SM for multi_token_split);
+    ``block_cols`` (power of two >= 16; default 16 split, 32 chunked) is the column block; ``num_warps`` (default 8
+    at up to 64 tokens, for multi_token and multi_token_split and for the pipelined layouts with ``up``, else 4)
+    and ``num_stages`` (default 1, multi_token's and multi_token_split's see above) are Triton launch options (CUDA
+    only).
     """
     _check(x, left, right, n1, bits, pack)
     _check_up(x, up)
