@@ -470,6 +470,101 @@ def _kron_quant_tb_kernel(
 
 
 @triton.jit
+def _rounded_opaque(y, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """:func:`_rounded` (the same values), on CUDA to bf16 / fp16 by one ``cvt.rn`` per pair in inline assembly:
+    LLVM sees through a plain conversion and moves it from the producer of a loop-carried value to its consumer
+    in the next iteration (a phi of truncations becomes a truncation of a phi), which keeps the fp32 value alive
+    across the iteration."""
+    if INTERPRET or dtype == tl.float32:
+        out = _rounded(y, dtype, INTERPRET_BF16)
+    elif dtype == tl.bfloat16:
+        out = tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [y], dtype=tl.bfloat16,
+                                        is_pure=True, pack=2)
+    else:
+        out = tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [y], dtype=tl.float16,
+                                        is_pure=True, pack=2)
+    return out
+
+
+@triton.jit
+def _as_operand(x, nw, n, eps, N1P: tl.constexpr, N2P: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+                HAS_NORM: tl.constexpr):
+    """One token's ``(1, N1P, N2P)`` tile from :func:`_load_tokens` as the ``(N1P, N2P)`` left operand of its right
+    product, normalised with HAS_NORM (:func:`_rms_norm_tokens`, ``nw`` the weight tile). The sm_90 compile keeps
+    it in registers as the wgmma's A operand (a plain 2-D load is staged in shared memory, which Triton never
+    leaves in flight across loop iterations)."""
+    if HAS_NORM:
+        x = _rms_norm_tokens(x, nw, n, eps, INTERPRET_BF16)
+    return tl.reshape(x, (N1P, N2P))
+
+
+@triton.jit
+def _kron_quant_pipemma_kernel(
+    x_ptr, u_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr, nw_ptr,
+    T, n1, n2, stride_xt, stride_qt, stride_qg, stride_sg, eps,
+    N1P: tl.constexpr, N2P: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    QMAX: tl.constexpr, PACK: tl.constexpr, F32_DOT: tl.constexpr, HAS_GLU: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr, HAS_NORM: tl.constexpr = False, PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = True, INTERPRET: tl.constexpr = False,
+):
+    # multi_token at one token per block, software-pipelined by hand so that a token's right product runs on the
+    # tensor cores while the previous token's epilogue runs on the ALUs. Program p handles tokens p, p + P, ...;
+    # the iteration of token t finds X R of token t + P in flight and the rounded Z of token t done:
+    #   Y = Lᵀ Z_t                       wgmma, waited for at once (the epilogue needs it); the wait also
+    #                                    retires the in-flight X R of token t + P
+    #   Z_{t+P} = rounded(X R)           element-wise
+    #   X R of token t + 2P              wgmma left in flight across the rest of the iteration
+    #   range, scales, codes, stores     of token t, overlapping that wgmma
+    # (the first two tokens' right products run before the loop; tokens past T are zero tiles, neither read nor
+    # written: the last two right products of a program are wasted tensor-core work, not memory traffic).
+    # Triton 3.6's wgmma pipelining (asyncLaunchDots) leaves a dot in flight only when its result feeds nothing
+    # but the next iteration and that iteration first uses it after another dot's wait ("rule 3b"); every other
+    # dot is waited for right after it, and a dot staged through an in-loop shared-memory store never qualifies
+    # (the right product's X is a register operand here: _as_operand). Without PREFETCH it needs num_stages=1:
+    # with the loads pipelined (2-3 stages) the loop scheduler hoists the load-consuming right product above the
+    # left one, whose wait then retires it (with PREFETCH the loads feed the loop-carried tile, which the compiler
+    # does not pipeline). The rounding to x's dtype is inline assembly (_rounded_opaque), else LLVM moves it
+    # into the next iteration, the fp32 X R stays live across the new wgmma, its copy reads the in-flight
+    # accumulator and ptxas serialises every wgmma of the kernel (C7514).
+    # Without loop pipelining the loads are plain register loads, and the X loaded in an iteration goes through
+    # shared memory into the right product's operand layout before the left product is issued: PREFETCH loads it
+    # one iteration earlier (carried in registers, more spilling), else its latency precedes the left product.
+    i, row_ok, lt, r = _load_factors(l_ptr, r_ptr, n1, n2, x_ptr.dtype.element_ty, N1P, N2P)
+    if HAS_NORM:
+        nw = _load_norm_weight(nw_ptr, n2, i, row_ok, N2P)
+    else:
+        nw = tl.zeros((1, 1), dtype=tl.float32)  # unused
+    gg, clip_lo, clip_hi = _load_clips(clip_ptr, G, GP)
+    pdl_wait(PDL)
+    step = tl.num_programs(0).to(tl.int64)
+    dt = x_ptr.dtype.element_ty
+    t0 = tl.program_id(0).to(tl.int64)
+    zr = _rounded(_mma(_as_operand(_load_tokens(x_ptr, u_ptr, t0, T, stride_xt, n1, n2, 1, N1P, N2P, HAS_GLU,
+                                                INTERPRET_BF16), nw, n1 * n2, eps, N1P, N2P, INTERPRET_BF16,
+                                   HAS_NORM), r, F32_DOT), dt, INTERPRET_BF16)  # (N1P, N2P): the first token's Z
+    z = _mma(_as_operand(_load_tokens(x_ptr, u_ptr, t0 + step, T, stride_xt, n1, n2, 1, N1P, N2P, HAS_GLU,
+                                      INTERPRET_BF16), nw, n1 * n2, eps, N1P, N2P, INTERPRET_BF16, HAS_NORM),
+             r, F32_DOT)  # (N1P, N2P): the second token's X R
+    if PREFETCH:
+        x_next = _load_tokens(x_ptr, u_ptr, t0 + 2 * step, T, stride_xt, n1, n2, 1, N1P, N2P, HAS_GLU, INTERPRET_BF16)
+    for t in range(t0, T, step):
+        if PREFETCH:
+            x = x_next  # (1, N1P, N2P): token t + 2P
+            x_next = _load_tokens(x_ptr, u_ptr, t + 3 * step, T, stride_xt, n1, n2, 1, N1P, N2P, HAS_GLU,
+                                  INTERPRET_BF16)
+        else:
+            x = _load_tokens(x_ptr, u_ptr, t + 2 * step, T, stride_xt, n1, n2, 1, N1P, N2P, HAS_GLU, INTERPRET_BF16)
+        x = _as_operand(x, nw, n1 * n2, eps, N1P, N2P, INTERPRET_BF16, HAS_NORM)  # (N1P, N2P)
+        y = _mma(lt, zr, F32_DOT)  # (N1P, N2P): token t's Y
+        zr = _rounded_opaque(z, dt, INTERPRET_BF16, INTERPRET)  # token t + P's Z
+        z = _mma(x, r, F32_DOT)  # token t + 2P's X R, in flight during the epilogue
+        y_hi = tl.maximum(tl.max(tl.max(y, axis=1), axis=0), 0.0)
+        y_lo = tl.minimum(tl.min(tl.min(y, axis=1), axis=0), 0.0)
+        _quant_cols(y, y_hi, y_lo, clip_lo, clip_hi, gg, q_ptr, s_ptr, t, n2, 0, i, row_ok, stride_qt, stride_qg,
+                    stride_sg, True, N1P, N2P, G, QMAX, PACK, True, INTERPRET)
+
+
+@triton.jit
 def _pair_rows(N2P: tl.constexpr):
     """Row ``m`` of the row-split layout's transposed tiles holds column ``π(m)`` of the token's ``Y``: within each
     16-row block, rows ``m`` and ``m + 8`` (which one thread holds in a wgmma accumulator) are the even / odd
@@ -738,8 +833,9 @@ def grid_programs(device: torch.device) -> int:
 
 
 VARIANTS = ("whole", "chunked", "split", "two_pass", "pipelined", "pipelined_fastq", "multi_token",
-            "multi_token_split")
-PIPELINED = ("pipelined", "pipelined_fastq", "multi_token", "multi_token_split")  # need both factors (else whole)
+            "multi_token_split", "multi_token_pipe")
+PIPELINED = ("pipelined", "pipelined_fastq", "multi_token", "multi_token_split",
+             "multi_token_pipe")  # need both factors (else whole)
 SPLIT_MAX_T = 16  # tokens up to which large transforms are split across programs (decode)
 SPLIT_MIN_ELEMS = 64 * 128  # padded n1 x n2 from which the split pays for its second launch
 PIPELINE_MIN_T = 128  # tokens from which the pipelined, division-free layouts are the default (prefill)
@@ -839,14 +935,26 @@ def kron_quant_triton(
       warps, 3 stages, one program per SM). Opt-in until timed on a GPU (``bench/probe_kron.py``): the offline
       sm_90 compile has 10 % fewer issued instructions per token than ``multi_token`` at 86 rows (15 % with the
       SwiGLU input) and 25 % fewer MMA flops, but 7.5 % more instructions at 112 rows (12.5 % fewer flops).
+    * ``"multi_token_pipe"``: ``multi_token`` at one token per block, software-pipelined across the program's
+      tokens so that the right product ``X R`` of the token after next runs on the tensor cores during the
+      current token's range, codes and stores (its wgmma is waited for only by the next token's left product; see
+      ``_kron_quant_pipemma_kernel`` for what it takes in Triton 3.6). ``prefetch`` (default: without ``up``):
+      the tokens are loaded one iteration ahead into registers (else each iteration's load latency precedes its
+      left product). The same codes as whole's bit for bit in the interpreter. Launch: 8 warps, one program per
+      SM and ``num_stages=1`` (without prefetch, 2-3 stages let the compiler's loop pipelining undo the overlap).
+      Opt-in until timed on a GPU (``bench/probe_kron.py``). Offline sm_90 compile (Triton 3.6, 8 warps, 128 x 128
+      tiles), per warp and token: 1044 instructions without prefetch, 1130-1138 with (multi_token: 1044-1055),
+      2074 / 2260 with the SwiGLU input (2049), all but 51-83 of them issued while a wgmma is in flight
+      (multi_token: 13-15), one wgmma wait instead of two; but 255 registers with spills: 88 bytes without
+      prefetch, 168-196 with, 104 / 812-892 with the SwiGLU input (multi_token: 207-217 registers, none).
 
     ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``norm``, ``eps``: see :func:`kron_quant_multi`
-    (in the kernel for the whole, chunked, split, pipelined, multi_token and multi_token_split layouts with a right
-    factor, else a separate RMSNorm first). ``programs`` caps the grid of the looping layouts (default 4 per SM on
-    CUDA; for multi_token, programs of ``block_tokens`` tokens each; one per SM for multi_token_split);
+    (in the kernel for the whole, chunked, split, pipelined and multi_token layouts with a right factor, else a
+    separate RMSNorm first). ``programs`` caps the grid of the looping layouts (default 4 per SM on CUDA; for
+    multi_token, programs of ``block_tokens`` tokens each; one per SM for multi_token_split and multi_token_pipe);
     ``block_cols`` (power of two >= 16; default 16 split, 32 chunked) is the column block; ``num_warps`` (default 8
-    at up to 64 tokens, for multi_token and multi_token_split and for the pipelined layouts with ``up``, else 4)
-    and ``num_stages`` (default 1, multi_token's and multi_token_split's see above) are Triton launch options (CUDA
+    at up to 64 tokens, for the multi_token layouts and for the pipelined layouts with ``up``, else 4) and
+    ``num_stages`` (default 1; multi_token's and multi_token_split's see above) are Triton launch options (CUDA
     only).
     """
     _check(x, left, right, n1, bits, pack)
@@ -861,8 +969,10 @@ def kron_quant_triton(
     variant = variant or default_variant(t, n1, n2)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if variant != "multi_token" and (block_tokens is not None or prefetch is not None):
-        raise ValueError(f"block_tokens and prefetch apply to the multi_token layout only (this call runs {variant!r})")
+    if variant != "multi_token" and (block_tokens is not None
+                                     or (prefetch is not None and variant != "multi_token_pipe")):
+        raise ValueError(f"block_tokens and prefetch apply to the multi_token layout only (prefetch also to "
+                         f"multi_token_pipe; this call runs {variant!r})")
     if num_stages is not None and num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     if (variant == "two_pass" or variant in PIPELINED) and (left is None or right is None):
@@ -874,8 +984,8 @@ def kron_quant_triton(
     n1p, n2p = next_pow2(n1, floor=16 if on_cpu(x) else 32), next_pow2(n2, floor=16 if on_cpu(x) else 32)
     if variant == "multi_token_split" and not row_split_blocks(n1, n1p):
         variant = "multi_token"  # n1 fills its padded tile: nothing to split
-    if variant == "multi_token_split":
-        num_stages = num_stages or MULTI_TOKEN_STAGES
+    if variant in ("multi_token_split", "multi_token_pipe"):
+        num_stages = num_stages or (1 if variant == "multi_token_pipe" else MULTI_TOKEN_STAGES)
         if programs is None and x.device.type == "cuda":
             programs = MULTI_TOKEN_PROGRAMS_PER_SM * sm_count(x.device)
     if variant == "multi_token":
@@ -904,7 +1014,7 @@ def kron_quant_triton(
     # layouts (probe_kron_h200_s6.json): 4 warps, but 8 with the SwiGLU input (2048 tokens: 144.9 vs 164.7 us).
     # multi_token: 8 warps, so that a block's fp32 tiles (block_tokens x 64 KiB at 128 x 128) fit the registers.
     warps = num_warps or (8 if t <= 64 or (up is not None and variant in PIPELINED)
-                          or variant in ("multi_token", "multi_token_split") else 4)
+                          or variant in ("multi_token", "multi_token_split", "multi_token_pipe") else 4)
     extra = launch_options(x.device, t, num_warps=warps, num_stages=num_stages)
     lp, rp = left if left is not None else x, right if right is not None else x
     flags = {"HAS_LEFT": left is not None, "HAS_RIGHT": right is not None,
@@ -953,6 +1063,15 @@ def kron_quant_triton(
             float(eps), N1P=n1p, N2P=n2p, NBLK=row_split_blocks(n1, n1p), F32_DOT=flags["F32_DOT"],
             HAS_GLU=flags["HAS_GLU"], INTERPRET_BF16=flags["INTERPRET_BF16"], **quant, HAS_NORM=norm is not None,
             INTERPRET=cpu, **extra,
+        )
+        return codes, scale
+    if variant == "multi_token_pipe":
+        pm_kernel = cpu_kernel(_kron_quant_pipemma_kernel) if cpu else _kron_quant_pipemma_kernel
+        pm_kernel[(grid,)](
+            x, up_p, lp, rp, clips, codes, scale, nw, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
+            float(eps), N1P=n1p, N2P=n2p, F32_DOT=flags["F32_DOT"], HAS_GLU=flags["HAS_GLU"],
+            INTERPRET_BF16=flags["INTERPRET_BF16"], **quant, HAS_NORM=norm is not None,
+            PREFETCH=up is None if prefetch is None else prefetch, INTERPRET=cpu, **extra,
         )
         return codes, scale
     if variant in PIPELINED:

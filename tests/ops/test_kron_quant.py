@@ -459,6 +459,151 @@ def test_cuda_multi_token_split_model_dims(k: int, glu: bool) -> None:
         torch.testing.assert_close(got[1], base[1], rtol=1e-3, atol=0)
 
 
+PIPE_CASES = [  # (tokens, n1, n2, clip pairs, SwiGLU input, programs, prefetch): token counts not multiples of the
+    # grid, looping grids (1-4 tokens per program), one token, one token per program, n1 = 11 / 14 (LLaMA's 86 / 112
+    # scaled down, padded to 16 rows)
+    (5, 11, 16, 1, False, None, True), (7, 14, 16, 2, True, 2, False), (9, 11, 10, 3, False, 2, True),
+    (1, 6, 40, 1, False, None, False), (2, 16, 16, 2, True, 1, True), (4, 14, 24, 1, True, 4, True),
+    (11, 43, 16, 2, False, 3, False),
+]
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("case", PIPE_CASES, ids=str)
+@pytest.mark.parametrize("pack", [True, False])
+def test_multi_token_pipe_equals_whole(device: str, case: tuple, pack: bool) -> None:
+    """The multi_token_pipe layout (one token per iteration, the right product of the program's token after next in
+    flight during the current token's epilogue) gives whole's codes and scales bit for bit under the interpreter,
+    with and without the SwiGLU input and register prefetch, for 1-3 clip pairs, one token and looping grids (the
+    prologue's and the last iterations' products past the end are neither read nor stored); on the GPU the
+    reference's within its tolerance, and every code within one of multi_token's."""
+    t, n1, n2, groups, glu, programs, prefetch = case
+    g = torch.Generator().manual_seed(t * 100 + n1)
+    x = (torch.randn(t, n1 * n2, generator=g) * 3).to(torch.bfloat16)
+    up = (torch.randn(t, n1 * n2, generator=g) * 2).to(torch.bfloat16) if glu else None
+    (x if up is None else up)[:, 2] *= 40  # an outlier channel
+    x[t // 2] = 0  # an all-zero token (scale 1)
+    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(torch.bfloat16)
+    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(torch.bfloat16)
+    clip = (torch.rand(groups, 2, generator=g) * 0.5 + 0.5) if groups > 1 else torch.tensor([0.9, 0.95])
+
+    def to(v):
+        return None if v is None else v.to(device)
+
+    args = (x.to(device), left.to(device), right.to(device), clip.to(device), n1, 4, pack, to(up))
+    whole = kron_quant_triton(*args, variant="whole")
+    got = kron_quant_triton(*args, variant="multi_token_pipe", programs=programs, prefetch=prefetch)
+    if device == "cpu":
+        assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])
+        return
+    if up is None:
+        _assert_matches_reference(x, left, right, n1, clip, got, pack)
+    base = kron_quant_triton(*args, variant="multi_token", programs=programs)
+    unpack = ref.unpack_int4_ref if pack else (lambda c: c)
+    diff = (unpack(got[0].cpu().reshape(-1, base[0].shape[-1])).int()
+            - unpack(base[0].cpu().reshape(-1, base[0].shape[-1])).int()).abs()
+    assert int(diff.max()) <= 1
+    torch.testing.assert_close(got[1].cpu(), base[1].cpu(), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_multi_token_pipe_dtypes(device: str, dtype: torch.dtype) -> None:
+    """multi_token_pipe with fp16 and fp32 inputs (its in-loop rounding of X R is inline assembly on CUDA): whole's
+    codes and scales bit for bit under the interpreter, the reference's within its tolerance on the GPU."""
+    n1, n2 = 12, 16
+    g = torch.Generator().manual_seed(n1 + n2)
+    x = (torch.randn(5, n1 * n2, generator=g) * 3).to(dtype)
+    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(dtype)
+    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(dtype)
+    clips = torch.tensor([[0.9, 0.95], [0.7, 1.0]])
+    args = (x.to(device), left.to(device), right.to(device), clips.to(device), n1)
+    whole = kron_quant_triton(*args, variant="whole")
+    got = kron_quant_triton(*args, variant="multi_token_pipe", programs=2)
+    if device == "cpu":
+        assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])
+    else:
+        _assert_matches_reference(x, left, right, n1, clips, got)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_multi_token_pipe_norm_input(device: str) -> None:
+    """``norm`` given: multi_token_pipe normalises as multi_token does (the same codes and scales under the
+    interpreter), whole's in-kernel norm up to a last-bit difference of the mean (codes ±1 at a few elements)."""
+    n1, n2, t, eps = 11, 16, 5, 1e-5
+    g = torch.Generator().manual_seed(n1)
+    x = (torch.randn(t, n1 * n2, generator=g) * 4).to(torch.bfloat16)
+    x[1, :7] *= 30
+    w = (torch.rand(n1 * n2, generator=g) + 0.5).to(torch.bfloat16)
+    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(torch.bfloat16)
+    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(torch.bfloat16)
+    clips = torch.tensor([[0.9, 0.95], [1.0, 0.8]])
+    args = [v.to(device) for v in (x, left, right, clips)]
+    whole = kron_quant_multi_triton(*args, n1, 4, True, w.to(device), eps, variant="whole")
+    got = kron_quant_multi_triton(*args, n1, 4, True, w.to(device), eps, variant="multi_token_pipe", programs=2)
+    if device == "cpu":
+        base = kron_quant_multi_triton(*args, n1, 4, True, w.to(device), eps, variant="multi_token", programs=2)
+        assert torch.equal(got[0], base[0]) and torch.equal(got[1], base[1])
+    diff = (ref.unpack_int4_ref(got[0].cpu()).int() - ref.unpack_int4_ref(whole[0].cpu()).int()).abs()
+    assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= 2, int((diff > 0).sum())
+    torch.testing.assert_close(got[1].cpu(), whole[1].cpu(), rtol=1e-2, atol=0)
+
+
+def test_multi_token_pipe_options() -> None:
+    """No tokens: empty outputs without a launch; block_tokens is multi_token's only, prefetch multi_token's and
+    multi_token_pipe's; without both factors the layout falls back to whole; it is opt-in (not a default)."""
+    from flatquant.ops.kron_quant import default_variant
+
+    n1, n2 = 6, 10
+    g = torch.Generator().manual_seed(3)
+    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(torch.bfloat16)
+    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(torch.bfloat16)
+    clip = torch.tensor([0.9, 0.95])
+    empty = torch.empty(0, n1 * n2, dtype=torch.bfloat16)
+    codes, scale = kron_quant_triton(empty, left, right, clip, n1, variant="multi_token_pipe")
+    assert codes.shape == (0, n1 * n2 // 2) and scale.shape == (0,)
+    x = torch.randn(3, n1 * n2, generator=g).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="multi_token layout only"):
+        kron_quant_triton(x, left, right, clip, n1, variant="multi_token_pipe", block_tokens=2)
+    with pytest.raises(ValueError, match="prefetch also to multi_token_pipe"):
+        kron_quant_triton(x, left, right, clip, n1, variant="multi_token_split", prefetch=True)
+    got = kron_quant_triton(x, None, right, clip, n1, variant="multi_token_pipe")
+    want = kron_quant_triton(x, None, right, clip, n1, variant="whole")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert default_variant(2048, 86, 128) == default_variant(2048, 112, 128) == "multi_token"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("k", [11008, 14336])
+@pytest.mark.parametrize("glu", [False, True])
+def test_cuda_multi_token_pipe_model_dims(k: int, glu: bool) -> None:
+    """multi_token_pipe at LLaMA's 86 x 128 and 112 x 128 on the GPU, default grid and a looping one (with and
+    without register prefetch): the reference's codes within its tolerance (without the SwiGLU input), and every
+    code within one of multi_token's, scales to 1e-3."""
+    from flatquant.core.kron import decompose_dim
+
+    n1, n2 = decompose_dim(k)
+    g = torch.Generator(device="cuda").manual_seed(k)
+    x = torch.randn(301, k, device="cuda", generator=g).to(torch.bfloat16)
+    x[7] = 0
+    x[:, 3] *= 100
+    up = torch.randn(301, k, device="cuda", generator=g).to(torch.bfloat16) if glu else None
+    left = torch.linalg.qr(torch.randn(n1, n1, device="cuda", generator=g))[0].to(torch.bfloat16)
+    right = torch.linalg.qr(torch.randn(n2, n2, device="cuda", generator=g))[0].to(torch.bfloat16)
+    clips = torch.tensor([[0.9, 0.95], [0.8, 1.0]], device="cuda")
+    for programs, prefetch in ((None, True), (7, False)):
+        got = kron_quant_triton(x, left, right, clips, n1, up=up, variant="multi_token_pipe", programs=programs,
+                                prefetch=prefetch)
+        if up is None:
+            _assert_matches_reference(x, left, right, n1, clips, got)
+        base = kron_quant_triton(x, left, right, clips, n1, up=up, variant="multi_token")
+        diff = (ref.unpack_int4_ref(got[0].reshape(-1, k // 2)).int()
+                - ref.unpack_int4_ref(base[0].reshape(-1, k // 2)).int()).abs()
+        assert int(diff.max()) <= 1
+        torch.testing.assert_close(got[1], base[1], rtol=1e-3, atol=0)
+
+
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_multi_token_division_fallback_per_block(device: str) -> None:
     """A block whose tokens' scales are not all in the division-free range (here a token of magnitude ~1e-35, scale
