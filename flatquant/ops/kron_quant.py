@@ -946,7 +946,8 @@ def kron_quant_triton(
       tiles), per warp and token: 1044 instructions without prefetch, 1130-1138 with (multi_token: 1044-1055),
       2074 / 2260 with the SwiGLU input (2049), all but 51-83 of them issued while a wgmma is in flight
       (multi_token: 13-15), one wgmma wait instead of two; but 255 registers with spills: 88 bytes without
-      prefetch, 168-196 with, 104 / 812-892 with the SwiGLU input (multi_token: 207-217 registers, none).
+      prefetch, 168-196 with, 104 / 812-892 with the SwiGLU input (multi_token: 207-217 registers, none); all
+      at one clip pair (down_proj's sites): with three, or the in-kernel norm, 0.5-1.8 KB (multi_token: 0-92).
 
     ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``norm``, ``eps``: see :func:`kron_quant_multi`
     (in the kernel for the whole, chunked, split, pipelined and multi_token layouts with a right factor, else a
