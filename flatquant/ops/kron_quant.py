@@ -950,8 +950,8 @@ def kron_quant_triton(
       at one clip pair (down_proj's sites): with three, or the in-kernel norm, 0.5-1.8 KB (multi_token: 0-92).
 
     ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``norm``, ``eps``: see :func:`kron_quant_multi`
-    (in the kernel for the whole, chunked, split, pipelined and multi_token layouts with a right factor, else a
-    separate RMSNorm first). ``programs`` caps the grid of the looping layouts (default 4 per SM on CUDA; for
+    (in the kernel for the whole, chunked, split, pipelined and the three multi_token layouts with a right factor,
+    else a separate RMSNorm first). ``programs`` caps the grid of the looping layouts (default 4 per SM on CUDA; for
     multi_token, programs of ``block_tokens`` tokens each; one per SM for multi_token_split and multi_token_pipe);
     ``block_cols`` (power of two >= 16; default 16 split, 32 chunked) is the column block; ``num_warps`` (default 8
     at up to 64 tokens, for the multi_token layouts and for the pipelined layouts with ``up``, else 4) and
