@@ -366,10 +366,12 @@ def test_multi_token_split_equals_whole(device: str, case: tuple, pack: bool) ->
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("n1,n2", [(43, 16), (100, 12)])
-def test_multi_token_split_dtypes(device: str, dtype: torch.dtype, n1: int, n2: int) -> None:
-    """multi_token_split with fp16 and fp32 inputs (two and three row blocks): whole's codes and scales bit for bit
-    under the interpreter, the reference's within its tolerance on the GPU."""
+@pytest.mark.parametrize("variant,n1,n2", [("multi_token_split", 43, 16), ("multi_token_split", 100, 12),
+                                           ("multi_token_pipe", 12, 16)])
+def test_opt_in_layouts_dtypes(device: str, dtype: torch.dtype, variant: str, n1: int, n2: int) -> None:
+    """The opt-in prefill layouts with fp16 and fp32 inputs (multi_token_split at two and three row blocks;
+    multi_token_pipe, whose in-loop rounding of X R is inline assembly on CUDA): whole's codes and scales bit for
+    bit under the interpreter, the reference's within its tolerance on the GPU."""
     g = torch.Generator().manual_seed(n1 + n2)
     x = (torch.randn(5, n1 * n2, generator=g) * 3).to(dtype)
     left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(dtype)
@@ -377,7 +379,7 @@ def test_multi_token_split_dtypes(device: str, dtype: torch.dtype, n1: int, n2: 
     clips = torch.tensor([[0.9, 0.95], [0.7, 1.0]])
     args = (x.to(device), left.to(device), right.to(device), clips.to(device), n1)
     whole = kron_quant_triton(*args, variant="whole")
-    got = kron_quant_triton(*args, variant="multi_token_split", programs=2)
+    got = kron_quant_triton(*args, variant=variant, programs=2)
     if device == "cpu":
         assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])
     else:
@@ -504,26 +506,6 @@ def test_multi_token_pipe_equals_whole(device: str, case: tuple, pack: bool) -> 
             - unpack(base[0].cpu().reshape(-1, base[0].shape[-1])).int()).abs()
     assert int(diff.max()) <= 1
     torch.testing.assert_close(got[1].cpu(), base[1].cpu(), rtol=1e-3, atol=0)
-
-
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_multi_token_pipe_dtypes(device: str, dtype: torch.dtype) -> None:
-    """multi_token_pipe with fp16 and fp32 inputs (its in-loop rounding of X R is inline assembly on CUDA): whole's
-    codes and scales bit for bit under the interpreter, the reference's within its tolerance on the GPU."""
-    n1, n2 = 12, 16
-    g = torch.Generator().manual_seed(n1 + n2)
-    x = (torch.randn(5, n1 * n2, generator=g) * 3).to(dtype)
-    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(dtype)
-    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(dtype)
-    clips = torch.tensor([[0.9, 0.95], [0.7, 1.0]])
-    args = (x.to(device), left.to(device), right.to(device), clips.to(device), n1)
-    whole = kron_quant_triton(*args, variant="whole")
-    got = kron_quant_triton(*args, variant="multi_token_pipe", programs=2)
-    if device == "cpu":
-        assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])
-    else:
-        _assert_matches_reference(x, left, right, n1, clips, got)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
