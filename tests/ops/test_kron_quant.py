@@ -325,6 +325,24 @@ ROW_SPLIT_CASES = [  # (tokens, n1, n2, clip pairs, SwiGLU input, programs): n1 
 ]
 
 
+def _layout_case(t: int, n1: int, n2: int, groups: int, glu: bool, pack: bool, device: str) -> tuple:
+    """Inputs of the opt-in layouts' equality tests: ``t`` bf16 tokens of ``n1 * n2`` (with ``glu`` also ``up``)
+    with an outlier channel (in up: silu of a huge gate overflows exp) and an all-zero token (scale 1), orthogonal
+    factors and ``groups`` clip pairs; returns ``(x, left, right, clip, up, args)``, ``args`` on ``device`` in
+    :func:`kron_quant_triton`'s order (4 bits, ``pack``)."""
+    g = torch.Generator().manual_seed(t * 100 + n1)
+    x = (torch.randn(t, n1 * n2, generator=g) * 3).to(torch.bfloat16)
+    up = (torch.randn(t, n1 * n2, generator=g) * 2).to(torch.bfloat16) if glu else None
+    (x if up is None else up)[:, 2] *= 40
+    x[t // 2] = 0
+    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(torch.bfloat16)
+    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(torch.bfloat16)
+    clip = (torch.rand(groups, 2, generator=g) * 0.5 + 0.5) if groups > 1 else torch.tensor([0.9, 0.95])
+    args = (x.to(device), left.to(device), right.to(device), clip.to(device), n1, 4, pack,
+            None if up is None else up.to(device))
+    return x, left, right, clip, up, args
+
+
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("case", ROW_SPLIT_CASES, ids=str)
 @pytest.mark.parametrize("pack", [True, False])
@@ -337,19 +355,7 @@ def test_multi_token_split_equals_whole(device: str, case: tuple, pack: bool) ->
 
     t, n1, n2, groups, glu, programs = case
     assert row_split_blocks(n1, 1 << (n1 - 1).bit_length()) in (2, 3)
-    g = torch.Generator().manual_seed(t * 100 + n1)
-    x = (torch.randn(t, n1 * n2, generator=g) * 3).to(torch.bfloat16)
-    up = (torch.randn(t, n1 * n2, generator=g) * 2).to(torch.bfloat16) if glu else None
-    (x if up is None else up)[:, 2] *= 40  # an outlier channel (in up: silu of a huge gate overflows exp)
-    x[t // 2] = 0  # an all-zero token (scale 1)
-    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(torch.bfloat16)
-    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(torch.bfloat16)
-    clip = (torch.rand(groups, 2, generator=g) * 0.5 + 0.5) if groups > 1 else torch.tensor([0.9, 0.95])
-
-    def to(v):
-        return None if v is None else v.to(device)
-
-    args = (x.to(device), left.to(device), right.to(device), clip.to(device), n1, 4, pack, to(up))
+    x, left, right, clip, up, args = _layout_case(t, n1, n2, groups, glu, pack, device)
     whole = kron_quant_triton(*args, variant="whole")
     got = kron_quant_triton(*args, variant="multi_token_split", programs=programs)
     if device == "cpu":
@@ -480,19 +486,7 @@ def test_multi_token_pipe_equals_whole(device: str, case: tuple, pack: bool) -> 
     prologue's and the last iterations' products past the end are neither read nor stored); on the GPU the
     reference's within its tolerance, and every code within one of multi_token's."""
     t, n1, n2, groups, glu, programs, prefetch = case
-    g = torch.Generator().manual_seed(t * 100 + n1)
-    x = (torch.randn(t, n1 * n2, generator=g) * 3).to(torch.bfloat16)
-    up = (torch.randn(t, n1 * n2, generator=g) * 2).to(torch.bfloat16) if glu else None
-    (x if up is None else up)[:, 2] *= 40  # an outlier channel
-    x[t // 2] = 0  # an all-zero token (scale 1)
-    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(torch.bfloat16)
-    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(torch.bfloat16)
-    clip = (torch.rand(groups, 2, generator=g) * 0.5 + 0.5) if groups > 1 else torch.tensor([0.9, 0.95])
-
-    def to(v):
-        return None if v is None else v.to(device)
-
-    args = (x.to(device), left.to(device), right.to(device), clip.to(device), n1, 4, pack, to(up))
+    x, left, right, clip, up, args = _layout_case(t, n1, n2, groups, glu, pack, device)
     whole = kron_quant_triton(*args, variant="whole")
     got = kron_quant_triton(*args, variant="multi_token_pipe", programs=programs, prefetch=prefetch)
     if device == "cpu":
