@@ -325,6 +325,16 @@ ROW_SPLIT_CASES = [  # (tokens, n1, n2, clip pairs, SwiGLU input, programs): n1 
 ]
 
 
+def _assert_within_one_code(got: tuple, base: tuple, pack: bool) -> None:
+    """Every code of ``got`` within one of ``base``'s and the scales within 1e-3 (layouts whose tensor-core tiles
+    differ, so that their fp32 sums need not agree to the bit)."""
+    unpack = ref.unpack_int4_ref if pack else (lambda c: c)
+    width = base[0].shape[-1]
+    diff = (unpack(got[0].cpu().reshape(-1, width)).int() - unpack(base[0].cpu().reshape(-1, width)).int()).abs()
+    assert int(diff.max()) <= 1
+    torch.testing.assert_close(got[1].cpu(), base[1].cpu(), rtol=1e-3, atol=0)
+
+
 def _layout_case(t: int, n1: int, n2: int, groups: int, glu: bool, pack: bool, device: str) -> tuple:
     """Inputs of the opt-in layouts' equality tests: ``t`` bf16 tokens of ``n1 * n2`` (with ``glu`` also ``up``)
     with an outlier channel (in up: silu of a huge gate overflows exp) and an all-zero token (scale 1), orthogonal
@@ -363,11 +373,7 @@ def test_multi_token_split_equals_whole(device: str, case: tuple, pack: bool) ->
     elif up is None:
         _assert_matches_reference(x, left, right, n1, clip, got, pack)
     else:  # tensor-core tiles of other shapes: within one code of whole's
-        unpack = ref.unpack_int4_ref if pack else (lambda c: c)
-        diff = (unpack(got[0].cpu().reshape(-1, whole[0].shape[-1])).int()
-                - unpack(whole[0].cpu().reshape(-1, whole[0].shape[-1])).int()).abs()
-        assert int(diff.max()) <= 1
-        torch.testing.assert_close(got[1].cpu(), whole[1].cpu(), rtol=1e-3, atol=0)
+        _assert_within_one_code(got, whole, pack)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -437,36 +443,6 @@ def test_multi_token_split_blocks_and_fallback() -> None:
         kron_quant_triton(x, left, right, clip, n1, variant="multi_token_split", block_tokens=2)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("k", [11008, 14336])
-@pytest.mark.parametrize("glu", [False, True])
-def test_cuda_multi_token_split_model_dims(k: int, glu: bool) -> None:
-    """multi_token_split at LLaMA's 86 x 128 (64 + 32 rows) and 112 x 128 (64 + 32 + 16) on the GPU: the
-    reference's codes within its tolerance (without the SwiGLU input), and every code within one of
-    multi_token's (its tensor-core tiles differ, so the fp32 sums need not agree to the bit)."""
-    from flatquant.core.kron import decompose_dim
-
-    n1, n2 = decompose_dim(k)
-    g = torch.Generator(device="cuda").manual_seed(k)
-    x = torch.randn(301, k, device="cuda", generator=g).to(torch.bfloat16)
-    x[7] = 0
-    x[:, 3] *= 100
-    up = torch.randn(301, k, device="cuda", generator=g).to(torch.bfloat16) if glu else None
-    left = torch.linalg.qr(torch.randn(n1, n1, device="cuda", generator=g))[0].to(torch.bfloat16)
-    right = torch.linalg.qr(torch.randn(n2, n2, device="cuda", generator=g))[0].to(torch.bfloat16)
-    clips = torch.tensor([[0.9, 0.95], [0.8, 1.0]], device="cuda")
-    for programs in (None, 7):
-        got = kron_quant_triton(x, left, right, clips, n1, up=up, variant="multi_token_split", programs=programs)
-        if up is None:
-            _assert_matches_reference(x, left, right, n1, clips, got)
-        base = kron_quant_triton(x, left, right, clips, n1, up=up, variant="multi_token")
-        diff = (ref.unpack_int4_ref(got[0].reshape(-1, k // 2)).int()
-                - ref.unpack_int4_ref(base[0].reshape(-1, k // 2)).int()).abs()
-        assert int(diff.max()) <= 1
-        torch.testing.assert_close(got[1], base[1], rtol=1e-3, atol=0)
-
-
 PIPE_CASES = [  # (tokens, n1, n2, clip pairs, SwiGLU input, programs, prefetch): token counts not multiples of the
     # grid, looping grids (1-4 tokens per program), one token, one token per program, n1 = 11 / 14 (LLaMA's 86 / 112
     # scaled down, padded to 16 rows)
@@ -494,12 +470,7 @@ def test_multi_token_pipe_equals_whole(device: str, case: tuple, pack: bool) -> 
         return
     if up is None:
         _assert_matches_reference(x, left, right, n1, clip, got, pack)
-    base = kron_quant_triton(*args, variant="multi_token", programs=programs)
-    unpack = ref.unpack_int4_ref if pack else (lambda c: c)
-    diff = (unpack(got[0].cpu().reshape(-1, base[0].shape[-1])).int()
-            - unpack(base[0].cpu().reshape(-1, base[0].shape[-1])).int()).abs()
-    assert int(diff.max()) <= 1
-    torch.testing.assert_close(got[1].cpu(), base[1].cpu(), rtol=1e-3, atol=0)
+    _assert_within_one_code(got, kron_quant_triton(*args, variant="multi_token", programs=programs), pack)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -553,10 +524,15 @@ def test_multi_token_pipe_options() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("k", [11008, 14336])
 @pytest.mark.parametrize("glu", [False, True])
-def test_cuda_multi_token_pipe_model_dims(k: int, glu: bool) -> None:
-    """multi_token_pipe at LLaMA's 86 x 128 and 112 x 128 on the GPU, default grid and a looping one (with and
-    without register prefetch): the reference's codes within its tolerance (without the SwiGLU input), and every
-    code within one of multi_token's, scales to 1e-3."""
+@pytest.mark.parametrize("variant,options", [
+    ("multi_token_split", ({"programs": None}, {"programs": 7})),
+    ("multi_token_pipe", ({"programs": None, "prefetch": True}, {"programs": 7, "prefetch": False})),
+])
+def test_cuda_opt_in_layouts_model_dims(k: int, glu: bool, variant: str, options: tuple) -> None:
+    """The opt-in prefill layouts at LLaMA's 86 x 128 and 112 x 128 on the GPU (multi_token_split: 64 + 32 and
+    64 + 32 + 16 rows; multi_token_pipe with and without register prefetch), default grid and a looping one: the
+    reference's codes within its tolerance (without the SwiGLU input), and every code within one of multi_token's,
+    scales to 1e-3 (their tensor-core tiles differ, so the fp32 sums need not agree to the bit)."""
     from flatquant.core.kron import decompose_dim
 
     n1, n2 = decompose_dim(k)
@@ -568,16 +544,12 @@ def test_cuda_multi_token_pipe_model_dims(k: int, glu: bool) -> None:
     left = torch.linalg.qr(torch.randn(n1, n1, device="cuda", generator=g))[0].to(torch.bfloat16)
     right = torch.linalg.qr(torch.randn(n2, n2, device="cuda", generator=g))[0].to(torch.bfloat16)
     clips = torch.tensor([[0.9, 0.95], [0.8, 1.0]], device="cuda")
-    for programs, prefetch in ((None, True), (7, False)):
-        got = kron_quant_triton(x, left, right, clips, n1, up=up, variant="multi_token_pipe", programs=programs,
-                                prefetch=prefetch)
+    base = kron_quant_triton(x, left, right, clips, n1, up=up, variant="multi_token")
+    for opts in options:
+        got = kron_quant_triton(x, left, right, clips, n1, up=up, variant=variant, **opts)
         if up is None:
             _assert_matches_reference(x, left, right, n1, clips, got)
-        base = kron_quant_triton(x, left, right, clips, n1, up=up, variant="multi_token")
-        diff = (ref.unpack_int4_ref(got[0].reshape(-1, k // 2)).int()
-                - ref.unpack_int4_ref(base[0].reshape(-1, k // 2)).int()).abs()
-        assert int(diff.max()) <= 1
-        torch.testing.assert_close(got[1], base[1], rtol=1e-3, atol=0)
+        _assert_within_one_code(got, base, True)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
