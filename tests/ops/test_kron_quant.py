@@ -399,11 +399,13 @@ def test_opt_in_layouts_dtypes(device: str, dtype: torch.dtype, variant: str, n1
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("n1", [43, 100])
-def test_multi_token_split_norm_input(device: str, n1: int) -> None:
-    """``norm`` given: the in-kernel RMSNorm of multi_token_split (its mean of squares summed per row block) gives
-    the codes of whole's in-kernel norm up to a last-bit difference of the mean (codes ±1 at most at a few
-    elements), scales to 1e-2."""
+@pytest.mark.parametrize("variant,n1", [("multi_token_split", 43), ("multi_token_split", 100),
+                                        ("multi_token_pipe", 11)])
+def test_opt_in_layouts_norm_input(device: str, variant: str, n1: int) -> None:
+    """``norm`` given: the opt-in layouts' in-kernel RMSNorm gives the codes of whole's in-kernel norm up to a
+    last-bit difference of the mean (codes ±1 at most at a few elements), scales to 1e-2; multi_token_split sums
+    its mean of squares per row block, multi_token_pipe normalises as multi_token does (the same codes and scales
+    under the interpreter)."""
     g = torch.Generator().manual_seed(n1)
     n2, t, eps = 16, 5, 1e-5
     x = (torch.randn(t, n1 * n2, generator=g) * 4).to(torch.bfloat16)
@@ -414,7 +416,10 @@ def test_multi_token_split_norm_input(device: str, n1: int) -> None:
     clips = torch.tensor([[0.9, 0.95], [1.0, 0.8]])
     args = [v.to(device) for v in (x, left, right, clips)]
     whole = kron_quant_multi_triton(*args, n1, 4, True, w.to(device), eps, variant="whole")
-    got = kron_quant_multi_triton(*args, n1, 4, True, w.to(device), eps, variant="multi_token_split")
+    got = kron_quant_multi_triton(*args, n1, 4, True, w.to(device), eps, variant=variant, programs=2)
+    if device == "cpu" and variant == "multi_token_pipe":
+        base = kron_quant_multi_triton(*args, n1, 4, True, w.to(device), eps, variant="multi_token", programs=2)
+        assert torch.equal(got[0], base[0]) and torch.equal(got[1], base[1])
     diff = (ref.unpack_int4_ref(got[0].cpu()).int() - ref.unpack_int4_ref(whole[0].cpu()).int()).abs()
     assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= 2, int((diff > 0).sum())
     torch.testing.assert_close(got[1].cpu(), whole[1].cpu(), rtol=1e-2, atol=0)
@@ -471,29 +476,6 @@ def test_multi_token_pipe_equals_whole(device: str, case: tuple, pack: bool) -> 
     if up is None:
         _assert_matches_reference(x, left, right, n1, clip, got, pack)
     _assert_within_one_code(got, kron_quant_triton(*args, variant="multi_token", programs=programs), pack)
-
-
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_multi_token_pipe_norm_input(device: str) -> None:
-    """``norm`` given: multi_token_pipe normalises as multi_token does (the same codes and scales under the
-    interpreter), whole's in-kernel norm up to a last-bit difference of the mean (codes ±1 at a few elements)."""
-    n1, n2, t, eps = 11, 16, 5, 1e-5
-    g = torch.Generator().manual_seed(n1)
-    x = (torch.randn(t, n1 * n2, generator=g) * 4).to(torch.bfloat16)
-    x[1, :7] *= 30
-    w = (torch.rand(n1 * n2, generator=g) + 0.5).to(torch.bfloat16)
-    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(torch.bfloat16)
-    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(torch.bfloat16)
-    clips = torch.tensor([[0.9, 0.95], [1.0, 0.8]])
-    args = [v.to(device) for v in (x, left, right, clips)]
-    whole = kron_quant_multi_triton(*args, n1, 4, True, w.to(device), eps, variant="whole")
-    got = kron_quant_multi_triton(*args, n1, 4, True, w.to(device), eps, variant="multi_token_pipe", programs=2)
-    if device == "cpu":
-        base = kron_quant_multi_triton(*args, n1, 4, True, w.to(device), eps, variant="multi_token", programs=2)
-        assert torch.equal(got[0], base[0]) and torch.equal(got[1], base[1])
-    diff = (ref.unpack_int4_ref(got[0].cpu()).int() - ref.unpack_int4_ref(whole[0].cpu()).int()).abs()
-    assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= 2, int((diff > 0).sum())
-    torch.testing.assert_close(got[1].cpu(), whole[1].cpu(), rtol=1e-2, atol=0)
 
 
 def test_multi_token_pipe_options() -> None:
