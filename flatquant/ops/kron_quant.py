@@ -353,40 +353,20 @@ def kron_quant_triton(
                         N2P=n2p, BJ=bj, **quant, **extra)
         return codes, scale
     grid = min(t, programs or grid_programs(x.device))
-    if variant == "multi_token":
-        tb_kernel = cpu_kernel(_kron_quant_tb_kernel) if cpu else _kron_quant_tb_kernel
-        tb_kernel[(min(grid, triton.cdiv(t, block_tokens)),)](
-            x, up_p, lp, rp, clips, codes, scale, nw, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
-            float(eps), N1P=n1p, N2P=n2p, TB=block_tokens, F32_DOT=flags["F32_DOT"], HAS_GLU=flags["HAS_GLU"],
-            INTERPRET_BF16=flags["INTERPRET_BF16"], **quant, HAS_NORM=norm is not None, PREFETCH=prefetch,
-            INTERPRET=cpu, **extra,
-        )
-        return codes, scale
-    if variant == "multi_token_split":
-        rs_kernel = cpu_kernel(_kron_quant_rowsplit_kernel) if cpu else _kron_quant_rowsplit_kernel
-        rs_kernel[(grid,)](
-            x, up_p, lp, rp, clips, codes, scale, nw, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
-            float(eps), N1P=n1p, N2P=n2p, NBLK=row_split_blocks(n1, n1p), F32_DOT=flags["F32_DOT"],
-            HAS_GLU=flags["HAS_GLU"], INTERPRET_BF16=flags["INTERPRET_BF16"], **quant, HAS_NORM=norm is not None,
-            INTERPRET=cpu, **extra,
-        )
-        return codes, scale
-    if variant == "multi_token_pipe":
-        pm_kernel = cpu_kernel(_kron_quant_pipemma_kernel) if cpu else _kron_quant_pipemma_kernel
-        pm_kernel[(grid,)](
+    if variant in PIPELINED:  # the looping many-token layouts: the same arguments, each its own constexprs
+        own_args: dict[str, tuple[Any, dict[str, Any]]] = {
+            "multi_token": (_kron_quant_tb_kernel, {"TB": block_tokens, "PREFETCH": prefetch}),
+            "multi_token_split": (_kron_quant_rowsplit_kernel, {"NBLK": row_split_blocks(n1, n1p)}),
+            "multi_token_pipe": (_kron_quant_pipemma_kernel,
+                                 {"PREFETCH": up is None if prefetch is None else prefetch}),
+        }
+        jit, own = own_args.get(variant, (_kron_quant_pipe_kernel, {"FAST_Q": variant == "pipelined_fastq"}))
+        n_programs = min(grid, triton.cdiv(t, block_tokens)) if variant == "multi_token" else grid
+        (cpu_kernel(jit) if cpu else jit)[(n_programs,)](
             x, up_p, lp, rp, clips, codes, scale, nw, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
             float(eps), N1P=n1p, N2P=n2p, F32_DOT=flags["F32_DOT"], HAS_GLU=flags["HAS_GLU"],
-            INTERPRET_BF16=flags["INTERPRET_BF16"], **quant, HAS_NORM=norm is not None,
-            PREFETCH=up is None if prefetch is None else prefetch, INTERPRET=cpu, **extra,
-        )
-        return codes, scale
-    if variant in PIPELINED:
-        pipe = cpu_kernel(_kron_quant_pipe_kernel) if cpu else _kron_quant_pipe_kernel
-        pipe[(grid,)](
-            x, up_p, lp, rp, clips, codes, scale, nw, t, n1, n2, x.stride(0), codes.stride(-2), stride_qg, stride_sg,
-            float(eps), N1P=n1p, N2P=n2p, F32_DOT=flags["F32_DOT"], HAS_GLU=flags["HAS_GLU"],
-            INTERPRET_BF16=flags["INTERPRET_BF16"], **quant, HAS_NORM=norm is not None,
-            FAST_Q=variant == "pipelined_fastq", INTERPRET=cpu, **extra,
+            INTERPRET_BF16=flags["INTERPRET_BF16"], **quant, HAS_NORM=norm is not None, INTERPRET=cpu, **own,
+            **extra,
         )
         return codes, scale
     bj = n2p if variant == "whole" else min(block_cols or 32, n2p)
