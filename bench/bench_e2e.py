@@ -81,7 +81,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from env import environment  # noqa: E402
+from env import environment, write_json  # noqa: E402
 
 from flatquant.core.spec import QuantConfig  # noqa: E402
 from flatquant.models.args import LINEARS, ModelArgs  # noqa: E402
@@ -518,6 +518,12 @@ def _ok(r: dict) -> bool:
     return "error" not in r and "batch" in r
 
 
+def _measured(r: dict) -> dict:
+    """A speed row without the fields :func:`compare` derives from the other rows (for --merge and --resume, which
+    recompute them over the joined rows)."""
+    return {k: v for k, v in r.items() if not k.endswith(("_speedup", "_baseline", "_ratio", "bf16_reference"))}
+
+
 RESUME_KEYS = ("device", "tiny", "layers", "prefill", "decode", "repeats")  # settings a resumed run must share
 
 
@@ -551,9 +557,7 @@ def resume_rows(a: argparse.Namespace, env: dict) -> tuple[list[dict], list[dict
     if diff:
         raise SystemExit(f"--resume: {a.out} was measured with other settings ({'; '.join(diff)}); "
                          "pass the same ones or another --out")
-    # the comparison is recomputed over all rows (as --merge does)
-    rows = [{k: v for k, v in r.items() if not k.endswith(("_speedup", "_baseline", "_ratio", "bf16_reference"))}
-            for r in old_rows if _ok(r)]
+    rows = [_measured(r) for r in old_rows if _ok(r)]  # the comparison is recomputed over all rows
     log.info("--resume: keeping %d measured rows of %s", len(rows), a.out)
     kept = {k: old[k] for k in ("ppl",) if k in old}
     return rows, [*old.get("earlier_runs", []), old.get("env", {})], kept
@@ -711,7 +715,7 @@ def merge(paths: list[Path]) -> dict:
         envs.append(data.get("env", {}))
         commands.append(data.get("env", {}).get("command", ""))
         for r in data.get("speed", []):
-            r = {k: v for k, v in r.items() if not k.endswith(("_speedup", "_baseline", "_ratio", "bf16_reference"))}
+            r = _measured(r)
             by_key[(r["engine"], r.get("batch"))] = r
     gpus = {e.get("gpu") for e in envs}
     if len(gpus) > 1:
@@ -719,15 +723,6 @@ def merge(paths: list[Path]) -> dict:
     rows = list(by_key.values())
     return {"env": environment(), "merged_from": [str(p) for p in paths], "merged_envs": envs,
             "merged_commands": commands, "speed": rows, "baselines": compare(rows)}
-
-
-def _write(path: Path | None, result: dict) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str))
-    tmp.replace(path)
 
 
 def main() -> int:
@@ -787,7 +782,7 @@ def main() -> int:
                          "(they would rewrite --out without its measured rows)")
     if a.merge:
         result = merge(a.merge)
-        _write(a.out, result)
+        write_json(a.out, result)
         print(table(result["speed"]))
         return 0
     device = torch.device(a.device)
@@ -796,7 +791,7 @@ def main() -> int:
         from profile_e2e import profile
 
         result["profile"] = profile(a, device, model_args(a))
-        _write(a.out, result)
+        write_json(a.out, result)
         return 0
     if not a.skip_speed:
         prior: list[dict] = []
@@ -806,15 +801,15 @@ def main() -> int:
 
         def save(rows: list[dict]) -> None:
             result["speed"] = rows
-            _write(a.out, result)
+            write_json(a.out, result)
 
         result["speed"] = speed(a, device, save, prior)
         result["baselines"] = compare(result["speed"])
-        _write(a.out, result)
+        write_json(a.out, result)
         print(table(result["speed"]))
     if a.ppl_transforms is not None:
         result["ppl"] = ppl(a, device)
-        _write(a.out, result)
+        write_json(a.out, result)
         print(json.dumps(result["ppl"], indent=1))
     return 0
 
