@@ -57,6 +57,23 @@ def _kron_right_kernel(
 
 
 @triton.jit
+def _program_constants(l_ptr, r_ptr, clip_ptr, nw_ptr, n1, n2, x_dtype: tl.constexpr, N1P: tl.constexpr,
+                       N2P: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, HAS_NORM: tl.constexpr,
+                       PDL: tl.constexpr):
+    """What the looping layouts with both factors load once per program, before the PDL wait (constant inputs):
+    :func:`_load_factors`' index vector, row mask, Lᵀ and R, the RMSNorm weight tile with HAS_NORM (else an
+    unused ``(1, 1)`` zero) and :func:`_load_clips`' clip pairs."""
+    i, row_ok, lt, r = _load_factors(l_ptr, r_ptr, n1, n2, x_dtype, N1P, N2P)
+    if HAS_NORM:
+        nw = _load_norm_weight(nw_ptr, n2, i, row_ok, N2P)
+    else:
+        nw = tl.zeros((1, 1), dtype=tl.float32)
+    gg, clip_lo, clip_hi = _load_clips(clip_ptr, G, GP)
+    pdl_wait(PDL)
+    return i, row_ok, lt, r, nw, gg, clip_lo, clip_hi
+
+
+@triton.jit
 def _kron_quant_pipe_kernel(
     x_ptr, u_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr, nw_ptr,
     T, n1, n2, stride_xt, stride_qt, stride_qg, stride_sg, eps,
@@ -70,11 +87,9 @@ def _kron_quant_pipe_kernel(
     # token are issued before the current token's products, clip and quantization, so that its HBM latency
     # overlaps them instead of starting each token's chain. The same tile math as _kron_quant_kernel (whole).
     # FAST_Q: the codes without a per-element division (_codes, the same codes); INTERPRET: the interpreter.
-    i, row_ok, lt, r = _load_factors(l_ptr, r_ptr, n1, n2, x_ptr.dtype.element_ty, N1P, N2P)
-    if HAS_NORM:
-        nw = _load_norm_weight(nw_ptr, n2, i, row_ok, N2P)
-    gg, clip_lo, clip_hi = _load_clips(clip_ptr, G, GP)
-    pdl_wait(PDL)
+    i, row_ok, lt, r, nw, gg, clip_lo, clip_hi = _program_constants(l_ptr, r_ptr, clip_ptr, nw_ptr, n1, n2,
+                                                                     x_ptr.dtype.element_ty, N1P, N2P, G, GP,
+                                                                     HAS_NORM, PDL)
     step = tl.num_programs(0)
     x = _load_token(x_ptr, u_ptr, tl.program_id(0).to(tl.int64), stride_xt, n2, i, row_ok, N2P, HAS_GLU,
                     INTERPRET_BF16)
@@ -112,11 +127,9 @@ def _kron_quant_tb_kernel(
     # PREFETCH: the next block's loads are issued before this block's products (in registers, as the pipelined
     # layout does); without it the loads are left to the compiler's loop pipelining (cp.async into shared memory
     # over num_stages: 3 overlaps a load with a whole iteration, 2 issues it at the end of the previous one).
-    i, row_ok, lt, r = _load_factors(l_ptr, r_ptr, n1, n2, x_ptr.dtype.element_ty, N1P, N2P)
-    if HAS_NORM:
-        nw = _load_norm_weight(nw_ptr, n2, i, row_ok, N2P)
-    gg, clip_lo, clip_hi = _load_clips(clip_ptr, G, GP)
-    pdl_wait(PDL)
+    i, row_ok, lt, r, nw, gg, clip_lo, clip_hi = _program_constants(l_ptr, r_ptr, clip_ptr, nw_ptr, n1, n2,
+                                                                     x_ptr.dtype.element_ty, N1P, N2P, G, GP,
+                                                                     HAS_NORM, PDL)
     step = tl.num_programs(0).to(tl.int64) * TB
     t_first = tl.program_id(0).to(tl.int64) * TB
     if PREFETCH:
@@ -181,13 +194,9 @@ def _kron_quant_pipemma_kernel(
     # Without loop pipelining the loads are plain register loads, and the X loaded in an iteration goes through
     # shared memory into the right product's operand layout before the left product is issued: PREFETCH loads it
     # one iteration earlier (carried in registers, more spilling), else its latency precedes the left product.
-    i, row_ok, lt, r = _load_factors(l_ptr, r_ptr, n1, n2, x_ptr.dtype.element_ty, N1P, N2P)
-    if HAS_NORM:
-        nw = _load_norm_weight(nw_ptr, n2, i, row_ok, N2P)
-    else:
-        nw = tl.zeros((1, 1), dtype=tl.float32)  # unused
-    gg, clip_lo, clip_hi = _load_clips(clip_ptr, G, GP)
-    pdl_wait(PDL)
+    i, row_ok, lt, r, nw, gg, clip_lo, clip_hi = _program_constants(l_ptr, r_ptr, clip_ptr, nw_ptr, n1, n2,
+                                                                     x_ptr.dtype.element_ty, N1P, N2P, G, GP,
+                                                                     HAS_NORM, PDL)
     step = tl.num_programs(0).to(tl.int64)
     dt = x_ptr.dtype.element_ty
     t0 = tl.program_id(0).to(tl.int64)
