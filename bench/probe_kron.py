@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from env import environment, write_json  # noqa: E402
@@ -31,7 +32,6 @@ from timing import copy_bandwidth, graph_time  # noqa: E402
 
 from flatquant.core.kron import decompose_dim  # noqa: E402
 from flatquant.ops import sm_count  # noqa: E402
-from flatquant.ops._launch import next_pow2  # noqa: E402
 from flatquant.ops.kron_quant import default_variant, kron_quant_triton, row_split_blocks  # noqa: E402
 
 # (name, K, left only, SwiGLU input): the ln/up_gate transforms (4096), down (14336, also fed gate and up; LLaMA-2's
@@ -148,7 +148,7 @@ def main() -> int:
             t_def = graph_time(lambda: kron_quant_triton(x, left, right, clip, n1, up=up))
             res = []
             failed = []
-            split = row_split_blocks(n1, next_pow2(n1)) > 0
+            split = row_split_blocks(n1, triton.next_power_of_2(n1)) > 0
             for cfg in configs(m, sms, small=max(n1, n2) <= 64, row_split=split):
                 if variants is not None and cfg["variant"] not in variants:
                     continue
