@@ -65,19 +65,20 @@ MULTI_TOKEN_SPLIT = [(3, 8, 1), (2, 8, 1), (2, 4, 2)]
 MULTI_TOKEN_PIPE = [(1, True, 8, 1), (1, False, 8, 1), (3, False, 8, 1)]
 
 
-def configs(m: int, sms: int, small: bool = False, row_split: bool = False) -> list[dict]:
+def configs(m: int, sms: int, small: bool = False, row_split: bool = False, default_launch: bool = False) -> list[dict]:
     """Launch settings to try at ``m`` tokens (``sms``: the device's SM count, for multi_token's grid; ``small``:
     factor tiles of at most 64 x 64; ``row_split``: n1 leaves a row block of its padded tile unused, so that
-    multi_token_split differs from multi_token)."""
+    multi_token_split differs from multi_token; ``default_launch``: multi_token at its first (default) launch
+    only)."""
     out: list[dict] = [{"variant": "whole", "num_warps": w} for w in (4, 8)]
     out += [{"variant": "chunked", "block_cols": b, "num_warps": w} for b in (32, 64) for w in (4, 8)]
     if m > 16:
         out += [{"variant": "two_pass", "num_warps": w} for w in (4, 8)]
     if m > 64:
         out += [{"variant": v, "num_warps": w} for v in ("pipelined", "pipelined_fastq") for w in (4, 8)]
+        launches = (MULTI_TOKEN_64 if small else MULTI_TOKEN_128)[:1 if default_launch else None]
         out += [{"variant": "multi_token", "block_tokens": tb, "prefetch": pf, "num_stages": st, "num_warps": w,
-                 "programs": per_sm * sms}
-                for tb, pf, st, w, per_sm in (MULTI_TOKEN_64 if small else MULTI_TOKEN_128)]
+                 "programs": per_sm * sms} for tb, pf, st, w, per_sm in launches]
         if row_split:
             out += [{"variant": "multi_token_split", "num_stages": st, "num_warps": w, "programs": per_sm * sms}
                     for st, w, per_sm in MULTI_TOKEN_SPLIT]
@@ -110,6 +111,9 @@ def main() -> int:
     ap.add_argument("--sites", default=",".join(name for name, *_ in SITES),
                     help="comma-separated site names to probe (default: all)")
     ap.add_argument("--variants", default=None, help="comma-separated layouts to time (default: all of configs())")
+    ap.add_argument("--default-launch", action="store_true",
+                    help="multi_token at its default launch only (one token per block, 3 stages, 8 warps, one "
+                         "program per SM), not the sweep of MULTI_TOKEN_128 / MULTI_TOKEN_64")
     a = ap.parse_args()
     sites = a.sites.split(",")
     unknown = set(sites) - {name for name, *_ in SITES}
@@ -149,7 +153,8 @@ def main() -> int:
             res = []
             failed = []
             split = row_split_blocks(n1, triton.next_power_of_2(n1)) > 0
-            for cfg in configs(m, sms, small=max(n1, n2) <= 64, row_split=split):
+            for cfg in configs(m, sms, small=max(n1, n2) <= 64, row_split=split,
+                               default_launch=a.default_launch):
                 if variants is not None and cfg["variant"] not in variants:
                     continue
                 try:
