@@ -163,8 +163,9 @@ def row_split_blocks(n1: int, n1p: int) -> int:
     return 0
 
 
-def default_variant(t: int, n1: int, n2: int) -> str:
-    """The kernel layout :func:`kron_quant_triton` uses by default for ``t`` tokens of ``n1 x n2`` (see there).
+def default_variant(t: int, n1: int, n2: int, norm: bool = False) -> str:
+    """The kernel layout :func:`kron_quant_triton` uses by default for ``t`` tokens of ``n1 x n2`` (see there;
+    ``norm``: the RMSNorm runs in the kernel).
 
     Measured on the H200 (``bench/probe_kron.py``): at 1 and 16 tokens the split layout takes 5.4 / 6.1 us for the
     14336 transform against 14.2 / 14.6 for whole (11008: 5.9 vs 15.1); at K = 4096 and for the o_proj head mix
@@ -176,11 +177,19 @@ def default_variant(t: int, n1: int, n2: int) -> str:
     multi_token with its default launch (bench/results/probe_kron_h200_s7.json, side by side with
     pipelined_fastq; codes equal whole's): 2048 / 32768 tokens 61.0 / 861 us against 65.8 / 879 for the 14336
     transform, 98.4 / 1435 against 144.9 / 1969 with the SwiGLU input, 60.2 / 873 against 69.9 / 855 at 11008.
+    Where ``n1`` leaves a quarter of its padded tile unused (86 of 128: :func:`row_split_blocks` gives 2 blocks)
+    and without the in-kernel norm (whose per-block mean may differ from whole's in its last bit),
+    multi_token_split (bench/results/probe_kron_h200_s9.json, side by side with multi_token at its default launch;
+    codes equal whole's): 2048 / 32768 tokens 50.9 / 679 us against 60.7 / 870 at 11008, 81.4 / 1154 against
+    95.8 / 1412 with the SwiGLU input. At three blocks (112 rows) it gained nothing (61.2 / 866 against 61.1 /
+    861 for the 14336 transform; 97.7 / 1402 against 97.0 / 1434 with the SwiGLU input): multi_token.
     """
     if t <= SPLIT_MAX_T and next_pow2(n1) * next_pow2(n2) >= SPLIT_MIN_ELEMS:
         return "split"
     if t >= PIPELINE_MIN_T and n1 > 1 and n2 > 1:
-        return "multi_token" if next_pow2(n1) == next_pow2(n2) == MULTI_TOKEN_TILE else "pipelined_fastq"
+        if next_pow2(n1) != MULTI_TOKEN_TILE or next_pow2(n2) != MULTI_TOKEN_TILE:
+            return "pipelined_fastq"
+        return "multi_token_split" if row_split_blocks(n1, MULTI_TOKEN_TILE) == 2 and not norm else "multi_token"
     return "whole"
 
 
@@ -237,9 +246,10 @@ def kron_quant_triton(
       column block of ``L`` (the MMA's M is ``n2p``, so wgmma needs ``n2p >= 64``, not the blocks), the left
       product reducing over the whole padded ``n1`` in one dot so that every sum has whole's terms in whole's
       order: the codes are whole's bit for bit in the interpreter. Same launch defaults as ``multi_token`` (8
-      warps, 3 stages, one program per SM). Opt-in until timed on a GPU (``bench/probe_kron.py``): the offline
-      sm_90 compile has 10 % fewer issued instructions per token than ``multi_token`` at 86 rows (15 % with the
-      SwiGLU input) and 25 % fewer MMA flops, but 7.5 % more instructions at 112 rows (12.5 % fewer flops).
+      warps, 3 stages, one program per SM). The prefill default at two row blocks without the in-kernel norm
+      (:func:`default_variant`, measured there): the offline sm_90 compile has 10 % fewer issued instructions
+      per token than ``multi_token`` at 86 rows (15 % with the SwiGLU input) and 25 % fewer MMA flops, but 7.5 %
+      more instructions at 112 rows (12.5 % fewer flops), where it is no faster.
     * ``"multi_token_pipe"``: ``multi_token`` at one token per block, software-pipelined across the program's
       tokens so that the right product ``X R`` of the token after next runs on the tensor cores during the
       current token's range, codes and stores (its wgmma is waited for only by the next token's left product; see
@@ -247,7 +257,9 @@ def kron_quant_triton(
       the tokens are loaded one iteration ahead into registers (else each iteration's load latency precedes its
       left product). The same codes as whole's bit for bit in the interpreter. Launch: 8 warps, one program per
       SM and ``num_stages=1`` (without prefetch, 2-3 stages let the compiler's loop pipelining undo the overlap).
-      Opt-in until timed on a GPU (``bench/probe_kron.py``). Offline sm_90 compile (Triton 3.6, 8 warps, 128 x 128
+      Opt-in: slower than ``multi_token`` on the H200 (bench/results/probe_kron_h200_s9.json; 2048 / 32768
+      tokens at 11008: 78.6 / 1095 us with prefetch, 81.6 / 1171 without, against 60.7 / 870; the spills and the
+      single stage cost more than the overlap gains). Offline sm_90 compile (Triton 3.6, 8 warps, 128 x 128
       tiles), per warp and token: 1044 instructions without prefetch, 1130-1138 with (multi_token: 1044-1055),
       2074 / 2260 with the SwiGLU input (2049), all but 51-83 of them issued while a wgmma is in flight
       (multi_token: 13-15), one wgmma wait instead of two; but 255 registers with spills: 88 bytes without
@@ -272,7 +284,7 @@ def kron_quant_triton(
         raise ValueError(f"block_tokens must be a power of two, got {block_tokens}")
     t, n = x.shape
     n2 = n // n1
-    variant = variant or default_variant(t, n1, n2)
+    variant = variant or default_variant(t, n1, n2, norm is not None)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if variant != "multi_token" and (block_tokens is not None

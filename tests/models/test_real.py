@@ -385,8 +385,8 @@ def test_cuda_code_paths_through_the_interpreter_equal_the_reference_engine(monk
         (lin_mod, "w8a8_matmul", w8a8), (lin_mod, "unpack_int4", unpack_int4_triton),
         # tiny dims: force the split layout at decode (the deferred norm runs in it; the whole layout's norm is
         # covered by tests/ops/test_kron_quant.py)
-        (kq_mod, "default_variant", lambda t, n1, n2, base=kq_mod.default_variant: "split" if t <= 16
-         else base(t, n1, n2)),
+        (kq_mod, "default_variant", lambda t, n1, n2, norm=False, base=kq_mod.default_variant: "split" if t <= 16
+         else base(t, n1, n2, norm)),
         (cache_mod, "kv_quant_write", kv_quant_write_triton),
         (step_mod, "kv4_decode_attention", attention),
         (lin_mod, "unpacked_prefill", lambda x, cpu_codes: x.shape[0] >= UNPACK_MIN_M),
