@@ -274,16 +274,18 @@ def _load_l_cols(l_ptr, n1, a0, BW: tl.constexpr, N1P: tl.constexpr):
 
 
 @triton.jit
-def _store_codes_t(q, q_base, n1, n2, a0, BW: tl.constexpr, N2P: tl.constexpr, PACK: tl.constexpr):
+def _store_codes_t(q, q_base, n1, n2, a0, BW: tl.constexpr, N2P: tl.constexpr, PACK: tl.constexpr,
+                   SAT: tl.constexpr = False):
     """Store the int32 codes ``q`` ``(N2P, BW)`` of rows ``[a0, a0 + BW)`` of a token's ``Y``, transposed with its
-    rows in :func:`_pair_rows` order, at ``q_base`` (packed: element 2k in the low nibble of byte k)."""
+    rows in :func:`_pair_rows` order, at ``q_base`` (packed: element 2k in the low nibble of byte k; SAT: the
+    codes saturated to 4 bits by the pack, see :func:`_nibbles`)."""
     b = a0 + tl.arange(0, BW)
     if PACK:
         # rows (16w + r, 16w + 8 + r) are columns (2(8w + r), 2(8w + r) + 1): byte 8w + r of each row of Y
         pairs = tl.reshape(tl.permute(tl.reshape(q, (N2P // 16, 2, 8, BW)), (0, 2, 3, 1)), (N2P // 2, BW, 2))
         jh = tl.arange(0, N2P // 2)
         half = n2 // 2
-        tl.store(q_base + b[None, :] * half + jh[:, None], _nibbles(pairs),
+        tl.store(q_base + b[None, :] * half + jh[:, None], _nibbles(pairs, SAT),
                  mask=(jh < half)[:, None] & (b < n1)[None, :])
     else:
         j = _pair_rows(N2P)
@@ -364,13 +366,16 @@ def _kron_quant_rowsplit_kernel(
         y_hi, y_lo = tl.reduce((row_hi, row_lo), 0, _hi_lo)
         y_hi = tl.maximum(y_hi, 0.0)
         y_lo = tl.minimum(y_lo, 0.0)
+        SAT: tl.constexpr = PACK and QMAX == 7 and not INTERPRET  # the clamp in the pack (_nibbles)
         for g in tl.static_range(G):
             scale = _lac_scale(y_hi, y_lo, clip_lo, clip_hi, gg, g, QMAX)
             fast_ok = _fast_scales(scale, tl.maximum(y_hi, -y_lo))
             tl.store(s_ptr + g * stride_sg + t, scale)
             q_base = q_ptr + g * stride_qg + t * stride_qt
-            _store_codes_t(_codes(ya, scale, fast_ok, QMAX, True, INTERPRET), q_base, n1, n2, 0, BA, N2P, PACK)
-            _store_codes_t(_codes(yb, scale, fast_ok, QMAX, True, INTERPRET), q_base, n1, n2, BA, BB, N2P, PACK)
+            _store_codes_t(_codes(ya, scale, fast_ok, QMAX, True, INTERPRET, not SAT), q_base, n1, n2, 0, BA, N2P,
+                           PACK, SAT)
+            _store_codes_t(_codes(yb, scale, fast_ok, QMAX, True, INTERPRET, not SAT), q_base, n1, n2, BA, BB, N2P,
+                           PACK, SAT)
             if NBLK == 3:
-                _store_codes_t(_codes(yc, scale, fast_ok, QMAX, True, INTERPRET), q_base, n1, n2, BA + BB, BC, N2P,
-                               PACK)
+                _store_codes_t(_codes(yc, scale, fast_ok, QMAX, True, INTERPRET, not SAT), q_base, n1, n2, BA + BB,
+                               BC, N2P, PACK, SAT)

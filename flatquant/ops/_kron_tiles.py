@@ -220,17 +220,21 @@ def _quotient_fast(y, scale, fast_ok, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _codes(y, scale, fast_ok, QMAX: tl.constexpr, FAST_Q: tl.constexpr, INTERPRET: tl.constexpr):
+def _codes(y, scale, fast_ok, QMAX: tl.constexpr, FAST_Q: tl.constexpr, INTERPRET: tl.constexpr,
+           CLAMP: tl.constexpr = True):
     """``rne(clamp(y / scale, -QMAX - 1, QMAX))`` as int32, the quotient correctly rounded; ``scale`` is a scalar
     or broadcasts against ``y``. FAST_Q: the quotient without a per-element division (:func:`_quotient_fast`, the
     same quotient; ``fast_ok``: :func:`_fast_scales` of every scale involved) and, on CUDA, one ``cvt.rni`` for
     the rounding; else, and in the interpreter, the rounding is ``(v + 1.5·2²³) − 1.5·2²³`` in fp32 (exact for
-    the clamped ``|v| <= QMAX + 1``). Round half to even either way."""
+    the clamped ``|v| <= QMAX + 1``). Round half to even either way. ``CLAMP=False`` (FAST_Q on CUDA only): the
+    clamp is left to a saturating pack (:func:`_nibbles`), ``cvt.rni`` itself saturating at the int32 range;
+    rounding then saturating gives the clamp-then-round codes (every ``v`` past ``QMAX`` rounds to ``>= QMAX``)."""
     if FAST_Q:
         v = _quotient_fast(y, scale, fast_ok, INTERPRET)
     else:
         v = _quotient(y, scale)
-    v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
+    if CLAMP:
+        v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
     if FAST_Q and not INTERPRET:
         q = tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
     else:
@@ -239,10 +243,16 @@ def _codes(y, scale, fast_ok, QMAX: tl.constexpr, FAST_Q: tl.constexpr, INTERPRE
 
 
 @triton.jit
-def _nibbles(pairs):
+def _nibbles(pairs, SAT: tl.constexpr = False):
     """Packed bytes of int32 codes whose last axis holds (even, odd) element pairs: the even element in the low
-    nibble; the result drops that axis."""
+    nibble; the result drops that axis. SAT (CUDA): the codes are first saturated to [-8, 7], by the pack
+    instruction itself (``cvt.pack.sat.s4``: ``d = c << 8 | sat(a) << 4 | sat(b)``), for :func:`_codes`
+    without its clamp."""
     lo_q, hi_q = tl.split(pairs)
+    if SAT:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 z; mov.b32 z, 0; cvt.pack.sat.s4.s32.b32 $0, $1, $2, z; }", "=r,r,r", [hi_q, lo_q],
+            dtype=tl.int32, is_pure=True, pack=1).to(tl.uint8)
     return ((lo_q & 0xF) | ((hi_q & 0xF) << 4)).to(tl.uint8)
 
 
@@ -282,6 +292,7 @@ def _quant_tokens(
     """Per-token range, LAC and symmetric codes of the ``(TB, N1P, N2P)`` tile ``y`` (tokens ``[t0, t0 + TB)``,
     padding 0) for each of the G clip pairs: :func:`_quant_cols` for TB tokens at once (the same codes and
     scales); tokens past ``T`` are not stored."""
+    SAT: tl.constexpr = PACK and FAST_Q and QMAX == 7 and not INTERPRET  # the clamp in the pack (_nibbles)
     tok = t0 + tl.arange(0, TB).to(tl.int64)
     tok_ok = tok < T
     y_hi = tl.maximum(tl.max(tl.max(y, axis=2), axis=1), 0.0)
@@ -290,7 +301,8 @@ def _quant_tokens(
     for g in tl.static_range(G):
         scale = _lac_scale(y_hi, y_lo, clip_lo, clip_hi, gg, g, QMAX)  # (TB,); 1 for tokens past T
         fast_ok = tl.min(_fast_scales(scale, tl.maximum(y_hi, -y_lo)).to(tl.int32), axis=0) > 0
-        q = _codes(y, tl.broadcast_to(scale[:, None, None], (TB, N1P, N2P)), fast_ok, QMAX, FAST_Q, INTERPRET)
+        q = _codes(y, tl.broadcast_to(scale[:, None, None], (TB, N1P, N2P)), fast_ok, QMAX, FAST_Q, INTERPRET,
+                   not SAT)
         tl.store(s_ptr + g * stride_sg + tok, scale, mask=tok_ok)
         q_base = q_ptr + g * stride_qg + tok[:, None, None] * stride_qt
         if PACK:
@@ -299,7 +311,7 @@ def _quant_tokens(
             half = n2 // 2
             ok = (i < n1)[:, None] & (jh < half)[None, :]
             tl.store(q_base + (i[:, None] * half + jh[None, :])[None, :, :],
-                     _nibbles(tl.reshape(q, (TB, N1P, N2P // 2, 2))), mask=tok_ok[:, None, None] & ok[None, :, :])
+                     _nibbles(tl.reshape(q, (TB, N1P, N2P // 2, 2)), SAT), mask=tok_ok[:, None, None] & ok[None, :, :])
         else:
             j = tl.arange(0, N2P)
             ok = (i < n1)[:, None] & (j < n2)[None, :]

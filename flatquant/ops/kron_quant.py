@@ -150,6 +150,11 @@ MULTI_TOKEN_TILE = 128  # padded n1 = n2 at which multi_token is the prefill def
 # 3-stage cp.async pipeline (no register prefetch), 8 warps, one program per SM; larger blocks hit the 255-register
 # cap and were slower (K=14336, 2048 tokens: 75.7 us with 2 tokens, 176.6 with 4, against 61.0).
 MULTI_TOKEN_BLOCK, MULTI_TOKEN_STAGES, MULTI_TOKEN_PROGRAMS_PER_SM = 1, 3, 1
+# multi_token_split's default launch without the SwiGLU input (H200, bench/results/probe_kron_h200_s9_sat.json):
+# 4 warps, 2 stages, two programs per SM (two tokens in flight on an SM): K=11008, 2048 / 32768 tokens 48.0 / 618 us
+# against 50.3 / 693 with multi_token's launch. With the SwiGLU input multi_token's launch (4 warps: 133 against
+# 80 us at 2048 tokens).
+SPLIT_WARPS, SPLIT_STAGES, SPLIT_PROGRAMS_PER_SM = 4, 2, 2
 
 
 def row_split_blocks(n1: int, n1p: int) -> int:
@@ -245,8 +250,9 @@ def kron_quant_triton(
       ``multi_token`` runs). The products run transposed, ``Zᵀ = Rᵀ Xᵀ`` per row block and ``Yᵀ = Zᵀ L`` per
       column block of ``L`` (the MMA's M is ``n2p``, so wgmma needs ``n2p >= 64``, not the blocks), the left
       product reducing over the whole padded ``n1`` in one dot so that every sum has whole's terms in whole's
-      order: the codes are whole's bit for bit in the interpreter. Same launch defaults as ``multi_token`` (8
-      warps, 3 stages, one program per SM). The prefill default at two row blocks without the in-kernel norm
+      order: the codes are whole's bit for bit in the interpreter. Launch defaults: without ``up`` 4 warps, 2
+      stages, two programs per SM (``SPLIT_WARPS`` ...), with it ``multi_token``'s (8 warps, 3 stages, one
+      program per SM). The prefill default at two row blocks without the in-kernel norm
       (:func:`default_variant`, measured there): the offline sm_90 compile has 10 % fewer issued instructions
       per token than ``multi_token`` at 86 rows (15 % with the SwiGLU input) and 25 % fewer MMA flops, but 7.5 %
       more instructions at 112 rows (12.5 % fewer flops), where it is no faster.
@@ -303,9 +309,12 @@ def kron_quant_triton(
     if variant == "multi_token_split" and not row_split_blocks(n1, n1p):
         variant = "multi_token"  # n1 fills its padded tile: nothing to split
     if variant in ("multi_token_split", "multi_token_pipe"):
-        num_stages = num_stages or (1 if variant == "multi_token_pipe" else MULTI_TOKEN_STAGES)
+        lean = variant == "multi_token_split" and up is None  # two programs of 4 warps per SM
+        num_stages = num_stages or (1 if variant == "multi_token_pipe" else SPLIT_STAGES if lean
+                                    else MULTI_TOKEN_STAGES)
+        num_warps = num_warps or (SPLIT_WARPS if lean else None)
         if programs is None and x.device.type == "cuda":
-            programs = MULTI_TOKEN_PROGRAMS_PER_SM * sm_count(x.device)
+            programs = (SPLIT_PROGRAMS_PER_SM if lean else MULTI_TOKEN_PROGRAMS_PER_SM) * sm_count(x.device)
     if variant == "multi_token":
         block_tokens = block_tokens or MULTI_TOKEN_BLOCK
         prefetch = False if prefetch is None else prefetch
