@@ -557,6 +557,30 @@ def test_multi_token_division_fallback_per_block(device: str) -> None:
         assert torch.equal(got[0].cpu(), want) and torch.equal(got[1].cpu(), want_scale), tb
 
 
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("variant", ["multi_token", "multi_token_split"])
+def test_prefill_layouts_saturate_like_the_clamp(device: str, variant: str) -> None:
+    """Packed 4-bit codes far past the clipped range: the prefill layouts (on CUDA the clamp is the int4 pack's
+    saturation, after rounding) give whole's and the reference's codes, with an ordinary clip pair and one of 1e-7
+    whose quotients reach ~1e8 (past the division-free range: the codes come from the division). Bit for bit
+    under the interpreter; on the GPU within the reference's tolerance (whole's tensor-core tiles differ)."""
+    n1, n2, t = 43, 16, 5  # 43 of 64 rows: two row blocks for multi_token_split
+    g = torch.Generator().manual_seed(17)
+    x = (torch.randn(t, n1 * n2, generator=g) * 3).to(torch.bfloat16)
+    x[:, 5] *= 50
+    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(torch.bfloat16)
+    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(torch.bfloat16)
+    clips = torch.tensor([[0.6, 0.5], [1e-7, 1e-7]])
+    args = [v.to(device) for v in (x, left, right, clips)]
+    got = kron_quant_multi_triton(*args, n1, 4, True, variant=variant, programs=2)
+    if device == "cpu":
+        whole = kron_quant_multi_triton(*args, n1, 4, True, variant="whole")
+        assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])
+    codes = ref.unpack_int4_ref(got[0][1].cpu())
+    assert int((codes.abs() >= 7).sum()) > codes.numel() // 2  # the tiny clip saturates most codes
+    _assert_matches_reference(x, left, right, n1, clips, got)
+
+
 def test_multi_token_options() -> None:
     """block_tokens must be a power of two; without both factors the layout falls back to whole."""
     x = torch.randn(3, 6 * 10, dtype=torch.bfloat16)
