@@ -10,11 +10,9 @@ Usage (GPU): ``python bench/probe_kron.py --out bench/results/probe_kron_h200.js
 ``--sites down14336glu,kron14336 --tokens 2048 32768 --variants whole,pipelined,pipelined_fastq``; the multi-token
 layout against pipelined_fastq (about 3 minutes): ``--sites kron14336,kron11008,down14336glu,kron4096 --tokens 2048
 32768 --variants pipelined_fastq,multi_token``; the row-split layout (``multi_token_split``: 86 -> 64 + 32 and
-112 -> 64 + 32 + 16 rows instead of 128; opt-in until measured) beside multi_token: ``--sites
-kron11008,down11008glu,kron14336,down14336glu --tokens 2048 32768 --variants multi_token,multi_token_split``;
-the software-pipelined layout (``multi_token_pipe``: a token's right product in flight during the previous token's
-epilogue; opt-in until measured) beside multi_token: ``--sites kron11008,kron14336,down11008glu,down14336glu
---tokens 2048 32768 --variants multi_token,multi_token_pipe``.
+112 -> 64 + 32 + 16 rows instead of 128; the default at 86 rows) beside multi_token at its default launch only
+(about 2 minutes): ``--default-launch --sites kron11008,down11008glu,kron14336,down14336glu --tokens 2048 32768
+--variants multi_token,multi_token_split``.
 """
 
 from __future__ import annotations
@@ -55,14 +53,6 @@ MULTI_TOKEN_64 = [(2, True, 1, 4, 2), (4, True, 1, 4, 2), (2, False, 3, 4, 2), (
 # 2 stages, 86 rows: 255 registers with 124 bytes of spills and 108 KiB, so two programs fit an SM (two tokens in
 # flight); with the SwiGLU input (128 KiB) or at 112 rows (120 KiB, 392 bytes of spills) they do not.
 MULTI_TOKEN_SPLIT = [(3, 8, 1), (2, 8, 1), (2, 4, 2)]
-# multi_token_pipe at 128 x 128 tiles: (num_stages, prefetch, num_warps, programs per SM). 1 stage, with or without
-# register prefetch, is the layout (offline sm_90 compile, Triton 3.6: the right product's 8 HGMMAs stay in flight
-# over the epilogue, no wgmma wait between them and the back edge; 255 registers, 88 / 176-196 bytes of spills
-# without / with prefetch, 128 KiB shared memory; with prefetch the loads bypass the compiler's pipelining, so its
-# stage count changes nothing). 3 stages without prefetch is the same kernel without the overlap (the loop
-# scheduler hoists the right product, fed by cp.async, above the left one, whose wait then retires it; two waits
-# per token, 164 bytes of spills): against it the overlap's worth.
-MULTI_TOKEN_PIPE = [(1, True, 8, 1), (1, False, 8, 1), (3, False, 8, 1)]
 
 
 def configs(m: int, sms: int, small: bool = False, row_split: bool = False, default_launch: bool = False) -> list[dict]:
@@ -82,9 +72,6 @@ def configs(m: int, sms: int, small: bool = False, row_split: bool = False, defa
         if row_split:
             out += [{"variant": "multi_token_split", "num_stages": st, "num_warps": w, "programs": per_sm * sms}
                     for st, w, per_sm in MULTI_TOKEN_SPLIT]
-        if not small:
-            out += [{"variant": "multi_token_pipe", "num_stages": st, "prefetch": pf, "num_warps": w,
-                     "programs": per_sm * sms} for st, pf, w, per_sm in MULTI_TOKEN_PIPE]
     if m <= 64:
         out += [{"variant": "split", "block_cols": b, "num_warps": w} for b in (16, 32, 64) for w in (4, 8)]
     return out
@@ -98,9 +85,6 @@ def _describe(cfg: dict) -> str:
         return f"multi_token/tb{cfg['block_tokens']}/{load}/{cfg['num_warps']}w/p{cfg['programs']}"
     if cfg["variant"] == "multi_token_split":
         return f"multi_token_split/st{cfg['num_stages']}/{cfg['num_warps']}w/p{cfg['programs']}"
-    if cfg["variant"] == "multi_token_pipe":
-        pf = "/pf" if cfg["prefetch"] else ""
-        return f"multi_token_pipe/st{cfg['num_stages']}{pf}/{cfg['num_warps']}w/p{cfg['programs']}"
     return f"{cfg['variant']}/{cfg.get('block_cols', '-')}/{cfg['num_warps']}w"
 
 
@@ -176,7 +160,7 @@ def main() -> int:
                   f"{_describe(best)} {best['us']:9.1f} | floor {floor:7.1f} ({floor / best['us']:.2f}) | all equal "
                   f"{all(r['equal'] for r in res)} | failed {len(failed)}", flush=True)
             for r in sorted(res, key=lambda r: r["us"]):
-                if r["variant"] in ("pipelined_fastq", "multi_token", "multi_token_split", "multi_token_pipe"):
+                if r["variant"] in ("pipelined_fastq", "multi_token", "multi_token_split"):
                     print(f"{'':>16}{_describe(r):<44} {r['us']:9.1f} us ({floor / r['us']:.2f} of floor) equal "
                           f"{r['equal']}", flush=True)
     save(True)

@@ -8,11 +8,10 @@ strides divisible by 16; n1 too, unless ``--n1-odd``: 86 is not), so loads and s
 GPU. Use the Triton of the GPU machine, e.g. an unpacked wheel: ``PYTHONPATH=/tmp/triton36 python
 scripts/offline_sm90.py --tb 1 2 4 --warps 4 8`` (5-40 s per configuration on one core). ``--row-split``: the
 multi_token_split kernel instead (2 row blocks, n1 odd as 86, and 3, n1 divisible by 16 as 112), e.g. ``--row-split
---warps 8 --stages 3 --glu``. ``--pipe``: multi_token (one token per block, 3 stages) and multi_token_pipe (1
-stage, with and without register prefetch) side by side, each with a summary of its token loop's SASS (nvdisasm):
+--warps 8 --stages 3 --glu``. ``--sass``: add a summary of the token loop's SASS (nvdisasm) to each configuration:
 instructions per warp and iteration (the division fallback left out), HGMMAs, wgmma waits (``WARPGROUP.DEPBAR``)
 and how many instructions issue while a wgmma is in flight (between an HGMMA and the next wait, around the back
-edge), e.g. ``--pipe --warps 8 --n1-odd --glu``.
+edge), e.g. ``--row-split --sass --warps 4 8``.
 """
 
 from __future__ import annotations
@@ -142,32 +141,26 @@ def main() -> int:
     ap.add_argument("--n1-odd", action="store_true", help="n1 not divisible by 16 (86)")
     ap.add_argument("--no-baseline", action="store_true", help="skip pipelined_fastq")
     ap.add_argument("--row-split", action="store_true", help="multi_token_split only (see the module docstring)")
-    ap.add_argument("--pipe", action="store_true", help="multi_token vs multi_token_pipe (see the module docstring)")
+    ap.add_argument("--sass", action="store_true", help="summarise the token loop's SASS (see the module docstring)")
     a = ap.parse_args()
     base = {"N1P": a.tile, "N2P": a.tile, "G": 1, "GP": 2, "QMAX": 7, "PACK": True, "F32_DOT": False,
             "HAS_GLU": a.glu, "INTERPRET_BF16": False}
     if a.row_split:
         print(f"# triton {triton.__version__}, {a.tile}x{a.tile} tiles, glu={a.glu}")
         for nblk, w in itertools.product((2, 3), a.warps):
-            res = compile_sm90(kq._kron_quant_rowsplit_kernel, {**base, "NBLK": nblk}, w, a.stages, nblk == 2)
+            res = compile_sm90(kq._kron_quant_rowsplit_kernel, {**base, "NBLK": nblk}, w, a.stages, nblk == 2,
+                               a.sass)
             print(f"multi_token_split {nblk} blocks {w}w {a.stages} stages: {res}", flush=True)
         return 0
     print(f"# triton {triton.__version__}, {a.tile}x{a.tile} tiles, glu={a.glu}, n1 odd={a.n1_odd}")
-    if a.pipe:
-        for w in a.warps:
-            res = compile_sm90(kq._kron_quant_tb_kernel, {**base, "TB": 1, "PREFETCH": False}, w, 3, a.n1_odd, True)
-            print(f"multi_token tb1 {w}w 3 stages: {res}", flush=True)
-            for pf in a.prefetch:
-                res = compile_sm90(kq._kron_quant_pipemma_kernel, {**base, "PREFETCH": bool(pf)}, w, 1, a.n1_odd, True)
-                print(f"multi_token_pipe {w}w 1 stage{' prefetch' if pf else ''}: {res}", flush=True)
-        return 0
     if not a.no_baseline:
         for w in a.warps:
             res = compile_sm90(kq._kron_quant_pipe_kernel, {**base, "FAST_Q": True}, w, 1, a.n1_odd)
             print(f"pipelined_fastq {w}w: {res}", flush=True)
     for tb, w, pf in itertools.product(a.tb, a.warps, a.prefetch):
         stages = 1 if pf else a.stages
-        res = compile_sm90(kq._kron_quant_tb_kernel, {**base, "TB": tb, "PREFETCH": bool(pf)}, w, stages, a.n1_odd)
+        res = compile_sm90(kq._kron_quant_tb_kernel, {**base, "TB": tb, "PREFETCH": bool(pf)}, w, stages, a.n1_odd,
+                           a.sass)
         print(f"multi_token tb{tb} {w}w {'prefetch' if pf else f'{stages} stages'}: {res}", flush=True)
     return 0
 

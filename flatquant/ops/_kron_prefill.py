@@ -1,7 +1,7 @@
 """The many-token (prefill) layouts of ``flatquant::kron_quant``, launched by
 :func:`flatquant.ops.kron_quant.kron_quant_triton` (whose docstring describes each layout): the first pass of
-``two_pass`` (``Z = X R`` for all token rows), ``pipelined`` / ``pipelined_fastq``, ``multi_token``,
-``multi_token_pipe`` and ``multi_token_split`` with the helpers of its transposed tiles. The tile helpers they share
+``two_pass`` (``Z = X R`` for all token rows), ``pipelined`` / ``pipelined_fastq``, ``multi_token`` and
+``multi_token_split`` with the helpers of its transposed tiles. The tile helpers they share
 with the other layouts are in :mod:`flatquant.ops._kron_tiles`.
 """
 
@@ -29,7 +29,6 @@ from ._kron_tiles import (
     _rms_norm_tokens,
     _rms_scaled,
     _rounded,
-    _rounded_opaque,
 )
 from ._launch import pdl_wait
 
@@ -149,80 +148,6 @@ def _kron_quant_tb_kernel(
                       N1P, N2P, G, QMAX, PACK, True, INTERPRET)
         if PREFETCH:
             x = x_next
-
-
-@triton.jit
-def _as_operand(x, nw, n, eps, N1P: tl.constexpr, N2P: tl.constexpr, INTERPRET_BF16: tl.constexpr,
-                HAS_NORM: tl.constexpr):
-    """One token's ``(1, N1P, N2P)`` tile from :func:`_load_tokens` as the ``(N1P, N2P)`` left operand of its right
-    product, normalised with HAS_NORM (:func:`_rms_norm_tokens`, ``nw`` the weight tile). The sm_90 compile keeps
-    it in registers as the wgmma's A operand (a plain 2-D load is staged in shared memory, which Triton never
-    leaves in flight across loop iterations)."""
-    if HAS_NORM:
-        x = _rms_norm_tokens(x, nw, n, eps, INTERPRET_BF16)
-    return tl.reshape(x, (N1P, N2P))
-
-
-@triton.jit
-def _kron_quant_pipemma_kernel(
-    x_ptr, u_ptr, l_ptr, r_ptr, clip_ptr, q_ptr, s_ptr, nw_ptr,
-    T, n1, n2, stride_xt, stride_qt, stride_qg, stride_sg, eps,
-    N1P: tl.constexpr, N2P: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-    QMAX: tl.constexpr, PACK: tl.constexpr, F32_DOT: tl.constexpr, HAS_GLU: tl.constexpr,
-    INTERPRET_BF16: tl.constexpr, HAS_NORM: tl.constexpr = False, PDL: tl.constexpr = False,
-    PREFETCH: tl.constexpr = True, INTERPRET: tl.constexpr = False,
-):
-    # multi_token at one token per block, software-pipelined by hand so that a token's right product runs on the
-    # tensor cores while the previous token's epilogue runs on the ALUs. Program p handles tokens p, p + P, ...;
-    # the iteration of token t finds X R of token t + P in flight and the rounded Z of token t done:
-    #   Y = Lᵀ Z_t                       wgmma, waited for at once (the epilogue needs it); the wait also
-    #                                    retires the in-flight X R of token t + P
-    #   Z_{t+P} = rounded(X R)           element-wise
-    #   X R of token t + 2P              wgmma left in flight across the rest of the iteration
-    #   range, scales, codes, stores     of token t, overlapping that wgmma
-    # (the first two tokens' right products run before the loop; tokens past T are zero tiles, neither read nor
-    # written: the last two right products of a program are wasted tensor-core work, not memory traffic).
-    # Triton 3.6's wgmma pipelining (asyncLaunchDots) leaves a dot in flight only when its result feeds nothing
-    # but the next iteration and that iteration first uses it after another dot's wait ("rule 3b"); every other
-    # dot is waited for right after it, and a dot staged through an in-loop shared-memory store never qualifies
-    # (the right product's X is a register operand here: _as_operand). Without PREFETCH it needs num_stages=1:
-    # with the loads pipelined (2-3 stages) the loop scheduler hoists the load-consuming right product above the
-    # left one, whose wait then retires it (with PREFETCH the loads feed the loop-carried tile, which the compiler
-    # does not pipeline). The rounding to x's dtype is inline assembly (_rounded_opaque), else LLVM moves it
-    # into the next iteration, the fp32 X R stays live across the new wgmma, its copy reads the in-flight
-    # accumulator and ptxas serialises every wgmma of the kernel (C7514).
-    # Without loop pipelining the loads are plain register loads, and the X loaded in an iteration goes through
-    # shared memory into the right product's operand layout before the left product is issued: PREFETCH loads it
-    # one iteration earlier (carried in registers, more spilling), else its latency precedes the left product.
-    i, row_ok, lt, r, nw, gg, clip_lo, clip_hi = _program_constants(l_ptr, r_ptr, clip_ptr, nw_ptr, n1, n2,
-                                                                     x_ptr.dtype.element_ty, N1P, N2P, G, GP,
-                                                                     HAS_NORM, PDL)
-    step = tl.num_programs(0).to(tl.int64)
-    dt = x_ptr.dtype.element_ty
-    t0 = tl.program_id(0).to(tl.int64)
-    zr = _rounded(_mma(_as_operand(_load_tokens(x_ptr, u_ptr, t0, T, stride_xt, n1, n2, 1, N1P, N2P, HAS_GLU,
-                                                INTERPRET_BF16), nw, n1 * n2, eps, N1P, N2P, INTERPRET_BF16,
-                                   HAS_NORM), r, F32_DOT), dt, INTERPRET_BF16)  # (N1P, N2P): the first token's Z
-    z = _mma(_as_operand(_load_tokens(x_ptr, u_ptr, t0 + step, T, stride_xt, n1, n2, 1, N1P, N2P, HAS_GLU,
-                                      INTERPRET_BF16), nw, n1 * n2, eps, N1P, N2P, INTERPRET_BF16, HAS_NORM),
-             r, F32_DOT)  # (N1P, N2P): the second token's X R
-    if PREFETCH:
-        x_next = _load_tokens(x_ptr, u_ptr, t0 + 2 * step, T, stride_xt, n1, n2, 1, N1P, N2P, HAS_GLU, INTERPRET_BF16)
-    for t in range(t0, T, step):
-        if PREFETCH:
-            x = x_next  # (1, N1P, N2P): token t + 2P
-            x_next = _load_tokens(x_ptr, u_ptr, t + 3 * step, T, stride_xt, n1, n2, 1, N1P, N2P, HAS_GLU,
-                                  INTERPRET_BF16)
-        else:
-            x = _load_tokens(x_ptr, u_ptr, t + 2 * step, T, stride_xt, n1, n2, 1, N1P, N2P, HAS_GLU, INTERPRET_BF16)
-        x = _as_operand(x, nw, n1 * n2, eps, N1P, N2P, INTERPRET_BF16, HAS_NORM)  # (N1P, N2P)
-        y = _mma(lt, zr, F32_DOT)  # (N1P, N2P): token t's Y
-        zr = _rounded_opaque(z, dt, INTERPRET_BF16, INTERPRET)  # token t + P's Z
-        z = _mma(x, r, F32_DOT)  # token t + 2P's X R, in flight during the epilogue
-        y_hi = tl.maximum(tl.max(tl.max(y, axis=1), axis=0), 0.0)
-        y_lo = tl.minimum(tl.min(tl.min(y, axis=1), axis=0), 0.0)
-        _quant_cols(y, y_hi, y_lo, clip_lo, clip_hi, gg, q_ptr, s_ptr, t, n2, 0, i, row_ok, stride_qt, stride_qg,
-                    stride_sg, True, N1P, N2P, G, QMAX, PACK, True, INTERPRET)
 
 
 @triton.jit

@@ -125,23 +125,6 @@ def _rounded(y, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
 
 
 @triton.jit
-def _rounded_opaque(y, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr, INTERPRET: tl.constexpr):
-    """:func:`_rounded` (the same values), on CUDA to bf16 / fp16 by one ``cvt.rn`` per pair in inline assembly:
-    LLVM sees through a plain conversion and moves it from the producer of a loop-carried value to its consumer
-    in the next iteration (a phi of truncations becomes a truncation of a phi), which keeps the fp32 value alive
-    across the iteration."""
-    if INTERPRET or dtype == tl.float32:
-        out = _rounded(y, dtype, INTERPRET_BF16)
-    elif dtype == tl.bfloat16:
-        out = tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [y], dtype=tl.bfloat16,
-                                        is_pure=True, pack=2)
-    else:
-        out = tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [y], dtype=tl.float16,
-                                        is_pure=True, pack=2)
-    return out
-
-
-@triton.jit
 def _y_cols(
     x, x_ptr, u_ptr, lt, r_ptr, t, stride_xt, n1, n2, j0, i, row_ok,
     N2P: tl.constexpr, BJ: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, F32_DOT: tl.constexpr,

@@ -28,7 +28,6 @@ from ..core.norm import rms_norm
 from . import reference as ref
 from ._kron_prefill import (
     _kron_quant_pipe_kernel,
-    _kron_quant_pipemma_kernel,
     _kron_quant_rowsplit_kernel,
     _kron_quant_tb_kernel,
     _kron_right_kernel,
@@ -138,9 +137,8 @@ def grid_programs(device: torch.device) -> int:
 
 
 VARIANTS = ("whole", "chunked", "split", "two_pass", "pipelined", "pipelined_fastq", "multi_token",
-            "multi_token_split", "multi_token_pipe")
-PIPELINED = ("pipelined", "pipelined_fastq", "multi_token", "multi_token_split",
-             "multi_token_pipe")  # need both factors (else whole)
+            "multi_token_split")
+PIPELINED = ("pipelined", "pipelined_fastq", "multi_token", "multi_token_split")  # need both factors (else whole)
 SPLIT_MAX_T = 16  # tokens up to which large transforms are split across programs (decode)
 SPLIT_MIN_ELEMS = 64 * 128  # padded n1 x n2 from which the split pays for its second launch
 PIPELINE_MIN_T = 128  # tokens from which the pipelined, division-free layouts are the default (prefill)
@@ -251,31 +249,23 @@ def kron_quant_triton(
       column block of ``L`` (the MMA's M is ``n2p``, so wgmma needs ``n2p >= 64``, not the blocks), the left
       product reducing over the whole padded ``n1`` in one dot so that every sum has whole's terms in whole's
       order: the codes are whole's bit for bit in the interpreter. Launch defaults: without ``up`` 4 warps, 2
-      stages, two programs per SM (``SPLIT_WARPS`` ...), with it ``multi_token``'s (8 warps, 3 stages, one
-      program per SM). The prefill default at two row blocks without the in-kernel norm
-      (:func:`default_variant`, measured there): the offline sm_90 compile has 10 % fewer issued instructions
-      per token than ``multi_token`` at 86 rows (15 % with the SwiGLU input) and 25 % fewer MMA flops, but 7.5 %
-      more instructions at 112 rows (12.5 % fewer flops), where it is no faster.
-    * ``"multi_token_pipe"``: ``multi_token`` at one token per block, software-pipelined across the program's
-      tokens so that the right product ``X R`` of the token after next runs on the tensor cores during the
-      current token's range, codes and stores (its wgmma is waited for only by the next token's left product; see
-      ``_kron_quant_pipemma_kernel`` for what it takes in Triton 3.6). ``prefetch`` (default: without ``up``):
-      the tokens are loaded one iteration ahead into registers (else each iteration's load latency precedes its
-      left product). The same codes as whole's bit for bit in the interpreter. Launch: 8 warps, one program per
-      SM and ``num_stages=1`` (without prefetch, 2-3 stages let the compiler's loop pipelining undo the overlap).
-      Opt-in: slower than ``multi_token`` on the H200 (bench/results/probe_kron_h200_s9.json; 2048 / 32768
-      tokens at 11008: 78.6 / 1095 us with prefetch, 81.6 / 1171 without, against 60.7 / 870; the spills and the
-      single stage cost more than the overlap gains). Offline sm_90 compile (Triton 3.6, 8 warps, 128 x 128
-      tiles), per warp and token: 1044 instructions without prefetch, 1130-1138 with (multi_token: 1044-1055),
-      2074 / 2260 with the SwiGLU input (2049), all but 51-83 of them issued while a wgmma is in flight
-      (multi_token: 13-15), one wgmma wait instead of two; but 255 registers with spills: 88 bytes without
-      prefetch, 168-196 with, 104 / 812-892 with the SwiGLU input (multi_token: 207-217 registers, none); all
-      at one clip pair (down_proj's sites): with three, or the in-kernel norm, 0.5-1.8 KB (multi_token: 0-92).
+      stages, two programs per SM (``SPLIT_WARPS``, ``SPLIT_STAGES``, ``SPLIT_PROGRAMS_PER_SM``), with it
+      ``multi_token``'s (8 warps, 3 stages, one program per SM). The prefill default at two row blocks without the
+      in-kernel norm (:func:`default_variant`, measured there): the offline sm_90 compile has 13 % fewer issued
+      instructions per token than ``multi_token`` at 86 rows (15 % with the SwiGLU input) and 25 % fewer MMA flops,
+      but more instructions at 112 rows (12.5 % fewer flops), where it is no faster.
+
+    On CUDA the 4-bit packed codes of multi_token and multi_token_split are clamped by the pack itself
+    (``cvt.pack.sat.s4``, after the rounding: the same codes; :func:`~flatquant.ops._kron_tiles._nibbles`), one
+    instruction per pair instead of two clamps per element and the nibble arithmetic (offline sm_90 SASS: 1055 ->
+    895 / 936 -> 816 instructions per warp and token).
+    A software-pipelined multi_token (the right product of the token after next in flight during the current
+    token's epilogue) was measured slower on the H200 and removed (bench/README.md, session 9).
 
     ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``norm``, ``eps``: see :func:`kron_quant_multi`
-    (in the kernel for the whole, chunked, split, pipelined and the three multi_token layouts with a right factor,
+    (in the kernel for the whole, chunked, split, pipelined and the two multi_token layouts with a right factor,
     else a separate RMSNorm first). ``programs`` caps the grid of the looping layouts (default 4 per SM on CUDA; for
-    multi_token, programs of ``block_tokens`` tokens each; one per SM for multi_token_split and multi_token_pipe);
+    multi_token, programs of ``block_tokens`` tokens each, one per SM; multi_token_split: see there);
     ``block_cols`` (power of two >= 16; default 16 split, 32 chunked) is the column block; ``num_warps`` (default 8
     at up to 64 tokens, for the multi_token layouts and for the pipelined layouts with ``up``, else 4) and
     ``num_stages`` (default 1; multi_token's and multi_token_split's see above) are Triton launch options (CUDA
@@ -293,10 +283,9 @@ def kron_quant_triton(
     variant = variant or default_variant(t, n1, n2, norm is not None)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if variant != "multi_token" and (block_tokens is not None
-                                     or (prefetch is not None and variant != "multi_token_pipe")):
-        raise ValueError(f"block_tokens and prefetch apply to the multi_token layout only (prefetch also to "
-                         f"multi_token_pipe; this call runs {variant!r})")
+    if variant != "multi_token" and (block_tokens is not None or prefetch is not None):
+        raise ValueError(f"block_tokens and prefetch apply to the multi_token layout only (this call runs "
+                         f"{variant!r})")
     if num_stages is not None and num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     if (variant == "two_pass" or variant in PIPELINED) and (left is None or right is None):
@@ -308,10 +297,9 @@ def kron_quant_triton(
     n1p, n2p = next_pow2(n1, floor=16 if on_cpu(x) else 32), next_pow2(n2, floor=16 if on_cpu(x) else 32)
     if variant == "multi_token_split" and not row_split_blocks(n1, n1p):
         variant = "multi_token"  # n1 fills its padded tile: nothing to split
-    if variant in ("multi_token_split", "multi_token_pipe"):
-        lean = variant == "multi_token_split" and up is None  # two programs of 4 warps per SM
-        num_stages = num_stages or (1 if variant == "multi_token_pipe" else SPLIT_STAGES if lean
-                                    else MULTI_TOKEN_STAGES)
+    if variant == "multi_token_split":
+        lean = up is None  # two programs of 4 warps per SM
+        num_stages = num_stages or (SPLIT_STAGES if lean else MULTI_TOKEN_STAGES)
         num_warps = num_warps or (SPLIT_WARPS if lean else None)
         if programs is None and x.device.type == "cuda":
             programs = (SPLIT_PROGRAMS_PER_SM if lean else MULTI_TOKEN_PROGRAMS_PER_SM) * sm_count(x.device)
@@ -341,7 +329,7 @@ def kron_quant_triton(
     # layouts (probe_kron_h200_s6.json): 4 warps, but 8 with the SwiGLU input (2048 tokens: 144.9 vs 164.7 us).
     # multi_token: 8 warps, so that a block's fp32 tiles (block_tokens x 64 KiB at 128 x 128) fit the registers.
     warps = num_warps or (8 if t <= 64 or (up is not None and variant in PIPELINED)
-                          or variant in ("multi_token", "multi_token_split", "multi_token_pipe") else 4)
+                          or variant in ("multi_token", "multi_token_split") else 4)
     extra = launch_options(x.device, t, num_warps=warps, num_stages=num_stages)
     lp, rp = left if left is not None else x, right if right is not None else x
     flags = {"HAS_LEFT": left is not None, "HAS_RIGHT": right is not None,
@@ -378,8 +366,6 @@ def kron_quant_triton(
         own_args: dict[str, tuple[Any, dict[str, Any]]] = {
             "multi_token": (_kron_quant_tb_kernel, {"TB": block_tokens, "PREFETCH": prefetch}),
             "multi_token_split": (_kron_quant_rowsplit_kernel, {"NBLK": row_split_blocks(n1, n1p)}),
-            "multi_token_pipe": (_kron_quant_pipemma_kernel,
-                                 {"PREFETCH": up is None if prefetch is None else prefetch}),
         }
         jit, own = own_args.get(variant, (_kron_quant_pipe_kernel, {"FAST_Q": variant == "pipelined_fastq"}))
         n_programs = min(grid, triton.cdiv(t, block_tokens)) if variant == "multi_token" else grid

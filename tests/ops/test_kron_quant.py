@@ -336,7 +336,7 @@ def _assert_within_one_code(got: tuple, base: tuple, pack: bool) -> None:
 
 
 def _layout_case(t: int, n1: int, n2: int, groups: int, glu: bool, pack: bool, device: str) -> tuple:
-    """Inputs of the opt-in layouts' equality tests: ``t`` bf16 tokens of ``n1 * n2`` (with ``glu`` also ``up``)
+    """Inputs of the row-split layout's equality tests: ``t`` bf16 tokens of ``n1 * n2`` (with ``glu`` also ``up``)
     with an outlier channel (in up: silu of a huge gate overflows exp) and an all-zero token (scale 1), orthogonal
     factors and ``groups`` clip pairs; returns ``(x, left, right, clip, up, args)``, ``args`` on ``device`` in
     :func:`kron_quant_triton`'s order (4 bits, ``pack``)."""
@@ -379,11 +379,9 @@ def test_multi_token_split_equals_whole(device: str, case: tuple, pack: bool) ->
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("variant,n1,n2", [("multi_token_split", 43, 16), ("multi_token_split", 100, 12),
-                                           ("multi_token_pipe", 12, 16)])
-def test_opt_in_layouts_dtypes(device: str, dtype: torch.dtype, variant: str, n1: int, n2: int) -> None:
-    """The opt-in prefill layouts with fp16 and fp32 inputs (multi_token_split at two and three row blocks;
-    multi_token_pipe, whose in-loop rounding of X R is inline assembly on CUDA): whole's codes and scales bit for
+@pytest.mark.parametrize("n1,n2", [(43, 16), (100, 12)])
+def test_row_split_dtypes(device: str, dtype: torch.dtype, n1: int, n2: int) -> None:
+    """multi_token_split with fp16 and fp32 inputs, at two and three row blocks: whole's codes and scales bit for
     bit under the interpreter, the reference's within its tolerance on the GPU."""
     g = torch.Generator().manual_seed(n1 + n2)
     x = (torch.randn(5, n1 * n2, generator=g) * 3).to(dtype)
@@ -392,7 +390,7 @@ def test_opt_in_layouts_dtypes(device: str, dtype: torch.dtype, variant: str, n1
     clips = torch.tensor([[0.9, 0.95], [0.7, 1.0]])
     args = (x.to(device), left.to(device), right.to(device), clips.to(device), n1)
     whole = kron_quant_triton(*args, variant="whole")
-    got = kron_quant_triton(*args, variant=variant, programs=2)
+    got = kron_quant_triton(*args, variant="multi_token_split", programs=2)
     if device == "cpu":
         assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])
     else:
@@ -400,13 +398,11 @@ def test_opt_in_layouts_dtypes(device: str, dtype: torch.dtype, variant: str, n1
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("variant,n1", [("multi_token_split", 43), ("multi_token_split", 100),
-                                        ("multi_token_pipe", 11)])
-def test_opt_in_layouts_norm_input(device: str, variant: str, n1: int) -> None:
-    """``norm`` given: the opt-in layouts' in-kernel RMSNorm gives the codes of whole's in-kernel norm up to a
-    last-bit difference of the mean (codes ±1 at most at a few elements), scales to 1e-2; multi_token_split sums
-    its mean of squares per row block, multi_token_pipe normalises as multi_token does (the same codes and scales
-    under the interpreter)."""
+@pytest.mark.parametrize("n1", [43, 100])
+def test_row_split_norm_input(device: str, n1: int) -> None:
+    """``norm`` given (multi_token_split only when asked for: the default takes multi_token then): its in-kernel
+    RMSNorm, whose mean of squares is summed per row block, gives the codes of whole's in-kernel norm up to a
+    last-bit difference of the mean (codes ±1 at most at a few elements), scales to 1e-2."""
     g = torch.Generator().manual_seed(n1)
     n2, t, eps = 16, 5, 1e-5
     x = (torch.randn(t, n1 * n2, generator=g) * 4).to(torch.bfloat16)
@@ -417,10 +413,7 @@ def test_opt_in_layouts_norm_input(device: str, variant: str, n1: int) -> None:
     clips = torch.tensor([[0.9, 0.95], [1.0, 0.8]])
     args = [v.to(device) for v in (x, left, right, clips)]
     whole = kron_quant_multi_triton(*args, n1, 4, True, w.to(device), eps, variant="whole")
-    got = kron_quant_multi_triton(*args, n1, 4, True, w.to(device), eps, variant=variant, programs=2)
-    if device == "cpu" and variant == "multi_token_pipe":
-        base = kron_quant_multi_triton(*args, n1, 4, True, w.to(device), eps, variant="multi_token", programs=2)
-        assert torch.equal(got[0], base[0]) and torch.equal(got[1], base[1])
+    got = kron_quant_multi_triton(*args, n1, 4, True, w.to(device), eps, variant="multi_token_split", programs=2)
     diff = (ref.unpack_int4_ref(got[0].cpu()).int() - ref.unpack_int4_ref(whole[0].cpu()).int()).abs()
     assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= 2, int((diff > 0).sum())
     torch.testing.assert_close(got[1].cpu(), whole[1].cpu(), rtol=1e-2, atol=0)
@@ -448,75 +441,19 @@ def test_multi_token_split_blocks_and_fallback() -> None:
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     with pytest.raises(ValueError, match="multi_token layout only"):
         kron_quant_triton(x, left, right, clip, n1, variant="multi_token_split", block_tokens=2)
-
-
-PIPE_CASES = [  # (tokens, n1, n2, clip pairs, SwiGLU input, programs, prefetch): token counts not multiples of the
-    # grid, looping grids (1-4 tokens per program), one token, one token per program, n1 = 11 / 14 (LLaMA's 86 / 112
-    # scaled down, padded to 16 rows)
-    (5, 11, 16, 1, False, None, True), (7, 14, 16, 2, True, 2, False), (9, 11, 10, 3, False, 2, True),
-    (1, 6, 40, 1, False, None, False), (2, 16, 16, 2, True, 1, True), (4, 14, 24, 1, True, 4, True),
-    (11, 43, 16, 2, False, 3, False),
-]
-
-
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("case", PIPE_CASES, ids=str)
-@pytest.mark.parametrize("pack", [True, False])
-def test_multi_token_pipe_equals_whole(device: str, case: tuple, pack: bool) -> None:
-    """The multi_token_pipe layout (one token per iteration, the right product of the program's token after next in
-    flight during the current token's epilogue) gives whole's codes and scales bit for bit under the interpreter,
-    with and without the SwiGLU input and register prefetch, for 1-3 clip pairs, one token and looping grids (the
-    prologue's and the last iterations' products past the end are neither read nor stored); on the GPU the
-    reference's within its tolerance, and every code within one of multi_token's."""
-    t, n1, n2, groups, glu, programs, prefetch = case
-    x, left, right, clip, up, args = _layout_case(t, n1, n2, groups, glu, pack, device)
-    whole = kron_quant_triton(*args, variant="whole")
-    got = kron_quant_triton(*args, variant="multi_token_pipe", programs=programs, prefetch=prefetch)
-    if device == "cpu":
-        assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])
-        return
-    if up is None:
-        _assert_matches_reference(x, left, right, n1, clip, got, pack)
-    _assert_within_one_code(got, kron_quant_triton(*args, variant="multi_token", programs=programs), pack)
-
-
-def test_multi_token_pipe_options() -> None:
-    """No tokens: empty outputs without a launch; block_tokens is multi_token's only, prefetch multi_token's and
-    multi_token_pipe's; without both factors the layout falls back to whole; it is opt-in (not a default)."""
-    from flatquant.ops.kron_quant import default_variant
-
-    n1, n2 = 6, 10
-    g = torch.Generator().manual_seed(3)
-    left = torch.linalg.qr(torch.randn(n1, n1, generator=g))[0].to(torch.bfloat16)
-    right = torch.linalg.qr(torch.randn(n2, n2, generator=g))[0].to(torch.bfloat16)
-    clip = torch.tensor([0.9, 0.95])
-    empty = torch.empty(0, n1 * n2, dtype=torch.bfloat16)
-    codes, scale = kron_quant_triton(empty, left, right, clip, n1, variant="multi_token_pipe")
-    assert codes.shape == (0, n1 * n2 // 2) and scale.shape == (0,)
-    x = torch.randn(3, n1 * n2, generator=g).to(torch.bfloat16)
     with pytest.raises(ValueError, match="multi_token layout only"):
-        kron_quant_triton(x, left, right, clip, n1, variant="multi_token_pipe", block_tokens=2)
-    with pytest.raises(ValueError, match="prefetch also to multi_token_pipe"):
         kron_quant_triton(x, left, right, clip, n1, variant="multi_token_split", prefetch=True)
-    got = kron_quant_triton(x, None, right, clip, n1, variant="multi_token_pipe")
-    want = kron_quant_triton(x, None, right, clip, n1, variant="whole")
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert "multi_token_pipe" not in {default_variant(2048, 86, 128), default_variant(2048, 112, 128)}
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("k", [11008, 14336])
 @pytest.mark.parametrize("glu", [False, True])
-@pytest.mark.parametrize("variant,options", [
-    ("multi_token_split", ({"programs": None}, {"programs": 7})),
-    ("multi_token_pipe", ({"programs": None, "prefetch": True}, {"programs": 7, "prefetch": False})),
-])
-def test_cuda_opt_in_layouts_model_dims(k: int, glu: bool, variant: str, options: tuple) -> None:
-    """The opt-in prefill layouts at LLaMA's 86 x 128 and 112 x 128 on the GPU (multi_token_split: 64 + 32 and
-    64 + 32 + 16 rows; multi_token_pipe with and without register prefetch), default grid and a looping one: the
-    reference's codes within its tolerance (without the SwiGLU input), and every code within one of multi_token's,
-    scales to 1e-3 (their tensor-core tiles differ, so the fp32 sums need not agree to the bit)."""
+def test_cuda_row_split_model_dims(k: int, glu: bool) -> None:
+    """multi_token_split at LLaMA's 86 x 128 and 112 x 128 on the GPU (64 + 32 and 64 + 32 + 16 rows), default
+    launch and a looping grid of 7 programs: the reference's codes within its tolerance (without the SwiGLU input),
+    and every code within one of multi_token's, scales to 1e-3 (their tensor-core tiles differ, so the fp32 sums
+    need not agree to the bit; bench/probe_kron.py compares the codes with whole's at 2048 and 32768 tokens)."""
     from flatquant.core.kron import decompose_dim
 
     n1, n2 = decompose_dim(k)
@@ -529,8 +466,8 @@ def test_cuda_opt_in_layouts_model_dims(k: int, glu: bool, variant: str, options
     right = torch.linalg.qr(torch.randn(n2, n2, device="cuda", generator=g))[0].to(torch.bfloat16)
     clips = torch.tensor([[0.9, 0.95], [0.8, 1.0]], device="cuda")
     base = kron_quant_triton(x, left, right, clips, n1, up=up, variant="multi_token")
-    for opts in options:
-        got = kron_quant_triton(x, left, right, clips, n1, up=up, variant=variant, **opts)
+    for programs in (None, 7):
+        got = kron_quant_triton(x, left, right, clips, n1, up=up, variant="multi_token_split", programs=programs)
         if up is None:
             _assert_matches_reference(x, left, right, n1, clips, got)
         _assert_within_one_code(got, base, True)
