@@ -182,10 +182,11 @@ def default_variant(t: int, n1: int, n2: int, norm: bool = False) -> str:
     transform, 98.4 / 1435 against 144.9 / 1969 with the SwiGLU input, 60.2 / 873 against 69.9 / 855 at 11008.
     Where ``n1`` leaves a quarter of its padded tile unused (86 of 128: :func:`row_split_blocks` gives 2 blocks)
     and without the in-kernel norm (whose per-block mean may differ from whole's in its last bit),
-    multi_token_split (bench/results/probe_kron_h200_s9.json, side by side with multi_token at its default launch;
-    codes equal whole's): 2048 / 32768 tokens 50.9 / 679 us against 60.7 / 870 at 11008, 81.4 / 1154 against
-    95.8 / 1412 with the SwiGLU input. At three blocks (112 rows) it gained nothing (61.2 / 866 against 61.1 /
-    861 for the 14336 transform; 97.7 / 1402 against 97.0 / 1434 with the SwiGLU input): multi_token.
+    multi_token_split (bench/results/probe_kron_h200_s9_sat.json, side by side with multi_token at its default
+    launch, both with the saturating pack; codes equal whole's): 2048 / 32768 tokens 48.0 / 618 us (its default
+    launch) against 60.3 / 855 at 11008, 79.8 / 1139 against 94.7 / 1403 with the SwiGLU input. At three blocks
+    (112 rows) it gained 1-2 % at most and lost at 2048 tokens without the SwiGLU input (59.9 / 834 against
+    58.8 / 854 for the 14336 transform; 95.9 / 1398 against 96.9 / 1428 with the SwiGLU input): multi_token.
     """
     if t <= SPLIT_MAX_T and next_pow2(n1) * next_pow2(n2) >= SPLIT_MIN_ELEMS:
         return "split"
