@@ -29,7 +29,7 @@ from env import environment, write_json  # noqa: E402
 from timing import copy_bandwidth, graph_time  # noqa: E402
 
 from flatquant.core.kron import decompose_dim  # noqa: E402
-from flatquant.ops import sm_count  # noqa: E402
+from flatquant.ops import sm_count, unpack_int4  # noqa: E402
 from flatquant.ops.kron_quant import default_variant, kron_quant_triton, row_split_blocks  # noqa: E402
 
 # (name, K, left only, SwiGLU input): the ln/up_gate transforms (4096), down (14336, also fed gate and up; LLaMA-2's
@@ -88,6 +88,17 @@ def _describe(cfg: dict) -> str:
     return f"{cfg['variant']}/{cfg.get('block_cols', '-')}/{cfg['num_warps']}w"
 
 
+def _glu_vs_torch(got: tuple, x: torch.Tensor, up: torch.Tensor, left: torch.Tensor, right: torch.Tensor | None,
+                  clip: torch.Tensor, n1: int) -> dict:
+    """The in-kernel SwiGLU input against eager PyTorch's: ``got`` (codes, scales of ``whole`` fed gate and up)
+    against the same layout fed ``silu(x) * up`` computed by torch: how many 4-bit codes differ, by how much at
+    most, and the largest relative scale difference."""
+    plain = kron_quant_triton(torch.nn.functional.silu(x) * up, left, right, clip, n1, variant="whole")
+    diff = (unpack_int4(got[0]).int() - unpack_int4(plain[0]).int()).abs()
+    return {"codes_differ": int((diff > 0).sum()), "max_code_diff": int(diff.max()), "codes": diff.numel(),
+            "max_scale_rel_diff": float(((got[1] - plain[1]).abs() / plain[1]).max())}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/results/probe_kron.json"))
@@ -131,6 +142,7 @@ def main() -> int:
             x = torch.randn(m, k, device=dev, generator=g).bfloat16()
             up = torch.randn(m, k, device=dev, generator=g).bfloat16() if glu else None
             base = kron_quant_triton(x, left, right, clip, n1, up=up, variant="whole")
+            glu_check = None if up is None else _glu_vs_torch(base, x, up, left, right, clip, n1)
             floor = (m * k * (4 if glu else 2) + m * k // 2 + 4 * m) / bw * 1e6
             dflt = default_variant(m, n1, n2)
             t_def = graph_time(lambda: kron_quant_triton(x, left, right, clip, n1, up=up))
@@ -153,12 +165,14 @@ def main() -> int:
                 continue
             best = min(res, key=lambda r: r["us"])
             rows.append({"site": name, "k": k, "n1": n1, "n2": n2, "m": m, "floor_us": floor, "default": dflt,
-                         "default_us": t_def, "best": best, "all": res, "failed": failed})
+                         "default_us": t_def, "best": best, "all": res, "failed": failed, "glu_vs_torch": glu_check})
             save(False)  # after every row: a time limit never loses what was measured
             whole = min((r["us"] for r in res if r["variant"] == "whole"), default=float("nan"))
             print(f"{name:>14} m={m:>6} | default {dflt:>7} {t_def:9.1f} us | whole {whole:9.1f} | best "
                   f"{_describe(best)} {best['us']:9.1f} | floor {floor:7.1f} ({floor / best['us']:.2f}) | all equal "
-                  f"{all(r['equal'] for r in res)} | failed {len(failed)}", flush=True)
+                  f"{all(r['equal'] for r in res)} | failed {len(failed)}"
+                  + ("" if glu_check is None else f" | SwiGLU in-kernel vs torch: {glu_check['codes_differ']} codes "
+                     f"differ (max {glu_check['max_code_diff']})"), flush=True)
             for r in sorted(res, key=lambda r: r["us"]):
                 if r["variant"] in ("pipelined_fastq", "multi_token", "multi_token_split"):
                     print(f"{'':>16}{_describe(r):<44} {r['us']:9.1f} us ({floor / r['us']:.2f} of floor) equal "

@@ -144,7 +144,7 @@ def main() -> int:
     ap.add_argument("--sass", action="store_true", help="summarise the token loop's SASS (see the module docstring)")
     a = ap.parse_args()
     base = {"N1P": a.tile, "N2P": a.tile, "G": 1, "GP": 2, "QMAX": 7, "PACK": True, "F32_DOT": False,
-            "HAS_GLU": a.glu, "INTERPRET_BF16": False}
+            "HAS_GLU": 2 if a.glu else 0, "INTERPRET_BF16": False}
     if a.row_split:
         print(f"# triton {triton.__version__}, {a.tile}x{a.tile} tiles, glu={a.glu}")
         for nblk, w in itertools.product((2, 3), a.warps):

@@ -334,7 +334,7 @@ def kron_quant_triton(
     extra = launch_options(x.device, t, num_warps=warps, num_stages=num_stages)
     lp, rp = left if left is not None else x, right if right is not None else x
     flags = {"HAS_LEFT": left is not None, "HAS_RIGHT": right is not None,
-             "F32_DOT": cpu or x.dtype == torch.float32, "HAS_GLU": up is not None,
+             "F32_DOT": cpu or x.dtype == torch.float32, "HAS_GLU": 0 if up is None else 1 if cpu else 2,
              "INTERPRET_BF16": cpu and x.dtype == torch.bfloat16}
     up_p = up.contiguous() if up is not None else x
     quant = {"G": g, "GP": next_pow2(g, floor=2), "QMAX": 2 ** (bits - 1) - 1, "PACK": pack}
