@@ -260,8 +260,11 @@ def kron_quant_triton(
     (``cvt.pack.sat.s4``, after the rounding: the same codes; :func:`~flatquant.ops._kron_tiles._nibbles`), one
     instruction per pair instead of two clamps per element and the nibble arithmetic (offline sm_90 SASS: 1055 ->
     895 / 936 -> 816 instructions per warp and token).
-    A software-pipelined multi_token (the right product of the token after next in flight during the current
-    token's epilogue) was measured slower on the H200 and removed (bench/README.md, session 9).
+    With ``up`` on CUDA every layout computes ``silu`` on the hardware approximations inline (``HAS_GLU=2``,
+    :func:`~flatquant.ops._kron_tiles._load_act`; H200, bench/results/probe_kron_h200_s9_glu.json: no code of
+    8.8e8 at LLaMA's down_proj sizes differs from the op fed torch's ``silu(gate) * up``, and those sites ran
+    1.14-1.22x faster). A software-pipelined multi_token (the right product of the token after next in flight
+    during the current token's epilogue) was measured slower on the H200 and removed (bench/README.md, session 9).
 
     ``up``: see :func:`kron_quant` (``x`` is then the SwiGLU gate). ``norm``, ``eps``: see :func:`kron_quant_multi`
     (in the kernel for the whole, chunked, split, pipelined and the two multi_token layouts with a right factor,
