@@ -1,6 +1,7 @@
 """End-to-end benchmark: the real W4A4KV4 model against every baseline in one run, and real-path vs fake-path PPL.
 
-Speed (random weights, as the paper's benchmarks): a LLaMA-3-8B-shaped model, prefill ``--prefill`` tokens
+Speed (random weights, as the paper's benchmarks): a LLaMA-3-8B-shaped model (``--shape llama2-7b``: LLaMA-2-7B's,
+whose down_proj reads K = 11008), prefill ``--prefill`` tokens
 (default 2048) then ``--decode`` greedy steps (default 256; 64 with ``--quick``) at each batch size of ``--batches``
 (default 1,4,16; 1,16 with ``--quick``). Engines (``--engines``, default all of them, built one after the other and
 freed, so peaks do not overlap):
@@ -85,7 +86,7 @@ from env import environment, write_json  # noqa: E402
 
 from flatquant.core.spec import QuantConfig  # noqa: E402
 from flatquant.models.args import LINEARS, ModelArgs  # noqa: E402
-from flatquant.models.random import LLAMA3_8B, random_real_tensors  # noqa: E402
+from flatquant.models.random import LLAMA2_7B, LLAMA3_8B, random_real_tensors  # noqa: E402
 from flatquant.models.real import (  # noqa: E402
     RealConfig,
     RealModel,
@@ -413,9 +414,13 @@ def measure(runner, args: ModelArgs, device: torch.device, batch: int, prefill: 
             "peak_mem_gb": _peak(device) / 1e9, "kv_cache_bytes": runner.cache_bytes(cache)}
 
 
+SHAPES = {"llama3-8b": LLAMA3_8B, "llama2-7b": LLAMA2_7B}  # --shape: LLaMA-2-7B's down_proj has K = 11008, no GQA
+
+
 def model_args(a: argparse.Namespace) -> ModelArgs:
-    """The benchmark's architecture: LLaMA-3-8B (or the tiny smoke-test model), ``--layers`` overriding."""
-    args = TINY if a.tiny else LLAMA3_8B
+    """The benchmark's architecture: ``--shape`` (default LLaMA-3-8B; or the tiny smoke-test model), ``--layers``
+    overriding."""
+    args = TINY if a.tiny else SHAPES[a.shape]
     if a.layers:
         args = ModelArgs(**{**args.to_dict(), "n_layers": a.layers})
     return args
@@ -524,7 +529,8 @@ def _measured(r: dict) -> dict:
     return {k: v for k, v in r.items() if not k.endswith(("_speedup", "_baseline", "_ratio", "bf16_reference"))}
 
 
-RESUME_KEYS = ("device", "tiny", "layers", "prefill", "decode", "repeats")  # settings a resumed run must share
+RESUME_KEYS = ("device", "tiny", "shape", "layers", "prefill", "decode", "repeats")  # a resumed run shares these
+RESUME_DEFAULTS = {"shape": "llama3-8b"}  # settings added later: what a JSON written before them was measured with
 
 
 def resume_rows(a: argparse.Namespace, env: dict) -> tuple[list[dict], list[dict], dict]:
@@ -550,7 +556,8 @@ def resume_rows(a: argparse.Namespace, env: dict) -> tuple[list[dict], list[dict
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"--resume: {a.out} is not a bench_e2e JSON ({type(e).__name__}: {e}); pass another --out")
     now = {k: str(v) for k, v in vars(a).items()}
-    diff = [f"{k} {old_args.get(k)} there, {now[k]} here" for k in RESUME_KEYS if old_args.get(k) != now[k]]
+    diff = [f"{k} {old_args.get(k, RESUME_DEFAULTS.get(k))} there, {now[k]} here" for k in RESUME_KEYS
+            if old_args.get(k, RESUME_DEFAULTS.get(k)) != now[k]]
     old_gpu = old.get("env", {}).get("gpu")
     if old_gpu != env.get("gpu"):
         diff.append(f"gpu {old_gpu} there, {env.get('gpu')} here")
@@ -730,6 +737,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     ap.add_argument("--tiny", action="store_true", help="a tiny model instead of LLaMA-3-8B (CPU smoke test)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b",
+                    help="the random model's architecture (default llama3-8b; llama2-7b: K = 11008 at down_proj)")
     ap.add_argument("--layers", type=int, default=None, help="override the number of layers")
     ap.add_argument("--engines", default=",".join(ENGINES),
                     help=f"comma-separated engines (default: all of {', '.join(ENGINES)}; real-w4a4kv4 and ours-bf16 "

@@ -1,4 +1,5 @@
-"""bench/bench_e2e.py's --resume on CPU: a second call keeps the measured rows and runs only the missing ones."""
+"""bench/bench_e2e.py on CPU: --resume (a second call keeps the measured rows and runs only the missing ones) and
+--shape."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMING = ("prefill_ms", "decode_ms_per_step", "peak_mem_gb")
@@ -54,6 +56,30 @@ def test_resume_refuses_other_settings(tmp_path: Path) -> None:
         wrong = _run(bad, "--engines", "real-w4a4kv4", "--resume")
         assert wrong.returncode != 0 and "is not a bench_e2e JSON" in wrong.stderr, wrong.stderr[-2000:]
         assert "Traceback" not in wrong.stderr
+
+
+def test_shape_option_and_resume(tmp_path: Path) -> None:
+    """--shape picks the random model's architecture (LLaMA-2-7B: K = 11008 at down_proj, no GQA); a JSON written
+    before the option existed counts as LLaMA-3-8B, and --resume refuses a different shape in one line."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_e2e
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    args = bench_e2e.model_args(SimpleNamespace(tiny=False, shape="llama2-7b", layers=2))
+    assert (args.intermediate, args.n_kv_heads, args.n_layers) == (11008, 32, 2)
+    assert bench_e2e.model_args(SimpleNamespace(tiny=False, shape="llama3-8b", layers=None)).intermediate == 14336
+
+    out = tmp_path / "e2e.json"
+    assert _run(out, "--engines", "real-w4a4kv4").returncode == 0
+    res = json.loads(out.read_text())
+    del res["args"]["shape"]  # as written before --shape
+    out.write_text(json.dumps(res))
+    again = _run(out, "--engines", "real-w4a4kv4", "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    other = _run(out, "--engines", "real-w4a4kv4", "--resume", "--shape", "llama2-7b")
+    assert other.returncode != 0 and "shape llama3-8b there, llama2-7b here" in other.stderr
+    assert "Traceback" not in other.stderr
 
 
 def test_resume_refuses_modes_that_rewrite_out(tmp_path: Path) -> None:
